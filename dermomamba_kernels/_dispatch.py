@@ -151,3 +151,18 @@ def triton_runtime(device: torch.device) -> Optional[str]:
     if device.type == "cpu" and interpreted:
         return None
     return f"Triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device}"
+
+
+def triton_kernels(module: str) -> Availability:
+    """Triton availability for an op whose kernels live in ``module`` (importable once written)."""
+    import importlib.util
+
+    def check(device: torch.device) -> Optional[str]:
+        reason = triton_runtime(device)
+        if reason is not None:
+            return reason
+        if importlib.util.find_spec(module) is None:
+            return f"this install has no Triton kernels for it ({module} is missing)"
+        return None
+
+    return check

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import torch
 
+import importlib.util
+import os
+
 _error = None
-try:
-    from . import _C  # noqa: F401  (registers torch.ops.dermomamba.*)
-except ImportError as exc:  # not built, or built against another torch
-    _C = None
-    _error = f"{type(exc).__name__}: {exc}"
+_C = None
+if importlib.util.find_spec(__package__ + "._C") is None:
+    _error = (f"no compiled _C in {os.path.dirname(__file__)}: install with "
+              "`pip install --no-build-isolation .` after torch (a C++ compiler is needed)")
+else:
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.dermomamba.*)
+    except ImportError as exc:  # built against another torch, or a missing shared library
+        _error = f"{type(exc).__name__}: {exc}"
 
 
 def extension_loaded() -> bool:

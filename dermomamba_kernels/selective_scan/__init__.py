@@ -8,7 +8,7 @@ Their specifications are :func:`selective_scan_ref` and :func:`multiaxial_select
 
 from __future__ import annotations
 
-from .._dispatch import OpDispatcher, always, cpu_extension, cuda_extension, triton_runtime
+from .._dispatch import OpDispatcher, always, cpu_extension, cuda_extension, triton_kernels
 from .naive import multiaxial_selective_scan_ref, selective_scan_ref
 
 selective_scan_dispatcher = OpDispatcher("selective_scan")
@@ -85,6 +85,22 @@ def _extension_multiaxial(*args, **kwargs):
 
     return multiaxial_extension(*args, **kwargs)
 
+
+def _triton_selective_scan(*args, **kwargs):
+    from .triton import selective_scan_triton
+
+    return selective_scan_triton(*args, **kwargs)
+
+
+def _triton_multiaxial(*args, **kwargs):
+    from .triton import multiaxial_triton
+
+    return multiaxial_triton(*args, **kwargs)
+
+
+_triton_available = triton_kernels(__name__ + ".triton")
+selective_scan_dispatcher.register("triton", _triton_available)(_triton_selective_scan)
+multiaxial_dispatcher.register("triton", _triton_available)(_triton_multiaxial)
 
 for _backend, _check in (("cpu", cpu_extension), ("cuda", cuda_extension)):
     selective_scan_dispatcher.register(_backend, _check)(_extension_selective_scan)
