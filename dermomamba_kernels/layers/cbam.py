@@ -7,6 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._dispatch import BackendUnavailableError, default_backend
+from ..cbam import cbam
+
 POOL_TYPES = ("avg", "max")
 
 
@@ -60,19 +63,53 @@ class SpatialGate(nn.Module):
 class CBAM(nn.Module):
     """Channel gate then spatial gate; (B, C, H, W) in and out.
 
+    The published configuration (pools avg and max, spatial gate on) runs as one fused op,
+    :func:`dermomamba_kernels.cbam.cbam`, on ``backend`` ("auto" by default, or the
+    ``DERMOMAMBA_BACKEND`` environment variable; "reference" is the arithmetic of the submodules).
+    Other configurations run the submodules' arithmetic, which only the reference backend offers.
+    The spatial BatchNorm behaves like ``nn.BatchNorm2d`` (``num_batches_tracked``, ``momentum=None``
+    for a cumulative average, ``track_running_stats``, train and eval).
+
     Example:
         >>> cbam = CBAM(32)
         >>> cbam(torch.randn(2, 32, 12, 16)).shape
         torch.Size([2, 32, 12, 16])
     """
 
-    def __init__(self, gate_channels, reduction_ratio=16, pool_types=POOL_TYPES, no_spatial=False):
+    def __init__(self, gate_channels, reduction_ratio=16, pool_types=POOL_TYPES, no_spatial=False, *, backend=None):
         super().__init__()
         self.ChannelGate = ChannelGate(gate_channels, reduction_ratio, pool_types)
         self.no_spatial = no_spatial
         if not no_spatial:
             self.SpatialGate = SpatialGate()
+        self.backend = backend
+
+    def _fusable(self):
+        return not self.no_spatial and sorted(self.ChannelGate.pool_types) == sorted(POOL_TYPES)
 
     def forward(self, x):
+        if not self._fusable():
+            return self._forward_unfused(x)
+        mlp1, mlp2 = self.ChannelGate.mlp[1], self.ChannelGate.mlp[3]
+        bn = self.SpatialGate.spatial.bn
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if self.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                factor = 1.0 / float(bn.num_batches_tracked)
+        use_batch_stats = self.training or (bn.running_mean is None and bn.running_var is None)
+        track = not self.training or bn.track_running_stats
+        weight = bn.weight if bn.affine else torch.ones(1, device=x.device, dtype=x.dtype)
+        bias = bn.bias if bn.affine else torch.zeros(1, device=x.device, dtype=x.dtype)
+        return cbam(x, mlp1.weight, mlp1.bias, mlp2.weight, mlp2.bias, self.SpatialGate.spatial.conv.weight, weight,
+                    bias, bn.running_mean if track else None, bn.running_var if track else None,
+                    training=use_batch_stats, momentum=factor, eps=bn.eps, backend=self.backend)
+
+    def _forward_unfused(self, x):
+        backend = default_backend() if self.backend is None else self.backend
+        if backend not in ("auto", "reference"):
+            raise BackendUnavailableError(
+                f"CBAM: backend={backend!r} fuses only pools ('avg', 'max') with the spatial gate; this layer has "
+                f"pool_types={self.ChannelGate.pool_types}, no_spatial={self.no_spatial} (use 'reference')")
         x = self.ChannelGate(x)
         return x if self.no_spatial else self.SpatialGate(x)

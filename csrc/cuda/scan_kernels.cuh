@@ -1,0 +1,706 @@
+// CUDA kernels of the selective scans (1-D and multiaxial), forward and backward.
+//
+// Work split. One warp scans one sequence over a run of consecutive chunks ("split"); each lane
+// owns up to kMaxItemsPerLane consecutive positions of a chunk, the state loop over n is a
+// run-time loop, and inside a chunk the lanes combine their pieces with a warp scan of affine maps
+// h -> a * h + b. Long sequences with few channels (DermoMamba's first stage: L = 49,152, 8
+// channels) are cut into several splits scanned at once:
+//   forward:  (1) each split's composed map per state      (scan_fwd_split_aggregate)
+//             (2) a short serial carry over splits           (scan_fwd_split_carry)
+//             (3) the output pass from the carried state     (scan_fwd_main)
+//   backward: the same three passes run right-to-left for the adjoint state; the forward state is
+//             restarted at every chunk from chunk_states, so no h_t is ever stored.
+// When batch x sequences already fill the GPU there is one split and passes (1)-(2) are skipped.
+//
+// Determinism: the only float atomics are the multiaxial forward's sum of four directions into y,
+// and, when the caller does not ask for deterministic gradients, the dB / dC / dx accumulations.
+// Per-chunk partials of dA, dD and ddelta_bias are reduced by the host in a fixed order.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "scan_params.h"
+
+namespace dermomamba {
+namespace cuda {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr float kLog2e = 1.4426950408889634f;
+// torch.nn.functional.softplus's default threshold: above it softplus(x) == x in float.
+constexpr float kSoftplusThreshold = 20.f;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Tensors other than B and C are read and written in their own dtype, chosen at run time; the
+// branch is uniform across the grid and these accesses sit outside the per-state loop.
+__device__ __forceinline__ float load_kind(const void* base, int64_t index, int kind) {
+  if (kind == kFloat32) return static_cast<const float*>(base)[index];
+  if (kind == kFloat16) return __half2float(static_cast<const __half*>(base)[index]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[index]);
+}
+
+__device__ __forceinline__ void store_kind(void* base, int64_t index, int kind, float value) {
+  if (kind == kFloat32) {
+    static_cast<float*>(base)[index] = value;
+  } else if (kind == kFloat16) {
+    static_cast<__half*>(base)[index] = __float2half_rn(value);
+  } else {
+    static_cast<__nv_bfloat16*>(base)[index] = __float2bfloat16_rn(value);
+  }
+}
+
+// Place (h, w) in the native layout of scan position t of a direction: 0 row-major, 1
+// column-major, 2 and 3 those two read backwards. The 1-D scan is row-major over 1 x L.
+template <bool kMulti>
+__device__ __forceinline__ void place_of(const ScanParams& p, int direction, int t, int& h, int& w) {
+  if (!kMulti) {
+    h = 0;
+    w = t;
+    return;
+  }
+  const int s = direction >= 2 ? p.length - 1 - t : t;
+  if (direction & 1) {
+    w = s / p.height;
+    h = s - w * p.height;
+  } else {
+    h = s / p.width;
+    w = s - h * p.width;
+  }
+}
+
+struct SequenceBases {
+  int direction, channel, group;
+  int64_t u, delta, B, C, z, dout;
+};
+
+template <bool kMulti>
+__device__ __forceinline__ SequenceBases sequence_bases(const ScanParams& p, int b, int seq) {
+  SequenceBases s;
+  s.direction = kMulti ? seq / p.dim : 0;
+  s.channel = kMulti ? seq - s.direction * p.dim : seq;
+  s.group = seq / p.channels_per_group;
+  s.u = b * p.u_batch_stride + s.channel * p.u_dim_stride;
+  s.delta = b * p.delta_batch_stride + s.direction * p.delta_dir_stride + s.channel * p.delta_dim_stride;
+  s.B = b * p.B_batch_stride + s.group * p.B_group_stride;
+  s.C = b * p.C_batch_stride + s.group * p.C_group_stride;
+  s.z = b * p.z_batch_stride + s.channel * p.z_dim_stride;
+  s.dout = b * p.dout_batch_stride + s.channel * p.dout_dim_stride;
+  return s;
+}
+
+// Affine maps h -> a * h + b. Left-to-right inclusive scan over lanes: after it, lane l holds the
+// composition of lanes 0..l (applied in that order).
+__device__ __forceinline__ void warp_scan_forward(float& a, float& b, int lane) {
+#pragma unroll
+  for (int offset = 1; offset < kWarpSize; offset <<= 1) {
+    const float a_prev = __shfl_up_sync(kFullMask, a, offset);
+    const float b_prev = __shfl_up_sync(kFullMask, b, offset);
+    if (lane >= offset) {
+      b = a * b_prev + b;
+      a = a_prev * a;
+    }
+  }
+}
+
+// Right-to-left inclusive scan: lane l holds f_l o f_{l+1} o ... o f_31.
+__device__ __forceinline__ void warp_scan_reverse(float& a, float& b, int lane) {
+#pragma unroll
+  for (int offset = 1; offset < kWarpSize; offset <<= 1) {
+    const float a_next = __shfl_down_sync(kFullMask, a, offset);
+    const float b_next = __shfl_down_sync(kFullMask, b, offset);
+    if (lane + offset < kWarpSize) {
+      b = a * b_next + b;
+      a = a * a_next;
+    }
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+// delta after bias and softplus, and d(delta)/d(raw delta) for the backward.
+__device__ __forceinline__ float effective_delta(float raw, bool softplus, float& slope) {
+  if (!softplus || raw > kSoftplusThreshold) {
+    slope = 1.f;
+    return raw;
+  }
+  const float e = __expf(raw);
+  slope = e / (1.f + e);
+  return log1pf(e);
+}
+
+// Per-lane view of one chunk: kItems consecutive positions, masked past the chunk or the sequence.
+template <bool kMulti, int kItems>
+struct ChunkItems {
+  float u[kItems];
+  float delta[kItems];
+  float delta_slope[kItems];
+  int offset_B[kItems];
+  int offset_C[kItems];
+  int native[kItems];  // h * W + w, or -1 for a masked item
+  int h[kItems], w[kItems];
+
+  __device__ __forceinline__ void load(const ScanParams& p, const SequenceBases& s, int chunk, int lane,
+                                       float bias) {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int in_chunk = lane * kItems + i;
+      const int t = chunk * p.chunk_size + in_chunk;
+      if (in_chunk < p.chunk_size && t < p.length) {
+        int hh, ww;
+        place_of<kMulti>(p, s.direction, t, hh, ww);
+        h[i] = hh;
+        w[i] = ww;
+        native[i] = hh * p.width + ww;
+        u[i] = load_kind(p.u, s.u + hh * p.u_h_stride + ww * p.u_w_stride, p.u_kind);
+        const float raw =
+            load_kind(p.delta, s.delta + hh * p.delta_h_stride + ww * p.delta_w_stride, p.delta_kind) + bias;
+        delta[i] = effective_delta(raw, p.delta_softplus, delta_slope[i]);
+        offset_B[i] = static_cast<int>(hh * p.B_h_stride + ww * p.B_w_stride);
+        offset_C[i] = static_cast<int>(hh * p.C_h_stride + ww * p.C_w_stride);
+      } else {
+        // delta 0 makes the item the identity map (decay 1, input 0).
+        h[i] = w[i] = 0;
+        native[i] = -1;
+        u[i] = 0.f;
+        delta[i] = 0.f;
+        delta_slope[i] = 0.f;
+        offset_B[i] = offset_C[i] = 0;
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward pass (1): the composed map of each split, per state: split_decay = prod a,
+// split_state = the split's end state from a zero start.
+template <typename bc_t, bool kMulti, int kItems>
+__global__ void scan_fwd_split_aggregate(ScanParams p) {
+  extern __shared__ float shared[];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int b = blockIdx.z, seq = blockIdx.y * p.warps_per_block + warp, split = blockIdx.x;
+  const int N = p.dstate;
+  float* run_a = shared + warp * 2 * N;
+  float* run_b = run_a + N;
+  for (int n = lane; n < N; n += kWarpSize) {
+    run_a[n] = 1.f;
+    run_b[n] = 0.f;
+  }
+  __syncwarp();
+  const SequenceBases s = sequence_bases<kMulti>(p, b, seq);
+  const bc_t* B = static_cast<const bc_t*>(p.B) + s.B;
+  const float* A = p.A + static_cast<int64_t>(seq) * N;
+  const float bias = p.delta_bias ? p.delta_bias[seq] : 0.f;
+  const int c_begin = split * p.chunks_per_split;
+  const int c_end = min(c_begin + p.chunks_per_split, p.num_chunks);
+  ChunkItems<kMulti, kItems> it;
+  for (int c = c_begin; c < c_end; ++c) {
+    it.load(p, s, c, lane, bias);
+    for (int n = 0; n < N; ++n) {
+      const float A2 = A[n] * kLog2e;
+      const bc_t* Bn = B + static_cast<int64_t>(n) * p.B_state_stride;
+      float pa = 1.f, pb = 0.f;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const float Bv = it.native[i] >= 0 ? to_float(Bn[it.offset_B[i]]) : 0.f;
+        const float a = exp2f(it.delta[i] * A2);
+        pb = a * pb + it.delta[i] * it.u[i] * Bv;
+        pa *= a;
+      }
+      warp_scan_forward(pa, pb, lane);
+      const float ta = __shfl_sync(kFullMask, pa, kWarpSize - 1);
+      const float tb = __shfl_sync(kFullMask, pb, kWarpSize - 1);
+      if (lane == 0) {
+        run_b[n] = ta * run_b[n] + tb;
+        run_a[n] *= ta;
+      }
+    }
+    __syncwarp();
+  }
+  const int64_t out = ((static_cast<int64_t>(b) * p.num_seqs + seq) * p.num_splits + split) * N;
+  for (int n = lane; n < N; n += kWarpSize) {
+    p.split_decay[out + n] = run_a[n];
+    p.split_state[out + n] = run_b[n];
+  }
+}
+
+// Forward pass (2): one thread per (batch, sequence, state) carries the state over the splits
+// and writes the state entering each split's first chunk.
+__global__ void scan_fwd_split_carry(ScanParams p) {
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int N = p.dstate;
+  if (index >= static_cast<int64_t>(p.batch) * p.num_seqs * N) return;
+  const int n = static_cast<int>(index % N);
+  const int64_t bs = index / N;
+  float h = 0.f;
+  for (int split = 0; split < p.num_splits; ++split) {
+    const int chunk = split * p.chunks_per_split;
+    p.chunk_states[(bs * p.num_chunks + chunk) * N + n] = h;
+    const int64_t agg = (bs * p.num_splits + split) * N + n;
+    h = p.split_decay[agg] * h + p.split_state[agg];
+  }
+}
+
+// Forward pass (3): outputs, chunk_states and the last state.
+template <typename bc_t, bool kMulti, int kItems>
+__global__ void scan_fwd_main(ScanParams p) {
+  extern __shared__ float shared[];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int b = blockIdx.z, seq = blockIdx.y * p.warps_per_block + warp, split = blockIdx.x;
+  const int N = p.dstate;
+  float* carry = shared + warp * N;
+  const SequenceBases s = sequence_bases<kMulti>(p, b, seq);
+  const bc_t* B = static_cast<const bc_t*>(p.B) + s.B;
+  const bc_t* C = static_cast<const bc_t*>(p.C) + s.C;
+  const float* A = p.A + static_cast<int64_t>(seq) * N;
+  const float Dv = p.D ? p.D[seq] : 0.f;
+  const float bias = p.delta_bias ? p.delta_bias[seq] : 0.f;
+  float* states = p.chunk_states + (static_cast<int64_t>(b) * p.num_seqs + seq) * p.num_chunks * N;
+  const int c_begin = split * p.chunks_per_split;
+  const int c_end = min(c_begin + p.chunks_per_split, p.num_chunks);
+  for (int n = lane; n < N; n += kWarpSize) carry[n] = c_begin == 0 ? 0.f : states[c_begin * N + n];
+  __syncwarp();
+  ChunkItems<kMulti, kItems> it;
+  for (int c = c_begin; c < c_end; ++c) {
+    for (int n = lane; n < N; n += kWarpSize) states[static_cast<int64_t>(c) * N + n] = carry[n];
+    it.load(p, s, c, lane, bias);
+    float y[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) y[i] = 0.f;
+    for (int n = 0; n < N; ++n) {
+      const float A2 = A[n] * kLog2e;
+      const bc_t* Bn = B + static_cast<int64_t>(n) * p.B_state_stride;
+      const bc_t* Cn = C + static_cast<int64_t>(n) * p.C_state_stride;
+      float a[kItems], x[kItems], cv[kItems];
+      float pa = 1.f, pb = 0.f;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const bool valid = it.native[i] >= 0;
+        const float Bv = valid ? to_float(Bn[it.offset_B[i]]) : 0.f;
+        cv[i] = valid ? to_float(Cn[it.offset_C[i]]) : 0.f;
+        a[i] = exp2f(it.delta[i] * A2);
+        x[i] = it.delta[i] * it.u[i] * Bv;
+        pb = a[i] * pb + x[i];
+        pa *= a[i];
+      }
+      warp_scan_forward(pa, pb, lane);
+      float ea = __shfl_up_sync(kFullMask, pa, 1);
+      float eb = __shfl_up_sync(kFullMask, pb, 1);
+      if (lane == 0) {
+        ea = 1.f;
+        eb = 0.f;
+      }
+      float h = ea * carry[n] + eb;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        h = a[i] * h + x[i];
+        y[i] += cv[i] * h;
+      }
+      const float h_end = __shfl_sync(kFullMask, h, kWarpSize - 1);
+      __syncwarp();
+      if (lane == 0) carry[n] = h_end;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      if (it.native[i] < 0) continue;
+      float out = y[i] + Dv * it.u[i];
+      if (kMulti) {
+        atomicAdd(static_cast<float*>(p.out) + (static_cast<int64_t>(b) * p.dim + s.channel) * p.length + it.native[i],
+                  out);
+      } else {
+        if (p.z != nullptr) {
+          const float zv = load_kind(p.z, s.z + it.w[i] * p.z_w_stride, p.z_kind);
+          out *= zv / (1.f + __expf(-zv));
+        }
+        store_kind(p.out, (static_cast<int64_t>(b) * p.dim + s.channel) * p.length + it.native[i], p.u_kind, out);
+      }
+    }
+  }
+  if (c_end == p.num_chunks && p.last_state != nullptr) {
+    for (int n = lane; n < N; n += kWarpSize)
+      p.last_state[(static_cast<int64_t>(b) * p.num_seqs + seq) * N + n] = carry[n];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward. The adjoint g_t = dL/dh_t obeys g_t = dy_t C_t + a_{t+1} g_{t+1}; with o_t = a_t g_t
+// (what position t hands to t - 1) this is o_t = a_t o_{t+1} + a_t dy_t C_t, the same kind of
+// affine recurrence read right to left.
+
+// dy of the pre-gate output at each item (dout * silu(z) under z gating), with dout and z kept
+// for the z gradient.
+template <bool kMulti, int kItems>
+__device__ __forceinline__ void load_output_grads(const ScanParams& p, const SequenceBases& s,
+                                                  const ChunkItems<kMulti, kItems>& it, float (&dy)[kItems],
+                                                  float (&dout)[kItems], float (&zv)[kItems]) {
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    dy[i] = dout[i] = zv[i] = 0.f;
+    if (it.native[i] < 0) continue;
+    const float g = load_kind(p.dout, s.dout + it.h[i] * p.dout_h_stride + it.w[i] * p.dout_w_stride, p.dout_kind);
+    dout[i] = g;
+    if (!kMulti && p.z != nullptr) {
+      const float z = load_kind(p.z, s.z + it.w[i] * p.z_w_stride, p.z_kind);
+      zv[i] = z;
+      dy[i] = g * z / (1.f + __expf(-z));
+    } else {
+      dy[i] = g;
+    }
+  }
+}
+
+// Backward pass (1): each split's composed right-to-left map of o, per state.
+template <typename bc_t, bool kMulti, int kItems>
+__global__ void scan_bwd_split_aggregate(ScanParams p) {
+  extern __shared__ float shared[];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int b = blockIdx.z, seq = blockIdx.y * p.warps_per_block + warp, split = blockIdx.x;
+  const int N = p.dstate;
+  float* run_a = shared + warp * 2 * N;
+  float* run_b = run_a + N;
+  for (int n = lane; n < N; n += kWarpSize) {
+    run_a[n] = 1.f;
+    run_b[n] = 0.f;
+  }
+  __syncwarp();
+  const SequenceBases s = sequence_bases<kMulti>(p, b, seq);
+  const bc_t* C = static_cast<const bc_t*>(p.C) + s.C;
+  const float* A = p.A + static_cast<int64_t>(seq) * N;
+  const float bias = p.delta_bias ? p.delta_bias[seq] : 0.f;
+  const int c_begin = split * p.chunks_per_split;
+  const int c_end = min(c_begin + p.chunks_per_split, p.num_chunks);
+  ChunkItems<kMulti, kItems> it;
+  float dy[kItems], dout[kItems], zv[kItems];
+  for (int c = c_end - 1; c >= c_begin; --c) {
+    it.load(p, s, c, lane, bias);
+    load_output_grads<kMulti, kItems>(p, s, it, dy, dout, zv);
+    for (int n = 0; n < N; ++n) {
+      const float A2 = A[n] * kLog2e;
+      const bc_t* Cn = C + static_cast<int64_t>(n) * p.C_state_stride;
+      float pa = 1.f, pb = 0.f;
+#pragma unroll
+      for (int i = kItems - 1; i >= 0; --i) {
+        const float cv = it.native[i] >= 0 ? to_float(Cn[it.offset_C[i]]) : 0.f;
+        const float a = exp2f(it.delta[i] * A2);
+        pb = a * (pb + dy[i] * cv);
+        pa *= a;
+      }
+      warp_scan_reverse(pa, pb, lane);
+      const float ta = __shfl_sync(kFullMask, pa, 0);
+      const float tb = __shfl_sync(kFullMask, pb, 0);
+      if (lane == 0) {
+        // This chunk lies left of the chunks already composed: run = chunk o run.
+        run_b[n] = ta * run_b[n] + tb;
+        run_a[n] *= ta;
+      }
+    }
+    __syncwarp();
+  }
+  const int64_t out = ((static_cast<int64_t>(b) * p.num_seqs + seq) * p.num_splits + split) * N;
+  for (int n = lane; n < N; n += kWarpSize) {
+    p.split_decay[out + n] = run_a[n];
+    p.split_state[out + n] = run_b[n];
+  }
+}
+
+// Backward pass (2): o entering each split from its right.
+__global__ void scan_bwd_split_carry(ScanParams p) {
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int N = p.dstate;
+  if (index >= static_cast<int64_t>(p.batch) * p.num_seqs * N) return;
+  const int n = static_cast<int>(index % N);
+  const int64_t bs = index / N;
+  float o = 0.f;
+  for (int split = p.num_splits - 1; split >= 0; --split) {
+    const int64_t agg = (bs * p.num_splits + split) * N + n;
+    p.reverse_carry[agg] = o;
+    o = p.split_decay[agg] * o + p.split_state[agg];
+  }
+}
+
+// Shared memory of scan_bwd_main, in floats.
+__host__ __device__ inline int bwd_reduce_row(int items) { return items * (kWarpSize + 1); }
+__host__ __device__ inline size_t bwd_main_shared_floats(int warps, int items, int dstate) {
+  // reverse carry per warp + two buffers x (dB, dC) x warps x row + chunk positions
+  return static_cast<size_t>(warps) * dstate + 4 * static_cast<size_t>(warps) * bwd_reduce_row(items) +
+         static_cast<size_t>(items) * kWarpSize;
+}
+
+// Backward pass (3): every gradient. Chunks are walked right to left; inside a chunk the forward
+// states are rebuilt from chunk_states, then the adjoint runs back over the lanes.
+template <typename bc_t, bool kMulti, int kItems>
+__global__ void scan_bwd_main(ScanParams p) {
+  extern __shared__ float shared[];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int warps = p.warps_per_block;
+  const int b = blockIdx.z, seq = blockIdx.y * warps + warp, split = blockIdx.x;
+  const int N = p.dstate;
+  const int row = bwd_reduce_row(kItems);
+  float* carry = shared + warp * N;
+  float* reduce = shared + warps * N;  // [buffer][dB, dC][warp][row]
+  int* positions = reinterpret_cast<int*>(reduce + 4 * warps * row);
+
+  const SequenceBases s = sequence_bases<kMulti>(p, b, seq);
+  const bc_t* B = static_cast<const bc_t*>(p.B) + s.B;
+  const bc_t* C = static_cast<const bc_t*>(p.C) + s.C;
+  const float* A = p.A + static_cast<int64_t>(seq) * N;
+  const float Dv = p.D ? p.D[seq] : 0.f;
+  const float bias = p.delta_bias ? p.delta_bias[seq] : 0.f;
+  const int64_t seq_index = static_cast<int64_t>(b) * p.num_seqs + seq;
+  const float* states = p.chunk_states + seq_index * p.num_chunks * N;
+  const int c_begin = split * p.chunks_per_split;
+  const int c_end = min(c_begin + p.chunks_per_split, p.num_chunks);
+  for (int n = lane; n < N; n += kWarpSize)
+    carry[n] = split == p.num_splits - 1 ? 0.f : p.reverse_carry[(seq_index * p.num_splits + split) * N + n];
+  __syncwarp();
+
+  // Where this block's dB / dC go.
+  const int seq0 = blockIdx.y * warps;
+  const int group = seq0 / p.channels_per_group;
+  const int blocks_per_group = p.channels_per_group / warps;
+  const int block_in_group = (seq0 % p.channels_per_group) / warps;
+  const int64_t bc_plane =
+      p.grad_bc_mode == kGradBCPartials
+          ? ((static_cast<int64_t>(b) * p.num_bc_groups + group) * blocks_per_group + block_in_group) * N
+          : (static_cast<int64_t>(b) * p.num_bc_groups + group) * N;
+
+  ChunkItems<kMulti, kItems> it;
+  float dy[kItems], dout[kItems], zv[kItems];
+  int buffer = 0;
+  for (int c = c_end - 1; c >= c_begin; --c) {
+    it.load(p, s, c, lane, bias);
+    load_output_grads<kMulti, kItems>(p, s, it, dy, dout, zv);
+    const int chunk_len = min(p.chunk_size, p.length - c * p.chunk_size);
+    __syncthreads();  // the previous chunk's readers of `positions` are done
+    if (warp == 0) {
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int in_chunk = lane * kItems + i;
+        if (in_chunk < chunk_len) positions[in_chunk] = it.native[i];
+      }
+    }
+    float du[kItems], ddelta[kItems], y[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) du[i] = ddelta[i] = y[i] = 0.f;
+
+    for (int n = 0; n < N; ++n) {
+      const float An = A[n];
+      const float A2 = An * kLog2e;
+      const bc_t* Bn = B + static_cast<int64_t>(n) * p.B_state_stride;
+      const bc_t* Cn = C + static_cast<int64_t>(n) * p.C_state_stride;
+      float a[kItems], bv[kItems], cv[kItems], h_prev[kItems];
+      float pa = 1.f, pb = 0.f;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const bool valid = it.native[i] >= 0;
+        bv[i] = valid ? to_float(Bn[it.offset_B[i]]) : 0.f;
+        cv[i] = valid ? to_float(Cn[it.offset_C[i]]) : 0.f;
+        a[i] = exp2f(it.delta[i] * A2);
+        pb = a[i] * pb + it.delta[i] * it.u[i] * bv[i];
+        pa *= a[i];
+      }
+      warp_scan_forward(pa, pb, lane);
+      float ea = __shfl_up_sync(kFullMask, pa, 1);
+      float eb = __shfl_up_sync(kFullMask, pb, 1);
+      if (lane == 0) {
+        ea = 1.f;
+        eb = 0.f;
+      }
+      float h = ea * states[static_cast<int64_t>(c) * N + n] + eb;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        h_prev[i] = h;
+        h = a[i] * h + it.delta[i] * it.u[i] * bv[i];
+        if (!kMulti) y[i] += cv[i] * h;
+      }
+
+      float ra = 1.f, rb = 0.f;
+#pragma unroll
+      for (int i = kItems - 1; i >= 0; --i) {
+        rb = a[i] * (rb + dy[i] * cv[i]);
+        ra *= a[i];
+      }
+      warp_scan_reverse(ra, rb, lane);
+      float xa = __shfl_down_sync(kFullMask, ra, 1);
+      float xb = __shfl_down_sync(kFullMask, rb, 1);
+      if (lane == kWarpSize - 1) {
+        xa = 1.f;
+        xb = 0.f;
+      }
+      float o = xa * carry[n] + xb;
+      float dA = 0.f;
+      float* red_B = reduce + ((buffer * 2 + 0) * warps + warp) * row;
+      float* red_C = reduce + ((buffer * 2 + 1) * warps + warp) * row;
+#pragma unroll
+      for (int i = kItems - 1; i >= 0; --i) {
+        const float g = dy[i] * cv[i] + o;
+        const float decayed_prev = a[i] * h_prev[i];
+        const float h_i = decayed_prev + it.delta[i] * it.u[i] * bv[i];
+        const float g_delta = g * it.delta[i];
+        red_B[i * (kWarpSize + 1) + lane] = g_delta * it.u[i];
+        red_C[i * (kWarpSize + 1) + lane] = dy[i] * h_i;
+        du[i] += g_delta * bv[i];
+        ddelta[i] += g * (it.u[i] * bv[i] + An * decayed_prev);
+        dA += g_delta * decayed_prev;
+        o = a[i] * g;
+      }
+      const float o_first = __shfl_sync(kFullMask, o, 0);
+      __syncwarp();
+      if (lane == 0) carry[n] = o_first;
+      dA = warp_sum(dA);
+      if (lane == 0) p.dA_partial[(seq_index * p.num_chunks + c) * N + n] = dA;
+
+      __syncthreads();  // this state's dB / dC rows are complete
+      const float* rows_B = reduce + (buffer * 2 + 0) * warps * row;
+      const float* rows_C = reduce + (buffer * 2 + 1) * warps * row;
+      for (int j = threadIdx.x; j < chunk_len; j += blockDim.x) {
+        const int slot = (j % kItems) * (kWarpSize + 1) + j / kItems;
+        float sum_B = 0.f, sum_C = 0.f;
+        for (int w = 0; w < warps; ++w) {
+          sum_B += rows_B[w * row + slot];
+          sum_C += rows_C[w * row + slot];
+        }
+        const int64_t index = (bc_plane + n) * p.length + positions[j];
+        if (p.grad_bc_mode == kGradBCDirect) {
+          static_cast<bc_t*>(p.dB)[index] = from_float<bc_t>(sum_B);
+          static_cast<bc_t*>(p.dC)[index] = from_float<bc_t>(sum_C);
+        } else if (p.grad_bc_mode == kGradBCAtomic) {
+          atomicAdd(static_cast<float*>(p.dB) + index, sum_B);
+          atomicAdd(static_cast<float*>(p.dC) + index, sum_C);
+        } else {
+          static_cast<float*>(p.dB)[index] = sum_B;
+          static_cast<float*>(p.dC)[index] = sum_C;
+        }
+      }
+      // Double buffering: the next state writes the other buffer, and the one after waits at
+      // the barrier above until every thread has read this one.
+      buffer ^= 1;
+    }
+    __syncwarp();
+
+    float dD = 0.f, dbias = 0.f;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      if (it.native[i] < 0) continue;
+      const float du_i = du[i] + Dv * dy[i];
+      const float ddelta_raw = ddelta[i] * it.delta_slope[i];
+      dD += dy[i] * it.u[i];
+      dbias += ddelta_raw;
+      store_kind(p.ddelta, seq_index * p.length + it.native[i], p.delta_kind, ddelta_raw);
+      const int64_t x_index = (static_cast<int64_t>(b) * p.dim + s.channel) * p.length + it.native[i];
+      if (kMulti) {
+        if (p.dx_per_direction != nullptr) {
+          p.dx_per_direction[static_cast<int64_t>(s.direction) * p.batch * p.dim * p.length + x_index] = du_i;
+        } else {
+          atomicAdd(p.dx_accum + x_index, du_i);
+        }
+      } else {
+        store_kind(p.du, x_index, p.u_kind, du_i);
+        if (p.z != nullptr) {
+          const float y_pre = y[i] + Dv * it.u[i];
+          const float sig = 1.f / (1.f + __expf(-zv[i]));
+          store_kind(p.dz, x_index, p.z_kind, dout[i] * y_pre * sig * (1.f + zv[i] * (1.f - sig)));
+        }
+      }
+    }
+    dD = warp_sum(dD);
+    dbias = warp_sum(dbias);
+    if (lane == 0) {
+      if (p.dD_partial) p.dD_partial[seq_index * p.num_chunks + c] = dD;
+      if (p.ddelta_bias_partial) p.ddelta_bias_partial[seq_index * p.num_chunks + c] = dbias;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers.
+
+template <typename bc_t, bool kMulti, int kItems>
+int launch_forward(const ScanParams& p, cudaStream_t stream) {
+  const dim3 grid(p.num_splits, p.num_seqs / p.warps_per_block, p.batch);
+  const dim3 block(p.warps_per_block * kWarpSize);
+  if (p.num_splits > 1) {
+    const size_t shared = static_cast<size_t>(p.warps_per_block) * 2 * p.dstate * sizeof(float);
+    scan_fwd_split_aggregate<bc_t, kMulti, kItems><<<grid, block, shared, stream>>>(p);
+    const int64_t threads = static_cast<int64_t>(p.batch) * p.num_seqs * p.dstate;
+    constexpr int kCarryBlock = 256;
+    scan_fwd_split_carry<<<static_cast<unsigned>((threads + kCarryBlock - 1) / kCarryBlock), kCarryBlock, 0,
+                           stream>>>(p);
+  }
+  const size_t shared = static_cast<size_t>(p.warps_per_block) * p.dstate * sizeof(float);
+  scan_fwd_main<bc_t, kMulti, kItems><<<grid, block, shared, stream>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename bc_t, bool kMulti, int kItems>
+int launch_backward(const ScanParams& p, cudaStream_t stream) {
+  const dim3 grid(p.num_splits, p.num_seqs / p.warps_per_block, p.batch);
+  const dim3 block(p.warps_per_block * kWarpSize);
+  if (p.num_splits > 1) {
+    const size_t shared = static_cast<size_t>(p.warps_per_block) * 2 * p.dstate * sizeof(float);
+    scan_bwd_split_aggregate<bc_t, kMulti, kItems><<<grid, block, shared, stream>>>(p);
+    const int64_t threads = static_cast<int64_t>(p.batch) * p.num_seqs * p.dstate;
+    constexpr int kCarryBlock = 256;
+    scan_bwd_split_carry<<<static_cast<unsigned>((threads + kCarryBlock - 1) / kCarryBlock), kCarryBlock, 0,
+                           stream>>>(p);
+  }
+  const size_t shared = bwd_main_shared_floats(p.warps_per_block, kItems, p.dstate) * sizeof(float);
+  auto kernel = scan_bwd_main<bc_t, kMulti, kItems>;
+  constexpr size_t kDefaultSharedLimit = 48 * 1024;
+  if (shared > kDefaultSharedLimit) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
+    if (err != cudaSuccess) return static_cast<int>(err);
+  }
+  kernel<<<grid, block, shared, stream>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+// Items per lane: the smallest power of two whose warp tile covers a chunk.
+template <typename Fn>
+int with_items(int chunk_size, Fn&& fn) {
+  if (chunk_size <= 1 * kWarpSize) return fn(std::integral_constant<int, 1>{});
+  if (chunk_size <= 2 * kWarpSize) return fn(std::integral_constant<int, 2>{});
+  if (chunk_size <= 4 * kWarpSize) return fn(std::integral_constant<int, 4>{});
+  return fn(std::integral_constant<int, 8>{});
+}
+
+template <typename bc_t>
+int scan_forward(const ScanParams& p, bool multiaxial, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  return with_items(p.chunk_size, [&](auto items) {
+    constexpr int kItems = decltype(items)::value;
+    return multiaxial ? launch_forward<bc_t, true, kItems>(p, s) : launch_forward<bc_t, false, kItems>(p, s);
+  });
+}
+
+template <typename bc_t>
+int scan_backward(const ScanParams& p, bool multiaxial, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  return with_items(p.chunk_size, [&](auto items) {
+    constexpr int kItems = decltype(items)::value;
+    return multiaxial ? launch_backward<bc_t, true, kItems>(p, s) : launch_backward<bc_t, false, kItems>(p, s);
+  });
+}
+
+}  // namespace cuda
+}  // namespace dermomamba

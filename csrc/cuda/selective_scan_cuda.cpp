@@ -1,0 +1,528 @@
+// CUDA implementations of the dermomamba scan ops: argument checks, output allocation, launch
+// configuration and the final fixed-order reductions. The kernels live in scan_*.cu (no torch
+// headers there); the schemas and their conventions are in csrc/ops.cpp.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cuda/scan_params.h"
+
+namespace dermomamba {
+namespace {
+
+using cuda::ScanParams;
+
+constexpr int64_t kMultiaxialDirections = 4;
+// Splitting a sequence costs one extra read of its inputs (the split aggregate pass), so splits
+// are used only until this many warps per multiprocessor are busy.
+constexpr int64_t kTargetWarpsPerSM = 32;
+
+bool is_float_dtype(const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
+}
+
+int kind_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cuda::kFloat32;
+    case at::kHalf: return cuda::kFloat16;
+    case at::kBFloat16: return cuda::kBFloat16;
+    default: TORCH_CHECK(false, "dermomamba scan: unsupported dtype ", t.scalar_type());
+  }
+}
+
+void check_cuda_float(const at::Tensor& t, const at::Tensor& first, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device() == first.device(), op, ": ", name, " is on ", t.device(), " but the input is on ",
+              first.device());
+  TORCH_CHECK(is_float_dtype(t), op, ": ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  // The kernels index within one tensor with 32-bit position offsets.
+  TORCH_CHECK(t.numel() < (int64_t{1} << 31), op, ": ", name, " has ", t.numel(),
+              " elements; the CUDA kernels take fewer than 2^31");
+}
+
+void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ", t.sizes());
+}
+
+void check_fp32_param(const at::Tensor& t, const at::Tensor& first, at::IntArrayRef expected, const char* op,
+                      const char* name) {
+  check_cuda_float(t, first, op, name);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  check_shape(t, expected, op, name);
+}
+
+void check_input_or_fp32(const at::Tensor& t, const at::Tensor& first, const char* op, const char* name) {
+  check_cuda_float(t, first, op, name);
+  TORCH_CHECK(t.scalar_type() == first.scalar_type() || t.scalar_type() == at::kFloat, op, ": ", name,
+              " must have the input's dtype (", first.scalar_type(), ") or float32, got ", t.scalar_type());
+}
+
+void check_sizes(int64_t dstate, int64_t chunk_size, int64_t length, const char* op) {
+  TORCH_CHECK(dstate >= 1 && dstate <= cuda::kMaxStateDim, op, ": the CUDA kernels support a state size N from 1 to ",
+              cuda::kMaxStateDim, " (A.shape[1]), got ", dstate);
+  // A chunk is one warp's tile; a chunk_size above the sequence length is one chunk.
+  TORCH_CHECK(chunk_size >= 1 && std::min(chunk_size, length) <= cuda::kMaxChunkSize, op,
+              ": the CUDA kernels take chunk_size from 1 to ", cuda::kMaxChunkSize, " (or >= L), got ", chunk_size,
+              " for L = ", length);
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Largest power of two up to kMaxWarpsPerBlock dividing the channels that share B and C, so that
+// a block's warps reduce dB / dC among themselves.
+int warps_per_block_for(int64_t channels_per_group) {
+  int warps = cuda::kMaxWarpsPerBlock;
+  while (warps > 1 && channels_per_group % warps != 0) warps /= 2;
+  return warps;
+}
+
+void choose_splits(ScanParams& p, int device) {
+  const int64_t sequences = static_cast<int64_t>(p.batch) * p.num_seqs;
+  const int64_t sms = std::max(1, cuda::device_multiprocessor_count(device));
+  const int64_t wanted = sms * kTargetWarpsPerSM;
+  int64_t splits = 1;
+  if (sequences < wanted) splits = std::min<int64_t>(p.num_chunks, ceil_div(wanted, sequences));
+  p.chunks_per_split = static_cast<int>(ceil_div(p.num_chunks, splits));
+  p.num_splits = static_cast<int>(ceil_div(p.num_chunks, p.chunks_per_split));
+}
+
+void set_common(ScanParams& p, int64_t batch, int64_t num_seqs, int64_t dim, int64_t directions, int64_t height,
+                int64_t width, int64_t dstate, int64_t channels_per_group, int64_t bc_groups, int64_t chunk_size,
+                bool delta_softplus) {
+  p = ScanParams{};
+  p.batch = static_cast<int>(batch);
+  p.num_seqs = static_cast<int>(num_seqs);
+  p.dim = static_cast<int>(dim);
+  p.num_directions = static_cast<int>(directions);
+  p.height = static_cast<int>(height);
+  p.width = static_cast<int>(width);
+  p.length = static_cast<int>(height * width);
+  p.dstate = static_cast<int>(dstate);
+  p.channels_per_group = static_cast<int>(channels_per_group);
+  p.num_bc_groups = static_cast<int>(bc_groups);
+  p.chunk_size = static_cast<int>(std::min<int64_t>(chunk_size, height * width));
+  p.num_chunks = static_cast<int>(ceil_div(height * width, chunk_size));
+  p.warps_per_block = warps_per_block_for(channels_per_group);
+  p.delta_softplus = delta_softplus;
+}
+
+void set_bc(ScanParams& p, const at::Tensor& B, const at::Tensor& C, bool multiaxial) {
+  // B, C: (batch, groups, N, L) or (batch, 4, N, H, W).
+  p.B = B.data_ptr();
+  p.C = C.data_ptr();
+  p.B_batch_stride = B.stride(0);
+  p.B_group_stride = B.stride(1);
+  p.B_state_stride = B.stride(2);
+  p.C_batch_stride = C.stride(0);
+  p.C_group_stride = C.stride(1);
+  p.C_state_stride = C.stride(2);
+  if (multiaxial) {
+    p.B_h_stride = B.stride(3);
+    p.B_w_stride = B.stride(4);
+    p.C_h_stride = C.stride(3);
+    p.C_w_stride = C.stride(4);
+  } else {
+    p.B_h_stride = 0;
+    p.B_w_stride = B.stride(3);
+    p.C_h_stride = 0;
+    p.C_w_stride = C.stride(3);
+  }
+}
+
+void check_launch(int code, const char* op) {
+  TORCH_CHECK(code == 0, op, ": CUDA kernel launch failed: ", cuda::cuda_error_string(code));
+}
+
+int run_forward(const ScanParams& p, at::ScalarType bc_dtype, bool multiaxial, cudaStream_t stream) {
+  switch (bc_dtype) {
+    case at::kFloat: return cuda::scan_forward_float(p, multiaxial, stream);
+    case at::kHalf: return cuda::scan_forward_half(p, multiaxial, stream);
+    default: return cuda::scan_forward_bfloat16(p, multiaxial, stream);
+  }
+}
+
+int run_backward(const ScanParams& p, at::ScalarType bc_dtype, bool multiaxial, cudaStream_t stream) {
+  switch (bc_dtype) {
+    case at::kFloat: return cuda::scan_backward_float(p, multiaxial, stream);
+    case at::kHalf: return cuda::scan_backward_half(p, multiaxial, stream);
+    default: return cuda::scan_backward_bfloat16(p, multiaxial, stream);
+  }
+}
+
+// The kernels read B and C in one dtype; a mixed pair (one fp32, one in the input dtype) is read
+// as fp32.
+std::pair<at::Tensor, at::Tensor> common_bc(const at::Tensor& B, const at::Tensor& C) {
+  if (B.scalar_type() == C.scalar_type()) return {B, C};
+  return {B.to(at::kFloat), C.to(at::kFloat)};
+}
+
+struct SplitScratch {
+  at::Tensor decay, state, carry;
+};
+
+void allocate_split_scratch(ScanParams& p, const at::TensorOptions& fp32, SplitScratch& s, bool backward) {
+  if (p.num_splits <= 1) return;
+  s.decay = at::empty({p.batch, p.num_seqs, p.num_splits, p.dstate}, fp32);
+  s.state = at::empty({p.batch, p.num_seqs, p.num_splits, p.dstate}, fp32);
+  p.split_decay = s.decay.data_ptr<float>();
+  p.split_state = s.state.data_ptr<float>();
+  if (backward) {
+    s.carry = at::empty({p.batch, p.num_seqs, p.num_splits, p.dstate}, fp32);
+    p.reverse_carry = s.carry.data_ptr<float>();
+  }
+}
+
+// dB / dC storage for the backward, by how many blocks share a (batch, group).
+struct GradBC {
+  at::Tensor dB, dC;           // final, in B's / C's dtype
+  at::Tensor dB_buf, dC_buf;   // fp32 accumulation or partials
+  int64_t blocks_per_group = 1;
+};
+
+void setup_grad_bc(ScanParams& p, const at::Tensor& B, const at::Tensor& C, bool deterministic, GradBC& g) {
+  const auto fp32 = B.options().dtype(at::kFloat);
+  g.dB = at::empty(B.sizes(), B.options().memory_format(at::MemoryFormat::Contiguous));
+  g.dC = at::empty(C.sizes(), C.options().memory_format(at::MemoryFormat::Contiguous));
+  g.blocks_per_group = p.channels_per_group / p.warps_per_block;
+  if (g.blocks_per_group == 1) {
+    p.grad_bc_mode = cuda::kGradBCDirect;
+    p.dB = g.dB.data_ptr();
+    p.dC = g.dC.data_ptr();
+  } else if (!deterministic) {
+    p.grad_bc_mode = cuda::kGradBCAtomic;
+    g.dB_buf = at::zeros(B.sizes(), fp32);
+    g.dC_buf = at::zeros(C.sizes(), fp32);
+    p.dB = g.dB_buf.data_ptr();
+    p.dC = g.dC_buf.data_ptr();
+  } else {
+    p.grad_bc_mode = cuda::kGradBCPartials;
+    const std::vector<int64_t> shape = {p.batch, p.num_bc_groups, g.blocks_per_group, p.dstate, p.length};
+    g.dB_buf = at::empty(shape, fp32);
+    g.dC_buf = at::empty(shape, fp32);
+    p.dB = g.dB_buf.data_ptr();
+    p.dC = g.dC_buf.data_ptr();
+  }
+}
+
+void finish_grad_bc(const ScanParams& p, GradBC& g) {
+  if (p.grad_bc_mode == cuda::kGradBCDirect) return;
+  at::Tensor dB = g.dB_buf, dC = g.dC_buf;
+  if (p.grad_bc_mode == cuda::kGradBCPartials) {
+    // at::sum over one axis reduces in an order fixed by the shapes: reproducible run to run.
+    dB = dB.sum(2);
+    dC = dC.sum(2);
+  }
+  g.dB.copy_(dB.view(g.dB.sizes()));
+  g.dC.copy_(dC.view(g.dC.sizes()));
+}
+
+// ---- the 1-D scan ----
+
+ScanParams scan1d_params(const char* op, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                         const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
+                         const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
+                         bool delta_softplus, int64_t chunk_size) {
+  check_cuda_float(u, u, op, "u");
+  TORCH_CHECK(u.dim() == 3, op, ": u must be (batch, dim, L), got shape ", u.sizes());
+  const int64_t batch = u.size(0), dim = u.size(1), length = u.size(2);
+  TORCH_CHECK(batch >= 1 && dim >= 1 && length >= 1, op, ": u must have batch, dim, L >= 1, got ", u.sizes());
+  check_cuda_float(delta, u, op, "delta");
+  check_shape(delta, u.sizes(), op, "delta");
+  TORCH_CHECK(delta.scalar_type() == u.scalar_type(), op, ": delta must have u's dtype ", u.scalar_type(),
+              ", got ", delta.scalar_type());
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == dim, op, ": A must be (dim=", dim, ", N), got shape ", A.sizes());
+  const int64_t dstate = A.size(1);
+  check_fp32_param(A, u, {dim, dstate}, op, "A");
+  TORCH_CHECK(B.dim() == 4, op, ": B must be (batch, groups, N, L), got shape ", B.sizes());
+  const int64_t groups = B.size(1);
+  TORCH_CHECK(groups > 0 && dim % groups == 0, op, ": B's groups (", groups, ") must divide dim (", dim, ")");
+  check_input_or_fp32(B, u, op, "B");
+  check_shape(B, {batch, groups, dstate, length}, op, "B");
+  check_input_or_fp32(C, u, op, "C");
+  check_shape(C, {batch, groups, dstate, length}, op, "C");
+  if (D) check_fp32_param(*D, u, {dim}, op, "D");
+  if (delta_bias) check_fp32_param(*delta_bias, u, {dim}, op, "delta_bias");
+  if (z) {
+    check_cuda_float(*z, u, op, "z");
+    check_shape(*z, u.sizes(), op, "z");
+    TORCH_CHECK(z->scalar_type() == u.scalar_type(), op, ": z must have u's dtype ", u.scalar_type(), ", got ",
+                z->scalar_type());
+  }
+  check_sizes(dstate, chunk_size, length, op);
+
+  ScanParams p;
+  set_common(p, batch, dim, dim, 1, 1, length, dstate, dim / groups, groups, chunk_size, delta_softplus);
+  p.u = u.data_ptr();
+  p.u_kind = kind_of(u);
+  p.u_batch_stride = u.stride(0);
+  p.u_dim_stride = u.stride(1);
+  p.u_h_stride = 0;
+  p.u_w_stride = u.stride(2);
+  p.delta = delta.data_ptr();
+  p.delta_kind = kind_of(delta);
+  p.delta_batch_stride = delta.stride(0);
+  p.delta_dir_stride = 0;
+  p.delta_dim_stride = delta.stride(1);
+  p.delta_h_stride = 0;
+  p.delta_w_stride = delta.stride(2);
+  if (z) {
+    p.z = z->data_ptr();
+    p.z_kind = kind_of(*z);
+    p.z_batch_stride = z->stride(0);
+    p.z_dim_stride = z->stride(1);
+    p.z_w_stride = z->stride(2);
+  }
+  return p;
+}
+
+struct OwnedParams {
+  at::Tensor A, D, delta_bias;
+};
+
+void set_fp32_params(ScanParams& p, const at::Tensor& A, const std::optional<at::Tensor>& D,
+                     const std::optional<at::Tensor>& delta_bias, OwnedParams& keep) {
+  keep.A = A.contiguous();
+  p.A = keep.A.data_ptr<float>();
+  if (D) {
+    keep.D = D->contiguous();
+    p.D = keep.D.data_ptr<float>();
+  }
+  if (delta_bias) {
+    keep.delta_bias = delta_bias->contiguous();
+    p.delta_bias = keep.delta_bias.data_ptr<float>();
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd_cuda(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B_in, const at::Tensor& C_in,
+    const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+    const std::optional<at::Tensor>& delta_bias, bool delta_softplus, int64_t chunk_size) {
+  const char* op = "selective_scan_fwd";
+  ScanParams p = scan1d_params(op, u, delta, A, B_in, C_in, D, z, delta_bias, delta_softplus, chunk_size);
+  const c10::cuda::CUDAGuard guard(u.device());
+  auto [B, C] = common_bc(B_in, C_in);
+  set_bc(p, B, C, /*multiaxial=*/false);
+  OwnedParams keep;
+  set_fp32_params(p, A, D, delta_bias, keep);
+  const auto fp32 = u.options().dtype(at::kFloat);
+  auto out = at::empty({p.batch, p.dim, p.length}, u.options());
+  auto last_state = at::empty({p.batch, p.dim, p.dstate}, fp32);
+  auto chunk_states = at::empty({p.batch, p.dim, p.num_chunks, p.dstate}, fp32);
+  p.out = out.data_ptr();
+  p.chunk_states = chunk_states.data_ptr<float>();
+  p.last_state = last_state.data_ptr<float>();
+  choose_splits(p, u.get_device());
+  SplitScratch scratch;
+  allocate_split_scratch(p, fp32, scratch, /*backward=*/false);
+  const auto stream = c10::cuda::getCurrentCUDAStream(u.get_device()).stream();
+  check_launch(run_forward(p, B.scalar_type(), /*multiaxial=*/false, stream), op);
+  return {out, last_state, chunk_states};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+selective_scan_bwd_cuda(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                        const at::Tensor& B_in, const at::Tensor& C_in, const std::optional<at::Tensor>& D,
+                        const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
+                        bool delta_softplus, const at::Tensor& chunk_states_in, int64_t chunk_size,
+                        bool deterministic) {
+  const char* op = "selective_scan_bwd";
+  ScanParams p = scan1d_params(op, u, delta, A, B_in, C_in, D, z, delta_bias, delta_softplus, chunk_size);
+  check_cuda_float(dout, u, op, "dout");
+  check_shape(dout, u.sizes(), op, "dout");
+  check_fp32_param(chunk_states_in, u, {p.batch, p.dim, p.num_chunks, p.dstate}, op, "chunk_states");
+  const c10::cuda::CUDAGuard guard(u.device());
+  auto [B, C] = common_bc(B_in, C_in);
+  set_bc(p, B, C, /*multiaxial=*/false);
+  OwnedParams keep;
+  set_fp32_params(p, A, D, delta_bias, keep);
+  const auto fp32 = u.options().dtype(at::kFloat);
+  auto chunk_states = chunk_states_in.contiguous();
+  p.chunk_states = chunk_states.data_ptr<float>();
+  p.dout = dout.data_ptr();
+  p.dout_kind = kind_of(dout);
+  p.dout_batch_stride = dout.stride(0);
+  p.dout_dim_stride = dout.stride(1);
+  p.dout_h_stride = 0;
+  p.dout_w_stride = dout.stride(2);
+
+  auto du = at::empty({p.batch, p.dim, p.length}, u.options());
+  auto ddelta = at::empty({p.batch, p.dim, p.length}, delta.options());
+  auto dz = z ? at::empty({p.batch, p.dim, p.length}, z->options()) : at::empty({0}, u.options());
+  p.du = du.data_ptr();
+  p.ddelta = ddelta.data_ptr();
+  if (z) p.dz = dz.data_ptr();
+  auto dA_partial = at::empty({p.batch, p.dim, p.num_chunks, p.dstate}, fp32);
+  auto dD_partial = at::empty({p.batch, p.dim, p.num_chunks}, fp32);
+  auto dbias_partial = at::empty({p.batch, p.dim, p.num_chunks}, fp32);
+  p.dA_partial = dA_partial.data_ptr<float>();
+  p.dD_partial = dD_partial.data_ptr<float>();
+  p.ddelta_bias_partial = dbias_partial.data_ptr<float>();
+  GradBC grads;
+  setup_grad_bc(p, B, C, deterministic, grads);
+  choose_splits(p, u.get_device());
+  SplitScratch scratch;
+  allocate_split_scratch(p, fp32, scratch, /*backward=*/true);
+  const auto stream = c10::cuda::getCurrentCUDAStream(u.get_device()).stream();
+  check_launch(run_backward(p, B.scalar_type(), /*multiaxial=*/false, stream), op);
+  finish_grad_bc(p, grads);
+
+  at::Tensor dB = grads.dB, dC = grads.dC;
+  if (dB.scalar_type() != B_in.scalar_type()) dB = dB.to(B_in.scalar_type());
+  if (dC.scalar_type() != C_in.scalar_type()) dC = dC.to(C_in.scalar_type());
+  auto dA = dA_partial.sum(at::IntArrayRef{0, 2});
+  auto dD = D ? dD_partial.sum(at::IntArrayRef{0, 2}) : at::empty({0}, fp32);
+  auto dbias = delta_bias ? dbias_partial.sum(at::IntArrayRef{0, 2}) : at::empty({0}, fp32);
+  return {du, ddelta, dA, dB, dC, dD, dz, dbias};
+}
+
+// ---- the multiaxial (SS2D) scan ----
+
+ScanParams multiaxial_params(const char* op, const at::Tensor& x, const at::Tensor& delta, const at::Tensor& A,
+                             const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
+                             const at::Tensor& delta_bias, bool delta_softplus, int64_t chunk_size) {
+  check_cuda_float(x, x, op, "x");
+  TORCH_CHECK(x.dim() == 4, op, ": x must be (batch, dim, H, W), got shape ", x.sizes());
+  const int64_t batch = x.size(0), dim = x.size(1), height = x.size(2), width = x.size(3);
+  TORCH_CHECK(batch >= 1 && dim >= 1 && height >= 1 && width >= 1, op, ": x must have batch, dim, H, W >= 1, got ",
+              x.sizes());
+  const int64_t K = kMultiaxialDirections;
+  check_input_or_fp32(delta, x, op, "delta");
+  check_shape(delta, {batch, K, dim, height, width}, op, "delta");
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == K * dim, op, ": A must be (4 * dim=", K * dim, ", N), got shape ",
+              A.sizes());
+  const int64_t dstate = A.size(1);
+  check_fp32_param(A, x, {K * dim, dstate}, op, "A");
+  check_input_or_fp32(B, x, op, "B");
+  check_shape(B, {batch, K, dstate, height, width}, op, "B");
+  check_input_or_fp32(C, x, op, "C");
+  check_shape(C, {batch, K, dstate, height, width}, op, "C");
+  check_fp32_param(D, x, {K * dim}, op, "D");
+  check_fp32_param(delta_bias, x, {K * dim}, op, "delta_bias");
+  check_sizes(dstate, chunk_size, height * width, op);
+
+  ScanParams p;
+  set_common(p, batch, K * dim, dim, K, height, width, dstate, dim, K, chunk_size, delta_softplus);
+  p.u = x.data_ptr();
+  p.u_kind = kind_of(x);
+  p.u_batch_stride = x.stride(0);
+  p.u_dim_stride = x.stride(1);
+  p.u_h_stride = x.stride(2);
+  p.u_w_stride = x.stride(3);
+  p.delta = delta.data_ptr();
+  p.delta_kind = kind_of(delta);
+  p.delta_batch_stride = delta.stride(0);
+  p.delta_dir_stride = delta.stride(1);
+  p.delta_dim_stride = delta.stride(2);
+  p.delta_h_stride = delta.stride(3);
+  p.delta_w_stride = delta.stride(4);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> multiaxial_scan_fwd_cuda(const at::Tensor& x, const at::Tensor& delta,
+                                                            const at::Tensor& A, const at::Tensor& B_in,
+                                                            const at::Tensor& C_in, const at::Tensor& D,
+                                                            const at::Tensor& delta_bias, bool delta_softplus,
+                                                            int64_t chunk_size) {
+  const char* op = "multiaxial_scan_fwd";
+  ScanParams p = multiaxial_params(op, x, delta, A, B_in, C_in, D, delta_bias, delta_softplus, chunk_size);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto [B, C] = common_bc(B_in, C_in);
+  set_bc(p, B, C, /*multiaxial=*/true);
+  OwnedParams keep;
+  set_fp32_params(p, A, D, delta_bias, keep);
+  const auto fp32 = x.options().dtype(at::kFloat);
+  // The four directions add into y with float atomics (y is the only output they touch).
+  auto y = at::zeros({p.batch, p.dim, p.height, p.width}, fp32);
+  auto chunk_states = at::empty({p.batch, kMultiaxialDirections, p.dim, p.num_chunks, p.dstate}, fp32);
+  p.out = y.data_ptr();
+  p.chunk_states = chunk_states.data_ptr<float>();
+  choose_splits(p, x.get_device());
+  SplitScratch scratch;
+  allocate_split_scratch(p, fp32, scratch, /*backward=*/false);
+  const auto stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  check_launch(run_forward(p, B.scalar_type(), /*multiaxial=*/true, stream), op);
+  return {y, chunk_states};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+multiaxial_scan_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& delta, const at::Tensor& A,
+                         const at::Tensor& B_in, const at::Tensor& C_in, const at::Tensor& D,
+                         const at::Tensor& delta_bias, bool delta_softplus, const at::Tensor& chunk_states_in,
+                         int64_t chunk_size, bool deterministic) {
+  const char* op = "multiaxial_scan_bwd";
+  ScanParams p = multiaxial_params(op, x, delta, A, B_in, C_in, D, delta_bias, delta_softplus, chunk_size);
+  check_cuda_float(dy, x, op, "dy");
+  check_shape(dy, x.sizes(), op, "dy");
+  check_fp32_param(chunk_states_in, x, {p.batch, kMultiaxialDirections, p.dim, p.num_chunks, p.dstate}, op,
+                   "chunk_states");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto [B, C] = common_bc(B_in, C_in);
+  set_bc(p, B, C, /*multiaxial=*/true);
+  OwnedParams keep;
+  set_fp32_params(p, A, D, delta_bias, keep);
+  const auto fp32 = x.options().dtype(at::kFloat);
+  auto chunk_states = chunk_states_in.contiguous();
+  p.chunk_states = chunk_states.data_ptr<float>();
+  p.dout = dy.data_ptr();
+  p.dout_kind = kind_of(dy);
+  p.dout_batch_stride = dy.stride(0);
+  p.dout_dim_stride = dy.stride(1);
+  p.dout_h_stride = dy.stride(2);
+  p.dout_w_stride = dy.stride(3);
+
+  auto ddelta = at::empty(delta.sizes(), delta.options().memory_format(at::MemoryFormat::Contiguous));
+  p.ddelta = ddelta.data_ptr();
+  at::Tensor dx_buf;
+  if (deterministic) {
+    dx_buf = at::empty({kMultiaxialDirections, p.batch, p.dim, p.height, p.width}, fp32);
+    p.dx_per_direction = dx_buf.data_ptr<float>();
+  } else {
+    dx_buf = at::zeros({p.batch, p.dim, p.height, p.width}, fp32);
+    p.dx_accum = dx_buf.data_ptr<float>();
+  }
+  auto dA_partial = at::empty({p.batch, p.num_seqs, p.num_chunks, p.dstate}, fp32);
+  auto dD_partial = at::empty({p.batch, p.num_seqs, p.num_chunks}, fp32);
+  auto dbias_partial = at::empty({p.batch, p.num_seqs, p.num_chunks}, fp32);
+  p.dA_partial = dA_partial.data_ptr<float>();
+  p.dD_partial = dD_partial.data_ptr<float>();
+  p.ddelta_bias_partial = dbias_partial.data_ptr<float>();
+  GradBC grads;
+  setup_grad_bc(p, B, C, deterministic, grads);
+  choose_splits(p, x.get_device());
+  SplitScratch scratch;
+  allocate_split_scratch(p, fp32, scratch, /*backward=*/true);
+  const auto stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  check_launch(run_backward(p, B.scalar_type(), /*multiaxial=*/true, stream), op);
+  finish_grad_bc(p, grads);
+
+  at::Tensor dx = deterministic ? dx_buf.sum(0) : dx_buf;
+  if (dx.scalar_type() != x.scalar_type()) dx = dx.to(x.scalar_type());
+  at::Tensor dB = grads.dB, dC = grads.dC;
+  if (dB.scalar_type() != B_in.scalar_type()) dB = dB.to(B_in.scalar_type());
+  if (dC.scalar_type() != C_in.scalar_type()) dC = dC.to(C_in.scalar_type());
+  return {dx,
+          ddelta,
+          dA_partial.sum(at::IntArrayRef{0, 2}),
+          dB,
+          dC,
+          dD_partial.sum(at::IntArrayRef{0, 2}),
+          dbias_partial.sum(at::IntArrayRef{0, 2})};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dermomamba, CUDA, m) {
+  m.impl("selective_scan_fwd", &selective_scan_fwd_cuda);
+  m.impl("selective_scan_bwd", &selective_scan_bwd_cuda);
+  m.impl("multiaxial_scan_fwd", &multiaxial_scan_fwd_cuda);
+  m.impl("multiaxial_scan_bwd", &multiaxial_scan_bwd_cuda);
+}
+
+}  // namespace dermomamba

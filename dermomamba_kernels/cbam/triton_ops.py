@@ -1,0 +1,88 @@
+"""The Triton CBAM kernels as PyTorch custom ops (namespace ``dermomamba_cbam``).
+
+``cbam_forward`` is functional (PyTorch allows autograd formulas on functional ops only): it
+returns the batch statistics instead of writing the running ones, and :func:`cbam` updates them.
+Its extra outputs are the small maps the backward reads (no copy of x):
+  cs (B, C) channel scale; chan (B, 3, C) avg, max and 1/ties of the max over HW;
+  pix (B, 4, HW) max, mean and 1/ties of the max over C of x * cs, and the conv output;
+  stats (4,) mean and 1/std that normalised, batch mean, unbiased batch variance (fp32).
+``cbam_backward`` returns the gradients of x and of the seven parameters.
+
+Both run wherever Triton does: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import triton_kernels as kernels
+
+NAMESPACE = "dermomamba_cbam"
+# Tests set this to fill every output and scratch buffer with NaN before the kernels write them.
+POISON_OUTPUTS = False
+
+
+def _pixel_flat(t: Tensor) -> Tensor:
+    return t if kernels.flattenable(t) else t.contiguous()
+
+
+@torch.library.custom_op(f"{NAMESPACE}::cbam_forward", mutates_args=())
+def cbam_forward(x: Tensor, mlp1_w: Tensor, mlp1_b: Tensor, mlp2_w: Tensor, mlp2_b: Tensor, conv_w: Tensor,
+                 bn_weight: Tensor, bn_bias: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                 use_batch_stats: bool, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return kernels.forward(_pixel_flat(x), mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, running_mean,
+                           running_var, use_batch_stats, eps, poison=POISON_OUTPUTS)
+
+
+@cbam_forward.register_fake
+def _cbam_forward_fake(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, running_mean, running_var,
+                       use_batch_stats, eps):
+    return kernels.forward_buffers(_pixel_flat(x), mlp1_w.shape[0], poison=False)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::cbam_backward", mutates_args=())
+def cbam_backward(grad_out: Tensor, x: Tensor, mlp1_w: Tensor, mlp1_b: Tensor, mlp2_w: Tensor, mlp2_b: Tensor,
+                  conv_w: Tensor, bn_weight: Tensor, bn_bias: Tensor, cs: Tensor, chan: Tensor, pix: Tensor,
+                  stats: Tensor, use_batch_stats: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx, *param_grads = kernels.backward(_pixel_flat(grad_out), _pixel_flat(x), mlp1_w, mlp1_b, mlp2_w, conv_w,
+                                        bn_weight, bn_bias, cs, chan, pix, stats, use_batch_stats,
+                                        poison=POISON_OUTPUTS)
+    params = (mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias)
+    return (dx,) + tuple(g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(param_grads, params))
+
+
+@cbam_backward.register_fake
+def _cbam_backward_fake(grad_out, x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, cs, chan, pix,
+                        stats, use_batch_stats):
+    params = (mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias)
+    return (torch.empty_like(_pixel_flat(x)),) + tuple(torch.empty(p.shape, dtype=p.dtype, device=p.device)
+                                                        for p in params)
+
+
+def _setup_context(ctx, inputs, output):
+    x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, _, _, use_batch_stats, _ = inputs
+    _, cs, chan, pix, stats = output
+    ctx.use_batch_stats = use_batch_stats
+    ctx.save_for_backward(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, cs, chan, pix, stats)
+
+
+def _backward(ctx, grad_out, *unused_grads):
+    # only ``out`` is differentiable: the other outputs are saved maps and statistics
+    if grad_out is None:
+        return (None,) * 12
+    grads = torch.ops.dermomamba_cbam.cbam_backward(grad_out, *ctx.saved_tensors, ctx.use_batch_stats)
+    return tuple(grads) + (None,) * 4
+
+
+cbam_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("dermomamba_cbam::cbam_backward is not differentiable (no double backward for CBAM)")
+
+
+cbam_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)

@@ -1,0 +1,285 @@
+"""The "cpu" and "cuda" backends of the selective scans: torch.ops.dermomamba custom ops from ``_C``.
+
+Both backends call the same four ops (schemas in csrc/ops.cpp); the device of the tensors picks the
+C++ CPU or the CUDA kernel. This module gives the ops what torch needs around them:
+
+* fake (meta) implementations, so shapes propagate under ``torch.compile(fullgraph=True)``;
+* autograd: the two ``*_fwd`` ops are differentiable, their backward calls the ``*_bwd`` ops;
+  ``last_state`` and ``chunk_states`` are not differentiable (mamba_ssm does not differentiate the
+  last state either);
+* the input normalisation the kernels rely on (views only, never a copy of a sequence tensor unless
+  its last stride is not 1).
+
+Precision contract (same as the references): the multiaxial projections run in x's dtype; the scan
+and everything after it are fp32; ``multiaxial_extension`` returns fp32 and ``selective_scan_extension``
+returns u's dtype.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .. import _ext  # noqa: F401  (loads _C, which defines the op schemas)
+from .checks import check_kernel_dtypes
+
+# Positions per chunk: chunk_states keeps the state entering every chunk, and the backward recomputes
+# one chunk at a time from there. One entry per device type; the CUDA kernel owner tunes "cuda".
+CHUNK_SIZE_BY_DEVICE = {
+    # CPU: the backward's per-chunk buffers (states, decays, dB, dC rows: 6 * chunk * N fp32) stay
+    # in L2 at N = 16, and the chunk_states overhead (N floats per chunk) is under 1%.
+    "cpu": 256,
+    "cuda": 2048,
+}
+
+
+def chunk_size_for(device: torch.device) -> int:
+    """Chunk size of the scan kernels on ``device`` (see CHUNK_SIZE_BY_DEVICE)."""
+    try:
+        return CHUNK_SIZE_BY_DEVICE[torch.device(device).type]
+    except KeyError:
+        raise ValueError(f"the scan kernels have no chunk size for device type {torch.device(device).type!r}") from None
+
+
+_ops = torch.ops.dermomamba
+NUM_DIRECTIONS = 4
+
+
+def _num_chunks(length, chunk_size):
+    return (length + chunk_size - 1) // chunk_size
+
+
+# --- fake implementations (shapes and dtypes exactly as the kernels return them) ------------------
+
+@torch.library.register_fake("dermomamba::selective_scan_fwd")
+def _selective_scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size):
+    batch, dim, length = u.shape
+    dstate = A.shape[1]
+    out = u.new_empty(batch, dim, length)
+    last_state = u.new_empty(batch, dim, dstate, dtype=torch.float32)
+    chunk_states = u.new_empty(batch, dim, _num_chunks(length, chunk_size), dstate, dtype=torch.float32)
+    return out, last_state, chunk_states
+
+
+@torch.library.register_fake("dermomamba::selective_scan_bwd")
+def _selective_scan_bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states, chunk_size,
+                             deterministic):
+    # Gradients of absent optional inputs are empty: fp32 for D / delta_bias, u's dtype for z.
+    return (
+        u.new_empty(u.shape),
+        delta.new_empty(delta.shape),
+        A.new_empty(A.shape, dtype=torch.float32),
+        B.new_empty(B.shape),
+        C.new_empty(C.shape),
+        u.new_empty(D.shape if D is not None else (0,), dtype=torch.float32),
+        z.new_empty(z.shape) if z is not None else u.new_empty(0),
+        u.new_empty(delta_bias.shape if delta_bias is not None else (0,), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("dermomamba::multiaxial_scan_fwd")
+def _multiaxial_scan_fwd_fake(x, delta, A, B, C, D, delta_bias, delta_softplus, chunk_size):
+    batch, dim, height, width = x.shape
+    dstate = A.shape[1]
+    y = x.new_empty(batch, dim, height, width, dtype=torch.float32)
+    chunk_states = x.new_empty(batch, NUM_DIRECTIONS, dim, _num_chunks(height * width, chunk_size), dstate,
+                               dtype=torch.float32)
+    return y, chunk_states
+
+
+@torch.library.register_fake("dermomamba::multiaxial_scan_bwd")
+def _multiaxial_scan_bwd_fake(dy, x, delta, A, B, C, D, delta_bias, delta_softplus, chunk_states, chunk_size,
+                              deterministic):
+    return (
+        x.new_empty(x.shape),
+        delta.new_empty(delta.shape),
+        A.new_empty(A.shape, dtype=torch.float32),
+        B.new_empty(B.shape),
+        C.new_empty(C.shape),
+        D.new_empty(D.shape, dtype=torch.float32),
+        delta_bias.new_empty(delta_bias.shape, dtype=torch.float32),
+    )
+
+
+# --- autograd ---------------------------------------------------------------------------------------
+# The fwd schemas have no `deterministic` argument, so the wrappers below hand it to setup_context
+# through a thread-local; torch.use_deterministic_algorithms(True) also turns it on.
+
+_deterministic_request = threading.local()
+
+
+def _take_deterministic_request():
+    requested = getattr(_deterministic_request, "value", False)
+    _deterministic_request.value = False
+    return bool(requested) or torch.are_deterministic_algorithms_enabled()
+
+
+def _selective_scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size = inputs
+    _, _, chunk_states = output
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunk_states)
+    ctx.delta_softplus = delta_softplus
+    ctx.chunk_size = chunk_size
+    ctx.deterministic = _take_deterministic_request()
+    ctx.has_optional = (D is not None, z is not None, delta_bias is not None)
+
+
+def _selective_scan_backward(ctx, dout, dlast_state, dchunk_states):
+    u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(u)
+    # Gradients of last_state are not propagated (as in mamba_ssm); chunk_states is bookkeeping.
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = _ops.selective_scan_bwd(
+        dout.contiguous(), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, chunk_states, ctx.chunk_size,
+        ctx.deterministic)
+    has_D, has_z, has_bias = ctx.has_optional
+    return (du, ddelta, dA, dB, dC, dD if has_D else None, dz if has_z else None, ddelta_bias if has_bias else None,
+            None, None)
+
+
+def _multiaxial_setup_context(ctx, inputs, output):
+    x, delta, A, B, C, D, delta_bias, delta_softplus, chunk_size = inputs
+    _, chunk_states = output
+    ctx.save_for_backward(x, delta, A, B, C, D, delta_bias, chunk_states)
+    ctx.delta_softplus = delta_softplus
+    ctx.chunk_size = chunk_size
+    ctx.deterministic = _take_deterministic_request()
+
+
+def _multiaxial_backward(ctx, dy, dchunk_states):
+    x, delta, A, B, C, D, delta_bias, chunk_states = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    dx, ddelta, dA, dB, dC, dD, ddelta_bias = _ops.multiaxial_scan_bwd(
+        dy.contiguous(), x, delta, A, B, C, D, delta_bias, ctx.delta_softplus, chunk_states, ctx.chunk_size,
+        ctx.deterministic)
+    return dx, ddelta, dA, dB, dC, dD, ddelta_bias, None, None
+
+
+def _mark_nondifferentiable_outputs(setup_context, num_ignored):
+    def wrapped(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[-num_ignored:])
+
+    return wrapped
+
+
+torch.library.register_autograd("dermomamba::selective_scan_fwd", _selective_scan_backward,
+                                setup_context=_mark_nondifferentiable_outputs(_selective_scan_setup_context, 2))
+torch.library.register_autograd("dermomamba::multiaxial_scan_fwd", _multiaxial_backward,
+                                setup_context=_mark_nondifferentiable_outputs(_multiaxial_setup_context, 1))
+
+
+def _set_deterministic_request(value):
+    """Hands ``deterministic`` to the setup_context of the op called next on this thread (eager mode).
+
+    Under torch.compile the flag cannot travel this way (torch.use_deterministic_algorithms(True)
+    does); the callers clear it after the op, so a call under no_grad leaves nothing behind.
+    """
+    _deterministic_request.value = value
+
+
+# --- public entry points of the two backends -----------------------------------------------------
+
+def _sequence_layout(t):
+    """u, delta and z need a unit stride along L; any other strides are taken as they are."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _scan_operand(M, u):
+    """B or C as the kernel's (batch, groups, N, L) view, in u's dtype or fp32 (views, no copies)."""
+    batch, dim, length = u.shape
+    if M.dtype != u.dtype and M.dtype != torch.float32:
+        M = M.float()
+    if M.dim() == 2:
+        # Constant (dim, N): one group per channel, broadcast along batch and L with stride 0. The
+        # kernel returns a full-size gradient for the view; autograd sums it back through expand.
+        return M[None, :, :, None].expand(batch, dim, M.shape[1], length)
+    if M.dim() == 3:
+        return M.unsqueeze(1)
+    return M
+
+
+def _per_channel_groups(M, dim):
+    """(batch, groups, N, L) -> (batch, dim, N, L): a view for one group, a copy otherwise."""
+    batch, groups, dstate, length = M.shape
+    if groups == dim:
+        return M
+    if groups == 1:
+        return M.expand(batch, dim, dstate, length)
+    return M.repeat_interleave(dim // groups, dim=1)
+
+
+def selective_scan_extension(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             return_last_state=False, deterministic=False):
+    """mamba_ssm's ``selective_scan_fn`` on the C++/CUDA kernels (inputs already checked).
+
+    Shapes: u, delta, z (batch, dim, L); A (dim, N); B, C (dim, N), (batch, N, L) or
+    (batch, groups, N, L); D, delta_bias (dim,). Returns out (batch, dim, L) in u's dtype, and with
+    ``return_last_state`` also the fp32 state after the last position (batch, dim, N).
+
+    Example:
+        >>> out = selective_scan_extension(u, delta, A, B, C, D=D, delta_softplus=True)
+    """
+    check_kernel_dtypes(u.device.type, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    u = _sequence_layout(u)
+    delta = _sequence_layout(delta.to(u.dtype))
+    z = None if z is None else _sequence_layout(z.to(u.dtype))
+    A = A.float()
+    B = _scan_operand(B, u)
+    C = _scan_operand(C, u)
+    if B.shape[1] != C.shape[1]:
+        # One constant (a group per channel), one variable: the kernels index both by one group map.
+        B, C = _per_channel_groups(B, u.shape[1]), _per_channel_groups(C, u.shape[1])
+    D = None if D is None else D.float()
+    delta_bias = None if delta_bias is None else delta_bias.float()
+    request = bool(deterministic) and not torch.compiler.is_compiling()
+    if request:
+        _set_deterministic_request(True)
+    try:
+        out, last_state, _ = _ops.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                                     chunk_size_for(u.device))
+    finally:
+        if request:
+            _set_deterministic_request(False)
+    return (out, last_state) if return_last_state else out
+
+
+def multiaxial_extension(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, deterministic=False):
+    """SS2D's four-direction scan of x (batch, D, H, W), summed, fp32 (batch, D, H, W).
+
+    The projections run in the native (h, w) layout as ordinary differentiable torch ops in x's
+    dtype; x itself reaches the kernel as the caller's view (a permuted, non-contiguous x is read
+    through its strides), so no (batch, 4, D, H*W) copy of x is ever made.
+
+    Shapes: x_proj_weight (4, R + 2N, D); dt_projs_weight (4, D, R); dt_projs_bias (4, D);
+    A_logs (4 * D, N); Ds (4 * D,).
+
+    Example:
+        >>> y = multiaxial_extension(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds)
+        >>> y.shape == x.shape and y.dtype == torch.float32
+        True
+    """
+    check_kernel_dtypes(x.device.type, x=x, x_proj_weight=x_proj_weight, dt_projs_weight=dt_projs_weight,
+                        dt_projs_bias=dt_projs_bias, A_logs=A_logs, Ds=Ds)
+    dt_rank = dt_projs_weight.shape[2]
+    dstate = A_logs.shape[1]
+    # Position-major, channel-last result (batch, H, W, 4, R + 2N): each position's B and C rows are
+    # contiguous, which is what the kernels read per step.
+    x_dbl = torch.einsum("bdhw,kcd->bhwkc", x, x_proj_weight.to(x.dtype))
+    dts, B, C = torch.split(x_dbl, [dt_rank, dstate, dstate], dim=-1)
+    delta = torch.einsum("bhwkr,kdr->bkdhw", dts, dt_projs_weight.to(x.dtype))
+    B = B.permute(0, 3, 4, 1, 2)  # (batch, 4, N, H, W) view
+    C = C.permute(0, 3, 4, 1, 2)
+    A = -torch.exp(A_logs.float())
+    request = bool(deterministic) and not torch.compiler.is_compiling()
+    if request:
+        _set_deterministic_request(True)
+    try:
+        y, _ = _ops.multiaxial_scan_fwd(x, delta, A, B, C, Ds.float(), dt_projs_bias.float().reshape(-1), True,
+                                        chunk_size_for(x.device))
+    finally:
+        if request:
+            _set_deterministic_request(False)
+    return y

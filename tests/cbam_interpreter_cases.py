@@ -1,0 +1,125 @@
+"""The Triton CBAM kernels on CPU through the Triton interpreter.
+
+Not collected by itself (the name does not start with test_): tests/test_cbam.py runs it with
+pytest in a subprocess, because TRITON_INTERPRET must be set before any Triton kernel is defined
+and must not leak into the GPU tests of the same process. Sizes stay near 10^4 elements: the
+interpreter is slow.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from cbam_parity import Case, check_parity  # noqa: E402
+from dermomamba_kernels._dispatch import last_backend  # noqa: E402
+from dermomamba_kernels.cbam import cbam  # noqa: E402
+from dermomamba_kernels.cbam import triton_ops  # noqa: E402
+from dermomamba_kernels.layers import CBAM  # noqa: E402
+
+# every output and scratch buffer starts as NaN: an element a kernel forgets shows up
+triton_ops.POISON_OUTPUTS = True
+
+SHAPES = [
+    (2, 32, 7, 9),    # H != W, pixel count not a multiple of any block
+    (1, 48, 5, 11),   # batch 1, hidden width 3
+    (3, 16, 12, 10),  # hidden width 1
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_parity(seed, shape, training, dtype):
+    print(check_parity(Case(*shape, device="cpu"), "triton", dtype, training))
+    assert last_backend("cbam") == "triton"
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_parity_channels_last(seed, training):
+    print(check_parity(Case(2, 32, 6, 5, device="cpu"), "triton", torch.float32, training, channels_last=True))
+
+
+def test_parity_kernel_size_3(seed):
+    print(check_parity(Case(2, 32, 5, 6, device="cpu", ksize=3), "triton", torch.float32, True))
+
+
+def test_strided_views(seed):
+    """x a channel slice of a larger tensor (not dense, read in place) and grad_out channels-last."""
+    base_t = torch.randn(2, 40, 6, 7, requires_grad=True)
+    base_r = base_t.detach().clone().requires_grad_(True)
+    case = Case(2, 32, 6, 7, device="cpu")
+    params_t = [p.float().requires_grad_(True) for p in case.params]
+    params_r = [p.float().requires_grad_(True) for p in case.params]
+    grad = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
+    out_t = cbam(base_t[:, 4:36], *params_t, training=True, backend="triton")
+    out_r = cbam(base_r[:, 4:36], *params_r, training=True, backend="reference")
+    torch.testing.assert_close(out_t, out_r, rtol=1e-5, atol=1e-5)
+    out_t.backward(grad)
+    out_r.backward(grad)
+    torch.testing.assert_close(base_t.grad, base_r.grad, rtol=1e-5, atol=1e-5)
+    for p, r in zip(params_t, params_r):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_ties_split_like_amax(seed):
+    """Quantised x: many tied maxima over HW and over C; gradients split evenly like torch.amax."""
+    case = Case(2, 32, 6, 6, device="cpu")
+    case.x = torch.round(case.x * 2) / 2
+    print(check_parity(case, "triton", torch.float32, True))
+
+
+def test_layer_matches_reference_layer(seed):
+    """CBAM(backend='triton') vs CBAM(backend='reference'): outputs, grads, running stats, counter."""
+    fused, ref = CBAM(32, backend="triton"), CBAM(32, backend="reference")
+    ref.load_state_dict(fused.state_dict())
+    for step in range(2):
+        x = torch.randn(2, 32, 5, 7)
+        xf, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        fused(xf).square().sum().backward()
+        ref(xr).square().sum().backward()
+        torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    for (name, a), (_, b) in zip(fused.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    for (name, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert int(fused.SpatialGate.spatial.bn.num_batches_tracked) == 2
+    fused.eval()
+    ref.eval()
+    x = torch.randn(1, 32, 4, 9)
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_cumulative_momentum(seed):
+    fused, ref = CBAM(16, backend="triton"), CBAM(16, backend="reference")
+    for m in (fused, ref):
+        m.SpatialGate.spatial.bn.momentum = None
+    ref.load_state_dict(fused.state_dict())
+    for _ in range(3):
+        x = torch.randn(2, 16, 4, 5)
+        fused(x)
+        ref(x)
+    torch.testing.assert_close(fused.SpatialGate.spatial.bn.running_var, ref.SpatialGate.spatial.bn.running_var)
+    torch.testing.assert_close(fused.SpatialGate.spatial.bn.running_mean, ref.SpatialGate.spatial.bn.running_mean)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck(seed, training):
+    case = Case(2, 16, 4, 5, device="cpu")
+    x = case.x.float().requires_grad_(True)
+    params = [p.float().requires_grad_(True) for p in case.params]
+    running = [r.float() for r in case.running]
+    args = (x, *params, *running, training, 1e-5)
+    torch.library.opcheck(torch.ops.dermomamba_cbam.cbam_forward.default, args)
+    outs = torch.ops.dermomamba_cbam.cbam_forward(*args)
+    grad = torch.randn_like(x)
+    bwd_args = (grad, x.detach(), *[p.detach() for p in params], *[o.detach() for o in outs[1:]], training)
+    torch.library.opcheck(torch.ops.dermomamba_cbam.cbam_backward.default, bwd_args)
+
+
+def test_float64_is_refused_by_triton():
+    case = Case(1, 16, 3, 3, device="cpu")
+    with pytest.raises(TypeError, match="x: dtype torch.float64"):
+        cbam(case.x, *case.params, training=True, backend="triton")

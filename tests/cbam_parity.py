@@ -1,0 +1,92 @@
+"""Parity machinery for the CBAM op (imported by test_cbam.py and cbam_interpreter_cases.py).
+
+A backend is checked against the fp64 reference, and its error must stay within twice the error
+of the reference run in the same precision (plus a floor, see ``tolerance``): the tolerance is
+measured on every draw, not fixed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dermomamba_kernels.cbam import cbam
+
+NAMES = ("out", "dx", "d_mlp1_w", "d_mlp1_b", "d_mlp2_w", "d_mlp2_b", "d_conv_w", "d_bn_weight", "d_bn_bias",
+         "running_mean", "running_var")
+# The kernels accumulate in fp32 whatever the input precision; reduction order alone moves fp32
+# results by ~1e-6 relative, where the fp32 reference can be luckier.
+FP32_NOISE = 1e-5
+# A quantity of a few elements rounded once to a low precision can be off by half an ulp where the
+# reference's rounding happened to land closer: that one rounding is the floor there.
+FEW_ELEMENTS = 16
+
+
+def unit_roundoff(dtype):
+    return torch.finfo(dtype).eps / 2
+
+
+def tolerance(reference_error, dtype, numel):
+    floor = max(FP32_NOISE, unit_roundoff(dtype)) if numel < FEW_ELEMENTS else FP32_NOISE
+    return 2.0 * reference_error + floor
+
+
+class Case:
+    """One random draw: x, the output gradient, parameters and running stats, all in fp64."""
+
+    def __init__(self, B, C, H, W, device, ksize=7, reduction=16):
+        hidden = max(C // reduction, 1)
+        f64 = dict(dtype=torch.float64, device=device)
+        # x with a per-channel offset so the avg and max pools and the BatchNorm see non-trivial statistics
+        self.x = torch.randn(B, C, H, W, **f64) + 0.5 * torch.randn(1, C, 1, 1, **f64)
+        self.grad = torch.randn(B, C, H, W, **f64)
+        self.params = [torch.randn(hidden, C, **f64) / C ** 0.5, 0.1 * torch.randn(hidden, **f64),
+                       torch.randn(C, hidden, **f64) / hidden ** 0.5, 0.1 * torch.randn(C, **f64),
+                       0.3 * torch.randn(1, 2, ksize, ksize, **f64), 0.5 + torch.rand(1, **f64),
+                       0.2 * torch.randn(1, **f64)]
+        self.running = [0.1 * torch.randn(1, **f64), 0.5 + torch.rand(1, **f64)]
+
+    def run(self, backend, dtype, training, channels_last=False, inputs_dtype=None):
+        """Output, every gradient and the updated running stats, as fp64, of one call in ``dtype``.
+
+        ``inputs_dtype`` rounds the inputs first (so fp64 references see the low-precision inputs).
+        """
+        inputs_dtype = inputs_dtype or dtype
+        x = self.x.to(inputs_dtype).to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        params = [p.to(inputs_dtype).to(dtype).requires_grad_(True) for p in self.params]
+        running = [r.to(inputs_dtype).to(dtype) for r in self.running]
+        out = cbam(x, *params, *running, training=training, momentum=0.1, eps=1e-5, backend=backend)
+        assert out.shape == x.shape and out.dtype == x.dtype
+        if channels_last:
+            assert out.is_contiguous(memory_format=torch.channels_last), "output lost the channels-last layout"
+        out.backward(self.grad.to(inputs_dtype).to(dtype))
+        grads = [x.grad] + [p.grad for p in params]
+        for name, g in zip(NAMES[1:], grads):
+            assert g is not None, f"{name}: no gradient"
+            assert g.dtype == dtype, f"{name}: gradient dtype {g.dtype}, expected {dtype}"
+        return [t.detach().double() for t in [out] + grads + running]
+
+
+def relative_error(value, expected):
+    return ((value - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+
+
+def check_parity(case, backend, dtype, training, channels_last=False):
+    """Asserts backend's error vs fp64 <= tolerance(error of the reference in ``dtype``). Returns the table."""
+    exact = case.run("reference", torch.float64, training, inputs_dtype=dtype)
+    reference = case.run("reference", dtype, training)
+    fused = case.run(backend, dtype, training, channels_last=channels_last)
+    rows, failures = [], []
+    for name, e, r, k in zip(NAMES, exact, reference, fused):
+        assert torch.isfinite(k).all(), f"{name}: non-finite values from {backend} (an unwritten output?)"
+        ref_err, err = relative_error(r, e), relative_error(k, e)
+        tol = tolerance(ref_err, dtype, e.numel())
+        rows.append((name, ref_err, err, tol))
+        if not err <= tol:
+            failures.append(f"{name}: {backend} error {err:.3e} > tolerance {tol:.3e} (reference {dtype} error "
+                            f"{ref_err:.3e})")
+    table = "\n".join(f"  {n:12s} ref {r:.2e}  {backend} {k:.2e}  tol {t:.2e}" for n, r, k, t in rows)
+    assert not failures, "\n".join(failures) + "\n" + table
+    return table

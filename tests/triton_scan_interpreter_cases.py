@@ -1,0 +1,151 @@
+"""The Triton selective scans on CPU tensors through the Triton interpreter.
+
+Not collected by itself (the name does not start with test_): tests/test_selective_scan_triton.py
+runs it with pytest in a subprocess, because TRITON_INTERPRET must be set before the kernels are
+defined and must not leak into GPU tests of the same process. The interpreter is slow (each
+Triton operation costs a Python call), so shapes stay tiny; the interpreter's tiles are tiny too
+(16 positions), so these shapes still span several chunks, line blocks and partial segments.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+# every output and scratch buffer starts as NaN: an element a kernel forgets shows up
+os.environ["DERMOMAMBA_POISON_OUTPUTS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dermomamba_kernels.selective_scan import triton as triton_scan  # noqa: E402
+from dermomamba_kernels.selective_scan.triton import kernels, ops  # noqa: E402
+from triton_scan_parity import (check_multiaxial, check_selective_scan, multiaxial_inputs,  # noqa: E402
+                                scan_inputs)
+
+assert type(kernels.fwd_output_kernel).__name__ == "InterpretedFunction", "kernels were defined before TRITON_INTERPRET"
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+SCAN_CASES = {
+    # batch, dim, L, N, options
+    "variable-BC_z_D_bias_L37": (2, 2, 37, 4, dict()),
+    "constant-BC_plain_batch1_L19": (1, 3, 19, 3, dict(b_layout="constant", c_layout="constant", with_D=False,
+                                                       with_z=False, with_bias=False)),
+    "groups2_L21": (1, 4, 21, 4, dict(b_layout="groups", c_layout="groups", groups=2, with_z=False)),
+    "variable-B_constant-C_L17": (2, 2, 17, 2, dict(c_layout="constant", with_bias=False)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(SCAN_CASES))
+def test_selective_scan_parity(seed, case, dtype):
+    batch, dim, length, dstate, options = SCAN_CASES[case]
+    if dtype != torch.float32 and case != "variable-BC_z_D_bias_L37":
+        pytest.skip("low precisions run on the full-option case only (interpreter time)")
+    softplus = options.get("with_bias", True)
+    inputs = scan_inputs(batch, dim, length, dstate, "cpu", delta_softplus=softplus, **options)
+    print(check_selective_scan(triton_scan.selective_scan_triton, inputs, dtype, delta_softplus=softplus))
+
+
+MULTIAXIAL_CASES = {
+    # batch, D, H, W, N, channels_last
+    "5x3": (1, 2, 5, 3, 4, False),
+    "3x6_batch2": (2, 2, 3, 6, 2, False),
+    "4x5_channels_last": (1, 3, 4, 5, 2, True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(MULTIAXIAL_CASES))
+def test_multiaxial_parity(seed, case, dtype):
+    batch, dim, height, width, dstate, channels_last = MULTIAXIAL_CASES[case]
+    if dtype != torch.float32 and case != "5x3":
+        pytest.skip("low precisions run on one shape only (interpreter time)")
+    inputs = multiaxial_inputs(batch, dim, height, width, dstate, "cpu", channels_last=channels_last)
+    if channels_last:
+        assert not inputs["x"].is_contiguous()
+    print(check_multiaxial(triton_scan.multiaxial_triton, inputs, dtype))
+
+
+def test_geometry_spans_chunks_and_line_blocks():
+    """The shapes above exercise the carry between chunks and between line blocks."""
+    rows, cols = ops._orientations(5, 3, torch.device("cpu"), backward=False)
+    assert rows.nchunks > 1 and cols.nchunks > 1 and (rows.ntiles > 1 or cols.ntiles > 1)
+    assert ops._ss_geometry(37, torch.device("cpu"), backward=False).nchunks == 3
+
+
+def test_backward_is_deterministic(seed):
+    inputs = multiaxial_inputs(1, 2, 3, 5, 2, "cpu")
+    leaves = [t.float().requires_grad_() for t in inputs.values()]
+    grad = torch.randn(1, 2, 3, 5)
+
+    def grads():
+        y = triton_scan.multiaxial_triton(*leaves, deterministic=True)
+        return torch.autograd.grad(y, leaves, grad)
+
+    first, second = grads(), grads()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def _small_scan_args():
+    batch, dim, length, dstate = 1, 2, 9, 2
+    return (torch.randn(batch, dim, length), torch.rand(batch, dim, length), -torch.rand(dim, dstate),
+            torch.randn(batch, 1, dstate, length), torch.randn(batch, 1, dstate, length), torch.randn(dim),
+            torch.randn(batch, dim, length), torch.randn(dim), True, False)
+
+
+def _small_multiaxial_args():
+    batch, dim, height, width, dstate = 1, 2, 3, 2, 2
+    return (torch.randn(batch, dim, height, width), torch.rand(batch, 4, dim, height, width),
+            -torch.rand(4 * dim, dstate), torch.randn(batch, 4, dstate, height, width),
+            torch.randn(batch, 4, dstate, height, width), torch.randn(4 * dim), torch.randn(4 * dim), True, False)
+
+
+def _requires_grad(args):
+    return tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def test_opcheck_selective_scan(seed):
+    torch.library.opcheck(torch.ops.dermomamba_triton.selective_scan_fwd, _requires_grad(_small_scan_args()))
+
+
+def test_opcheck_multiaxial(seed):
+    torch.library.opcheck(torch.ops.dermomamba_triton.multiaxial_scan_fwd, _requires_grad(_small_multiaxial_args()))
+
+
+def test_opcheck_backward_ops(seed):
+    u, delta, A, B, C, D, z, bias, softplus, det = _small_scan_args()
+    _, _, states = torch.ops.dermomamba_triton.selective_scan_fwd(u, delta, A, B, C, D, z, bias, softplus, det)
+    torch.library.opcheck(torch.ops.dermomamba_triton.selective_scan_bwd,
+                          (torch.randn_like(u), u, delta, A, B, C, D, z, bias, softplus, states, det),
+                          test_utils=("test_schema", "test_faketensor"))
+    x, delta, A, B, C, D, bias, softplus, det = _small_multiaxial_args()
+    _, rows, cols = torch.ops.dermomamba_triton.multiaxial_scan_fwd(x, delta, A, B, C, D, bias, softplus, det)
+    torch.library.opcheck(torch.ops.dermomamba_triton.multiaxial_scan_bwd,
+                          (torch.randn_like(x), x, delta, A, B, C, D, bias, softplus, rows, cols, det),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_fullgraph(seed):
+    inputs = multiaxial_inputs(1, 2, 3, 4, 2, "cpu")
+    leaves = [t.float().requires_grad_() for t in inputs.values()]
+    compiled = torch.compile(triton_scan.multiaxial_triton, fullgraph=True, backend="aot_eager")
+    y = compiled(*leaves)
+    y_eager = triton_scan.multiaxial_triton(*leaves)
+    torch.testing.assert_close(y, y_eager, rtol=0, atol=0)
+    grads = torch.autograd.grad(y.square().sum(), leaves)
+    grads_eager = torch.autograd.grad(y_eager.square().sum(), leaves)
+    for a, b in zip(grads, grads_eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_dispatch_reaches_triton(seed):
+    from dermomamba_kernels import last_backend, multiaxial_selective_scan, selective_scan_fn
+
+    inputs = multiaxial_inputs(1, 2, 3, 2, 2, "cpu")
+    args = [t.float() for t in inputs.values()]
+    y = multiaxial_selective_scan(*args, backend="triton")
+    assert last_backend("multiaxial_selective_scan") == "triton" and torch.isfinite(y).all()
+    u, delta, A, B, C, D, z, bias, _, _ = _small_scan_args()
+    out = selective_scan_fn(u, delta, A, B[:, 0], C[:, 0], D, z, bias, True, backend="triton")
+    assert last_backend("selective_scan") == "triton" and torch.isfinite(out).all()

@@ -1,0 +1,199 @@
+"""Parity machinery for the Triton selective scans (used by test_selective_scan_triton.py and
+triton_scan_interpreter_cases.py).
+
+Every check draws fresh inputs, computes a float64 oracle (the closed forms of scan_oracles.py on
+small CPU problems, a float64 recurrence on GPU-sized ones), runs the reference in the precision
+under test, and requires the backend's error against the oracle to stay within twice the
+reference's error plus a floor: the tolerance is measured on every draw, not fixed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dermomamba_kernels.selective_scan import naive
+from scan_oracles import closed_form_multiaxial, closed_form_scan, direction_index
+
+# The kernels accumulate in fp32 in another order than the reference (chunked scans, tree sums):
+# that alone moves fp32 results by ~1e-6 relative where the fp32 reference can be luckier.
+FP32_NOISE = 1e-5
+SCAN_INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+MULTIAXIAL_INPUT_NAMES = ("x", "x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds")
+
+
+def rel_err(value, oracle):
+    value, oracle = value.double(), oracle.double()
+    return ((value - oracle).norm() / oracle.norm().clamp_min(1e-300)).item()
+
+
+def recurrent_scan_fp64(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The scan as a float64 recurrence (O(L) memory, differentiable): the oracle on GPU sizes."""
+    u, delta, A = u.double(), delta.double(), A.double()
+    batch, dim, length = u.shape
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    dt = F.softplus(delta) if delta_softplus else delta
+
+    def full(M):
+        M = M.double()
+        if M.dim() == 2:
+            return M[None, :, :, None].expand(batch, dim, M.shape[1], length)
+        if M.dim() == 3:
+            M = M[:, None]
+        return M.repeat_interleave(dim // M.shape[1], dim=1)
+
+    B_full, C_full = full(B), full(C)
+    decay = torch.exp(dt[:, :, None, :] * A[None, :, :, None])
+    drive = (dt * u)[:, :, None, :] * B_full
+    h = torch.zeros(batch, dim, A.shape[1], dtype=torch.float64, device=u.device)
+    ys = []
+    for t in range(length):
+        h = decay[..., t] * h + drive[..., t]
+        ys.append((h * C_full[..., t]).sum(-1))
+    y = torch.stack(ys, -1)
+    if D is not None:
+        y = y + u * D.double()[:, None]
+    if z is not None:
+        y = y * F.silu(z.double())
+    return y, h
+
+
+def recurrent_multiaxial_fp64(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds):
+    """SS2D in float64 through per-direction gathers and the recurrence (GPU-sized oracle)."""
+    batch, dim, height, width = x.shape
+    dt_rank = dt_projs_weight.shape[2]
+    dstate = A_logs.shape[1]
+    flat = x.double().reshape(batch, dim, height * width)
+    index = direction_index(height, width).to(x.device)
+    total = torch.zeros(batch, dim, height * width, dtype=torch.float64, device=x.device)
+    for k in range(4):
+        seq = flat[:, :, index[k]]
+        proj = torch.einsum("cd,bdl->bcl", x_proj_weight[k].double(), seq)
+        dts, Bk, Ck = proj[:, :dt_rank], proj[:, dt_rank:dt_rank + dstate], proj[:, dt_rank + dstate:]
+        delta = torch.einsum("dr,brl->bdl", dt_projs_weight[k].double(), dts)
+        channels = slice(k * dim, (k + 1) * dim)
+        y, _ = recurrent_scan_fp64(seq, delta, -torch.exp(A_logs[channels].double()), Bk, Ck, D=Ds[channels],
+                                   delta_bias=dt_projs_bias[k], delta_softplus=True)
+        total = total.index_add(2, index[k], y)
+    return total.view(batch, dim, height, width)
+
+
+def scan_inputs(batch, dim, length, dstate, device, b_layout="variable", c_layout="variable", groups=1,
+                with_D=True, with_z=True, with_bias=True, delta_softplus=True):
+    """Fresh float64 inputs of the 1-D scan (None where an optional input is left out).
+
+    Without softplus, delta is drawn positive (a step size), as mamba's callers pass it.
+    """
+    f64 = dict(dtype=torch.float64, device=device)
+
+    def state_operand(layout):
+        if layout == "constant":
+            return torch.randn(dim, dstate, **f64)
+        if layout == "variable":
+            return torch.randn(batch, dstate, length, **f64)
+        return torch.randn(batch, groups, dstate, length, **f64)
+
+    return {
+        "u": torch.randn(batch, dim, length, **f64),
+        "delta": (0.5 * torch.randn(batch, dim, length, **f64) - 1.0 if delta_softplus
+                  else 0.5 * torch.rand(batch, dim, length, **f64)),
+        "A": -torch.exp(0.5 * torch.randn(dim, dstate, **f64)),
+        "B": state_operand(b_layout),
+        "C": state_operand(c_layout),
+        "D": torch.randn(dim, **f64) if with_D else None,
+        "z": torch.randn(batch, dim, length, **f64) if with_z else None,
+        "delta_bias": 0.5 * torch.randn(dim, **f64) if with_bias else None,
+    }
+
+
+def _run(fn, inputs, grad_out, dtype, low_precision_names, **kwargs):
+    """Output and gradients (as float64) of fn on the inputs cast to dtype (fp32 for the others)."""
+    leaves = {}
+    for name, t in inputs.items():
+        if t is None:
+            continue
+        leaves[name] = t.detach().to(dtype if name in low_precision_names else torch.float32).requires_grad_()
+    args = {name: leaves.get(name) for name in inputs}
+    result = fn(**args, **kwargs)
+    out = result[0] if isinstance(result, tuple) else result
+    names = list(leaves)
+    grads = torch.autograd.grad(out, [leaves[n] for n in names], grad_out.to(out.dtype))
+    values = {"out": out.detach().double()}
+    if isinstance(result, tuple):
+        values["last_state"] = result[1].detach().double()
+    values.update({"d" + n: g.double() for n, g in zip(names, grads)})
+    return values
+
+
+def _oracle(fn, inputs, grad_out, **kwargs):
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items() if t is not None}
+    args = {name: leaves.get(name) for name in inputs}
+    result = fn(**args, **kwargs)
+    out = result[0] if isinstance(result, tuple) else result
+    names = list(leaves)
+    grads = torch.autograd.grad(out, [leaves[n] for n in names], grad_out)
+    values = {"out": out.detach()}
+    if isinstance(result, tuple):
+        values["last_state"] = result[1].detach()
+    values.update({"d" + n: g for n, g in zip(names, grads)})
+    return values
+
+
+def compare(backend_values, reference_values, oracle_values):
+    """Per quantity: (backend error, reference error, tolerance); raises AssertionError on a miss."""
+    report, failures = {}, []
+    for name, oracle in oracle_values.items():
+        value = backend_values[name]
+        assert value.shape == oracle.shape, f"{name}: shape {tuple(value.shape)} != {tuple(oracle.shape)}"
+        assert torch.isfinite(value).all(), f"{name}: non-finite values (unwritten output?)"
+        err = rel_err(value, oracle)
+        ref_err = rel_err(reference_values[name], oracle)
+        tol = 2.0 * ref_err + FP32_NOISE
+        report[name] = (err, ref_err, tol)
+        if not err <= tol:
+            failures.append(f"{name}: error {err:.3g} > tolerance {tol:.3g} (reference error {ref_err:.3g})")
+    assert not failures, "; ".join(failures)
+    return report
+
+
+def check_selective_scan(backend_fn, inputs, dtype, delta_softplus=True, oracle="closed_form"):
+    """Parity of ``backend_fn`` (selective_scan_fn's signature) with the reference, output and grads."""
+    low = ("u", "delta", "z", "B", "C")
+    length = inputs["u"].shape[-1]
+    grad_out = torch.randn_like(inputs["u"])
+    oracle_fn = closed_form_scan if oracle == "closed_form" else recurrent_scan_fp64
+    oracle_values = _oracle(oracle_fn, inputs, grad_out, delta_softplus=delta_softplus)
+    ref = _run(naive.selective_scan_ref, inputs, grad_out, dtype, low, delta_softplus=delta_softplus,
+               return_last_state=True)
+    got = _run(backend_fn, inputs, grad_out, dtype, low, delta_softplus=delta_softplus, return_last_state=True)
+    assert got["out"].shape[-1] == length
+    return compare(got, ref, oracle_values)
+
+
+def multiaxial_inputs(batch, dim, height, width, dstate, device, channels_last=False):
+    rank = -(-dim // 16)
+    f64 = dict(dtype=torch.float64, device=device)
+    x = torch.randn(batch, dim, height, width, **f64)
+    if channels_last:  # a permuted view: the kernels must read it through its strides
+        x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    return {
+        "x": x,
+        "x_proj_weight": torch.randn(4, rank + 2 * dstate, dim, **f64) / dim ** 0.5,
+        "dt_projs_weight": torch.randn(4, dim, rank, **f64) / rank ** 0.5,
+        "dt_projs_bias": 0.5 * torch.randn(4, dim, **f64) - 1.0,
+        "A_logs": torch.log(torch.rand(4 * dim, dstate, **f64) * 2.0 + 0.1),
+        "Ds": torch.randn(4 * dim, **f64),
+    }
+
+
+def check_multiaxial(backend_fn, inputs, dtype, oracle="closed_form"):
+    """Parity of ``backend_fn`` (multiaxial_selective_scan's signature) with the reference."""
+    grad_out = torch.randn(inputs["x"].shape, dtype=torch.float64, device=inputs["x"].device)
+    oracle_fn = closed_form_multiaxial if oracle == "closed_form" else recurrent_multiaxial_fp64
+    oracle_values = _oracle(oracle_fn, inputs, grad_out)
+    # The projections run in x's dtype. A permuted x stays permuted: .to() preserves its strides.
+    low = ("x", "x_proj_weight", "dt_projs_weight")
+    ref = _run(naive.multiaxial_selective_scan_ref, inputs, grad_out, dtype, low)
+    got = _run(backend_fn, inputs, grad_out, dtype, low)
+    return compare(got, ref, oracle_values)
