@@ -224,15 +224,11 @@ def _run_info(args) -> int:
     report = cost_report(model, img_size)
     if args.json:
         payload = {"model": name, "img_size": list(img_size), "parameters": parameters}
-        payload["cost_report"] = report if isinstance(report, dict) else str(report)
+        payload["cost_report"] = report.as_dict() if hasattr(report, "as_dict") else str(report)
         print(json.dumps(payload, indent=1, default=str))
     else:
         print(f"model: {name} at {img_size[0]}x{img_size[1]}\nparameters: {parameters:,}")
-        if isinstance(report, dict):
-            for key, value in report.items():
-                print(f"{key}: {value}")
-        else:
-            print(report)
+        print(report)
     return 0
 
 

@@ -113,7 +113,7 @@ class TrainConfig:
 DEMO_OVERRIDES: dict[str, Any] = {
     "model": "dermomamba_tiny",
     "img_size": (64, 96),
-    "synthetic_train": 192,
+    "synthetic_train": 128,
     "synthetic_val": 32,
     "synthetic_test": 32,
     "epochs": 6,
@@ -122,6 +122,8 @@ DEMO_OVERRIDES: dict[str, Any] = {
     "lr": 3e-3,
     "predict_samples": 4,
     "cache_dir": None,
+    # Rendering a 64x96 sample takes milliseconds: worker processes would only compete for the CPU.
+    "workers": 0,
 }
 
 

@@ -232,7 +232,7 @@ def _mask_files(folder: str) -> dict[str, str]:
 
 def _read_grey(path: str) -> np.ndarray:
     from .data.folders import _open
-    return np.asarray(_open(path).convert("L"))
+    return np.array(_open(path).convert("L"))  # a writable copy, as torch.from_numpy wants
 
 
 def evaluate_folders(predictions: str, truth: str, *, layout: str = "auto", subset: str = "Training",

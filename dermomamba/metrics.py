@@ -169,7 +169,7 @@ def hd95(pred: torch.Tensor, truth: torch.Tensor, sampling: Optional[Sequence[fl
     surface_pred, surface_truth = surface(pred), surface(truth)
     to_truth = distance_transform_edt(~surface_truth, sampling=sampling, backend=backend)
     to_pred = distance_transform_edt(~surface_pred, sampling=sampling, backend=backend)
-    inf = torch.tensor(float("inf"), device=pred.device)
+    inf = float("inf")  # a Python scalar: a device tensor made from it would be a host copy
     distances = torch.cat([torch.where(surface_pred, to_truth, inf).flatten(1),
                            torch.where(surface_truth, to_pred, inf).flatten(1)], dim=1)
     count = surface_pred.flatten(1).sum(1) + surface_truth.flatten(1).sum(1)

@@ -710,7 +710,8 @@ def _demo_predictions(cfg: TrainConfig, datasets: dict, best_dir: str, ctx: Dist
     for i in range(min(cfg.predict_samples, len(source))):
         item = source[i]
         Image.fromarray(item["image"].permute(1, 2, 0).numpy()).save(os.path.join(image_dir, f"{item['id']}.png"))
-    written = predict(best_dir, [image_dir], folder, device=str(ctx.device), batch_size=cfg.eval_batch_size,
-                      overlay=True, progress=False, backend=cfg.backend)
+    written = predict(best_dir, [image_dir], os.path.join(folder, "masks"), device=str(ctx.device),
+                      batch_size=cfg.eval_batch_size, overlay=True, overlay_dir=os.path.join(folder, "overlays"),
+                      progress=False, workers=0, backend=cfg.backend)
     _log(ctx, f"[dermomamba] predicted {len(written)} masks into {folder}/masks (overlays in {folder}/overlays)")
     return folder

@@ -22,16 +22,22 @@ from dermomamba_kernels.layers import CBAM  # noqa: E402
 # every output and scratch buffer starts as NaN: an element a kernel forgets shows up
 triton_ops.POISON_OUTPUTS = True
 
-SHAPES = [
-    (2, 32, 7, 9),    # H != W, pixel count not a multiple of any block
-    (1, 48, 5, 11),   # batch 1, hidden width 3
-    (3, 16, 12, 10),  # hidden width 1
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# The interpreter runs ~10^4 elements a second or so: each shape covers a few (mode, dtype) pairs,
+# and together they cover all six; the GPU tests run every combination at full size.
+CASES = [
+    ((2, 32, 7, 9), True, F32),     # H != W, pixel count not a multiple of any block
+    ((2, 32, 7, 9), False, F16),
+    ((2, 32, 7, 9), True, BF16),
+    ((1, 48, 5, 11), True, F16),    # batch 1, hidden width 3
+    ((1, 48, 5, 11), False, BF16),
+    ((3, 16, 12, 10), False, F32),  # hidden width 1
+    ((3, 16, 12, 10), True, BF16),
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape,training,dtype", CASES,
+                         ids=["x".join(map(str, s)) + ("-train-" if t else "-eval-") + str(d)[6:] for s, t, d in CASES])
 def test_parity(seed, shape, training, dtype):
     print(check_parity(Case(*shape, device="cpu"), "triton", dtype, training))
     assert last_backend("cbam") == "triton"

@@ -3,18 +3,48 @@
 Not collected by a plain ``pytest tests`` (its name does not start with ``test_``):
 tests/test_distance_transform.py runs it in a subprocess, because TRITON_INTERPRET must be set
 before triton is first imported and must not leak into the other test modules.
+
+Speed: the interpreter runs ``tl.associative_scan`` with a user combine function one element at a
+time in Python (only sum and product go to numpy), which made these tests take minutes. The
+fixture below hands the kernels' two combine functions (max, min) to numpy's ``accumulate``,
+which computes the same scan; the kernels' code is unchanged. One test keeps the interpreter's own
+scan to show both agree.
 """
 
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from triton.runtime import interpreter  # noqa: E402
 
 from dermomamba_kernels import distance_transform_edt, last_backend  # noqa: E402
 from dermomamba_kernels.distance_transform import triton_edt  # noqa: E402
 from edt_cases import assert_matches_scipy, blob_mask, edge_cases, random_mask  # noqa: E402
+
+
+_interpreter_scan = interpreter.ScanOps.apply_impl
+_NUMPY_SCANS = {triton_edt._maximum: np.maximum, triton_edt._minimum: np.minimum}
+
+
+def _numpy_scan(self, input):
+    ufunc = _NUMPY_SCANS.get(self.combine_fn)
+    if ufunc is None or len(input) != 1:
+        return _interpreter_scan(self, input)
+    data = input[0].handle.data
+    if self.reverse:
+        data = np.flip(data, self.axis)
+    out = ufunc.accumulate(data, axis=self.axis)
+    if self.reverse:
+        out = np.flip(out, self.axis)
+    return [self.to_tensor(np.ascontiguousarray(out), input[0].dtype)]
+
+
+@pytest.fixture(autouse=True)
+def numpy_scans(monkeypatch):
+    monkeypatch.setattr(interpreter.ScanOps, "apply_impl", _numpy_scan)
 
 
 @pytest.fixture(autouse=True)
@@ -31,15 +61,17 @@ def _triton(mask, sampling=None, per_image=True):
 
 
 # Shapes with lengths below, at and above the tile sizes (scan chunk 128, min-plus tiles 32 x 64).
-SHAPES = [(1, 1), (13, 8), (1, 130), (130, 1), (2, 33, 65), (1, 1, 29, 131), (3, 1, 17, 23)]
+SHAPES = [(1, 1), (13, 8), (1, 130), (70, 1), (2, 33, 65), (1, 1, 29, 131), (3, 1, 17, 23)]
+DENSITIES = (0.01, 0.3, 0.9, 0.995)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("per_image", [True, False])
 def test_random_masks_match_scipy(seed, shape, per_image):
     generator = torch.Generator().manual_seed(seed)
-    for density in (0.01, 0.3, 0.9, 0.995):
-        mask = random_mask(shape, density, generator)
+    # Two of the densities per run (fresh each run) keep the interpreter's time down.
+    for index in torch.randperm(len(DENSITIES), generator=generator)[:2].tolist():
+        mask = random_mask(shape, DENSITIES[index], generator)
         assert_matches_scipy(_triton(mask, per_image=per_image), mask, per_image=per_image)
 
 
@@ -93,6 +125,28 @@ def test_zero_gradient_for_float_mask_requiring_grad(seed):
         assert mask.grad is None or torch.count_nonzero(mask.grad) == 0
 
 
+def test_interpreter_own_scan_agrees(seed, monkeypatch):
+    monkeypatch.setattr(interpreter.ScanOps, "apply_impl", _interpreter_scan)
+    mask = random_mask((2, 6, 9), 0.6, torch.Generator().manual_seed(seed))
+    assert_matches_scipy(_triton(mask), mask)
+
+
 def test_empty_batch():
     out = _triton(torch.zeros(0, 5, 6, dtype=torch.bool))
     assert out.shape == (0, 5, 6) and out.dtype == torch.float32
+
+
+# The dispatcher logs its choice with logger.debug, which torch.compile cannot trace (a graph
+# break): until _dispatch.py skips that call while compiling, fullgraph=True fails there.
+@pytest.mark.xfail(strict=False, reason="OpDispatcher.__call__'s logger.debug breaks the graph")
+def test_compiles_with_fullgraph(seed):
+    from dermomamba.loss import GuideFusionLoss
+
+    generator = torch.Generator().manual_seed(seed)
+    mask = random_mask((2, 1, 9, 12), 0.5, generator)
+    edt = torch.compile(lambda m: distance_transform_edt(m, backend="triton"), fullgraph=True, backend="aot_eager")
+    assert torch.equal(edt(mask), distance_transform_edt(mask, backend="triton"))
+    loss_fn = GuideFusionLoss("published", backend="triton")
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    pred = torch.randn(2, 1, 9, 12, generator=generator, requires_grad=True)
+    assert torch.allclose(compiled(pred, mask.float()), loss_fn(pred, mask.float()), rtol=0, atol=0)

@@ -46,7 +46,8 @@ DERMOMAMBA_ALWAYS_INLINE float bits_to_float(int32_t bits) {
 // exp(x) as 2^k * exp(r), x = k ln2 + r. The clamp maps NaN to a finite value so that the
 // integer conversion stays defined; NaN is put back at the end.
 DERMOMAMBA_ALWAYS_INLINE float exp_approx(float x) {
-  const float clamped = x > kExpUnderflowArg ? (x < kExpOverflowArg ? x : kExpOverflowArg) : kExpUnderflowArg;
+  const float at_least_min = x > kExpUnderflowArg ? x : kExpUnderflowArg;  // a max; NaN -> the bound
+  const float clamped = at_least_min < kExpOverflowArg ? at_least_min : kExpOverflowArg;
   const float k = (clamped * kLog2e + kRoundToIntShift) - kRoundToIntShift;
   const float r = (clamped - k * kLn2High) - k * kLn2Low;
   const float q = kExpQ0 + r * (kExpQ1 + r * (kExpQ2 + r * (kExpQ3 + r * kExpQ4)));

@@ -244,7 +244,7 @@ __global__ void scan_fwd_split_aggregate(ScanParams p) {
 
 // Forward pass (2): one thread per (batch, sequence, state) carries the state over the splits
 // and writes the state entering each split's first chunk.
-__global__ void scan_fwd_split_carry(ScanParams p) {
+static __global__ void scan_fwd_split_carry(ScanParams p) {
   const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int N = p.dstate;
   if (index >= static_cast<int64_t>(p.batch) * p.num_seqs * N) return;
@@ -423,7 +423,7 @@ __global__ void scan_bwd_split_aggregate(ScanParams p) {
 }
 
 // Backward pass (2): o entering each split from its right.
-__global__ void scan_bwd_split_carry(ScanParams p) {
+static __global__ void scan_bwd_split_carry(ScanParams p) {
   const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int N = p.dstate;
   if (index >= static_cast<int64_t>(p.batch) * p.num_seqs * N) return;

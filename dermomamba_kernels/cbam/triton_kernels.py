@@ -39,8 +39,9 @@ MAX_BLOCK_P = 128
 MIN_BLOCK_P = 32
 # Programs wanted per SM before pixel tiles stop shrinking.
 PROGRAMS_PER_SM = 2
+# Pixels per program of the 7x7 conv (forward and backward); each step covers a (pixels x taps) tile.
 CONV_BLOCK = 1024
-CONV_BWD_BLOCK = 2048
+CONV_TILE_ELEMENTS = 4096
 REDUCE_BLOCK = 1024
 # Per-pixel map rows: forward (max, mean, 1/ties of the max, conv output z), backward (d spatial
 # logit, d max-map / ties, d mean-map / C).
@@ -181,35 +182,51 @@ def _spatial_pool_kernel(x_ptr, cs_ptr, pix_ptr, C, HW, sxb, sxc, sxp, BLOCK_C: 
 
 
 @triton.jit
-def _spatial_conv_kernel(pix_ptr, w_ptr, part_ptr, n_ctiles, H, W, HW, KSIZE: tl.constexpr, BLOCK: tl.constexpr):
+def _conv_taps(KSIZE: tl.constexpr, TAPS: tl.constexpr):
+    """Tap index, its (row, column) offset and validity, for a KSIZE x KSIZE kernel padded to TAPS lanes."""
+    tap = tl.arange(0, TAPS)
+    return tap, tap // KSIZE - KSIZE // 2, tap % KSIZE - KSIZE // 2, tap < KSIZE * KSIZE
+
+
+@triton.jit
+def _spatial_conv_kernel(pix_ptr, w_ptr, part_ptr, n_ctiles, H, W, HW, KSIZE: tl.constexpr, TAPS: tl.constexpr,
+                         BLOCK: tl.constexpr, SUB: tl.constexpr):
+    # one (pixels x taps) tile per step: a handful of vector operations instead of KSIZE^2 scalar ones
     t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    offs = t * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < HW
-    h = offs // W
-    w = offs % W
     base = pix_ptr + b * PIX_ROWS * HW
-    acc = tl.zeros([BLOCK], tl.float32)
-    for ky in tl.static_range(KSIZE):
-        hh = h + (ky - KSIZE // 2)
-        row_ok = mask & (hh >= 0) & (hh < H)
-        for kx in tl.static_range(KSIZE):
-            ww = w + (kx - KSIZE // 2)
-            ok = row_ok & (ww >= 0) & (ww < W)
-            src = hh * W + ww
-            w_max = tl.load(w_ptr + ky * KSIZE + kx).to(tl.float32)
-            w_mean = tl.load(w_ptr + KSIZE * KSIZE + ky * KSIZE + kx).to(tl.float32)
-            acc += w_max * tl.load(base + PIX_MAX * HW + src, mask=ok, other=0.0)
-            acc += w_mean * tl.load(base + PIX_MEAN * HW + src, mask=ok, other=0.0)
-    tl.store(base + PIX_Z * HW + offs, acc, mask=mask)
-    # per-tile count, sum and squared deviations about the tile mean: merged exactly in _bn_stats
-    count = tl.sum(tl.where(mask, 1.0, 0.0))
-    total = tl.sum(tl.where(mask, acc, 0.0))
-    dev = tl.where(mask, acc - total / count, 0.0)
+    tap, tap_dy, tap_dx, tap_ok = _conv_taps(KSIZE, TAPS)
+    w_max = tl.load(w_ptr + tap, mask=tap_ok, other=0.0).to(tl.float32)
+    w_mean = tl.load(w_ptr + KSIZE * KSIZE + tap, mask=tap_ok, other=0.0).to(tl.float32)
+    # running (count, sum, squared deviations about the running mean) of this program's outputs
+    n_acc = 0.0
+    s_acc = 0.0
+    m2_acc = 0.0
+    for p0 in range(t * BLOCK, tl.minimum(t * BLOCK + BLOCK, HW), SUB):
+        offs = p0 + tl.arange(0, SUB)
+        mask = offs < HW
+        h = offs // W
+        w = offs % W
+        hh = h[:, None] + tap_dy[None, :]
+        ww = w[:, None] + tap_dx[None, :]
+        ok = mask[:, None] & tap_ok[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        src = hh * W + ww
+        acc = tl.sum(tl.load(base + PIX_MAX * HW + src, mask=ok, other=0.0) * w_max[None, :]
+                     + tl.load(base + PIX_MEAN * HW + src, mask=ok, other=0.0) * w_mean[None, :], axis=1)
+        tl.store(base + PIX_Z * HW + offs, acc, mask=mask)
+        n_i = tl.sum(tl.where(mask, 1.0, 0.0))
+        s_i = tl.sum(tl.where(mask, acc, 0.0))
+        dev = tl.where(mask, acc - s_i / n_i, 0.0)
+        m2_i = tl.sum(dev * dev)
+        # Chan et al.'s merge of two (count, mean, M2) summaries
+        delta = s_i / n_i - s_acc / tl.maximum(n_acc, 1.0)
+        m2_acc = m2_acc + m2_i + delta * delta * n_acc * n_i / (n_acc + n_i)
+        n_acc = n_acc + n_i
+        s_acc = s_acc + s_i
     part = (b * n_ctiles + t) * 3
-    tl.store(part_ptr + part, count)
-    tl.store(part_ptr + part + 1, total)
-    tl.store(part_ptr + part + 2, tl.sum(dev * dev))
+    tl.store(part_ptr + part, n_acc)
+    tl.store(part_ptr + part + 1, s_acc)
+    tl.store(part_ptr + part + 2, m2_acc)
 
 
 @triton.jit
@@ -323,21 +340,17 @@ def _bn_bwd_stats_kernel(pbn_ptr, n_parts, stats_ptr, bnw_ptr, coef_ptr, dbnw_pt
 
 
 @triton.jit
-def _dz_at(bbase, zbase, src, ok, mean, invstd, coef_a, coef_b, coef_c):
-    ds = tl.load(bbase + src, mask=ok, other=0.0)
-    z = tl.load(zbase + src, mask=ok, other=0.0)
+def _dz_at(ds_base, z_base, src, ok, mean, invstd, coef_a, coef_b, coef_c):
+    ds = tl.load(ds_base + src, mask=ok, other=0.0)
+    z = tl.load(z_base + src, mask=ok, other=0.0)
     return tl.where(ok, coef_a * (ds - coef_b - (z - mean) * invstd * coef_c), 0.0)
 
 
 @triton.jit
 def _spatial_conv_bwd_kernel(pix_ptr, bpix_ptr, stats_ptr, coef_ptr, w_ptr, pdw_ptr, C, H, W, HW, n_ctiles,
-                             KSIZE: tl.constexpr, BLOCK: tl.constexpr):
+                             KSIZE: tl.constexpr, TAPS: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr):
     t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    offs = t * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < HW
-    h = offs // W
-    w = offs % W
     base = pix_ptr + b * PIX_ROWS * HW
     bbase = bpix_ptr + b * BPIX_ROWS * HW
     mean = tl.load(stats_ptr)
@@ -345,36 +358,38 @@ def _spatial_conv_bwd_kernel(pix_ptr, bpix_ptr, stats_ptr, coef_ptr, w_ptr, pdw_
     coef_a = tl.load(coef_ptr)
     coef_b = tl.load(coef_ptr + 1)
     coef_c = tl.load(coef_ptr + 2)
-    dz_own = _dz_at(bbase + BPIX_DS * HW, base + PIX_Z * HW, offs, mask, mean, invstd, coef_a, coef_b, coef_c)
-    d_max = tl.zeros([BLOCK], tl.float32)
-    d_mean = tl.zeros([BLOCK], tl.float32)
-    part = (b * n_ctiles + t) * (2 * KSIZE * KSIZE)
-    for ky in tl.static_range(KSIZE):
-        dy = ky - KSIZE // 2
-        for kx in tl.static_range(KSIZE):
-            dx = kx - KSIZE // 2
-            w_max = tl.load(w_ptr + ky * KSIZE + kx).to(tl.float32)
-            w_mean = tl.load(w_ptr + KSIZE * KSIZE + ky * KSIZE + kx).to(tl.float32)
-            # input gradient: the output pixel that saw this pixel through tap (ky, kx)
-            h_out = h - dy
-            w_out = w - dx
-            ok_out = mask & (h_out >= 0) & (h_out < H) & (w_out >= 0) & (w_out < W)
-            dz_n = _dz_at(bbase + BPIX_DS * HW, base + PIX_Z * HW, h_out * W + w_out, ok_out, mean, invstd, coef_a,
-                          coef_b, coef_c)
-            d_max += w_max * dz_n
-            d_mean += w_mean * dz_n
-            # weight gradient: this pixel's dz times the input it read through tap (ky, kx)
-            h_in = h + dy
-            w_in = w + dx
-            ok_in = mask & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
-            src = h_in * W + w_in
-            in_max = tl.load(base + PIX_MAX * HW + src, mask=ok_in, other=0.0)
-            in_mean = tl.load(base + PIX_MEAN * HW + src, mask=ok_in, other=0.0)
-            tl.store(pdw_ptr + part + ky * KSIZE + kx, tl.sum(dz_own * in_max))
-            tl.store(pdw_ptr + part + KSIZE * KSIZE + ky * KSIZE + kx, tl.sum(dz_own * in_mean))
-    inv_ties = tl.load(base + PIX_INV_TIES * HW + offs, mask=mask, other=0.0)
-    tl.store(bbase + BPIX_DMAX * HW + offs, d_max * inv_ties, mask=mask)
-    tl.store(bbase + BPIX_DMEAN * HW + offs, d_mean / C, mask=mask)
+    tap, tap_dy, tap_dx, tap_ok = _conv_taps(KSIZE, TAPS)
+    w_max = tl.load(w_ptr + tap, mask=tap_ok, other=0.0).to(tl.float32)
+    w_mean = tl.load(w_ptr + KSIZE * KSIZE + tap, mask=tap_ok, other=0.0).to(tl.float32)
+    dw_max = tl.zeros([TAPS], tl.float32)
+    dw_mean = tl.zeros([TAPS], tl.float32)
+    for p0 in range(t * BLOCK, tl.minimum(t * BLOCK + BLOCK, HW), SUB):
+        offs = p0 + tl.arange(0, SUB)
+        mask = offs < HW
+        h = offs // W
+        w = offs % W
+        dz_own = _dz_at(bbase + BPIX_DS * HW, base + PIX_Z * HW, offs, mask, mean, invstd, coef_a, coef_b, coef_c)
+        # input gradient: the output pixels that read this pixel, one per tap
+        h_out = h[:, None] - tap_dy[None, :]
+        w_out = w[:, None] - tap_dx[None, :]
+        ok_out = mask[:, None] & tap_ok[None, :] & (h_out >= 0) & (h_out < H) & (w_out >= 0) & (w_out < W)
+        dz_n = _dz_at(bbase + BPIX_DS * HW, base + PIX_Z * HW, h_out * W + w_out, ok_out, mean, invstd, coef_a,
+                      coef_b, coef_c)
+        d_max = tl.sum(dz_n * w_max[None, :], axis=1)
+        d_mean = tl.sum(dz_n * w_mean[None, :], axis=1)
+        inv_ties = tl.load(base + PIX_INV_TIES * HW + offs, mask=mask, other=0.0)
+        tl.store(bbase + BPIX_DMAX * HW + offs, d_max * inv_ties, mask=mask)
+        tl.store(bbase + BPIX_DMEAN * HW + offs, d_mean / C, mask=mask)
+        # weight gradient: this pixel's dz times what it read through each tap
+        h_in = h[:, None] + tap_dy[None, :]
+        w_in = w[:, None] + tap_dx[None, :]
+        ok_in = mask[:, None] & tap_ok[None, :] & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
+        src = h_in * W + w_in
+        dw_max += tl.sum(dz_own[:, None] * tl.load(base + PIX_MAX * HW + src, mask=ok_in, other=0.0), axis=0)
+        dw_mean += tl.sum(dz_own[:, None] * tl.load(base + PIX_MEAN * HW + src, mask=ok_in, other=0.0), axis=0)
+    part = pdw_ptr + (b * n_ctiles + t) * (2 * KSIZE * KSIZE)
+    tl.store(part + tap, dw_max, mask=tap_ok)
+    tl.store(part + KSIZE * KSIZE + tap, dw_mean, mask=tap_ok)
 
 
 @triton.jit
@@ -533,6 +548,10 @@ def _programs_wanted(device):
     return PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _conv_sub(taps):
+    return max(1, CONV_TILE_ELEMENTS // taps)
+
+
 def _pow2(n):
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -603,11 +622,11 @@ def forward(x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, us
                                BLOCK_T=min(_pow2(npt), max(1, TILE_ELEMENTS // gate_c)), BLOCK_H=gate_h,
                                num_warps=4)
     _spatial_pool_kernel[(npt, B)](x, cs, pix, C, HW, sxb, sxc, sxp, BLOCK_C=bc, BLOCK_P=bp, num_warps=warps)
-    conv_block = min(_pow2(HW), CONV_BLOCK)
-    n_conv = triton.cdiv(HW, conv_block)
+    n_conv = triton.cdiv(HW, CONV_BLOCK)
     conv_parts = new(B * n_conv * 3)
-    _spatial_conv_kernel[(n_conv, B)](pix, conv_w, conv_parts, n_conv, H, W, HW, KSIZE=ksize, BLOCK=conv_block,
-                                      num_warps=4)
+    taps = _pow2(ksize * ksize)
+    _spatial_conv_kernel[(n_conv, B)](pix, conv_w, conv_parts, n_conv, H, W, HW, KSIZE=ksize, TAPS=taps,
+                                      BLOCK=CONV_BLOCK, SUB=_conv_sub(taps), num_warps=4)
     rm = running_mean if running_mean is not None else stats
     rv = running_var if running_var is not None else stats
     _bn_stats_kernel[(1,)](conv_parts, B * n_conv, rm, rv, stats, B * HW, eps, USE_BATCH=use_batch_stats,
@@ -644,11 +663,11 @@ def backward(grad_out, x, w1, b1, w2, conv_w, bn_w, bn_b, cs, chan, pix, stats, 
     dbn_b = new(1)
     _bn_bwd_stats_kernel[(1,)](pbn, B * npt, stats, bn_w, coef, dbn_w, dbn_b, B * HW, USE_BATCH=use_batch_stats,
                                BLOCK=min(_pow2(B * npt), REDUCE_BLOCK), num_warps=4)
-    conv_block = min(_pow2(HW), CONV_BWD_BLOCK)
-    n_conv = triton.cdiv(HW, conv_block)
+    n_conv = triton.cdiv(HW, CONV_BLOCK)
     pdw = new(B * n_conv, 2 * ksize * ksize)
+    taps = _pow2(ksize * ksize)
     _spatial_conv_bwd_kernel[(n_conv, B)](pix, bpix, stats, coef, conv_w, pdw, C, H, W, HW, n_conv, KSIZE=ksize,
-                                          BLOCK=conv_block, num_warps=8 if conv_block >= CONV_BWD_BLOCK else 4)
+                                          TAPS=taps, BLOCK=CONV_BLOCK, SUB=_conv_sub(taps), num_warps=4)
     _bwd_channel_kernel[(npt, B)](x, cs, pix, bpix, pdcs, C, HW, sxb, sxc, sxp, npt, BLOCK_C=bc, BLOCK_P=bp,
                                   num_warps=warps)
     gate_c, gate_h = _gate_blocks(C, hidden)

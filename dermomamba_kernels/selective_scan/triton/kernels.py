@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 # torch.nn.functional.softplus returns x itself above this (beta = 1).
-SOFTPLUS_THRESHOLD: tl.constexpr = 20.0
+SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
 
 
 @triton.jit
@@ -103,7 +103,6 @@ def fwd_chunk_summary_kernel(
     mask3 = mask_n[:, None, None] & mask[None, :, :]
     line_ok = lines_1d < NLINES
     for r in tl.static_range(NDIR):
-        REV = r == 1
         if not B_CONST:
             Bt = _load_state_tile(B_ptr, b * sB_b + r * sB_r + (d0 // DPG_B) * sB_g, sB_n, sB_line, sB_pos, nn,
                                   lines, pos, mask3)
@@ -121,7 +120,7 @@ def fwd_chunk_summary_kernel(
                                 bias, HAS_BIAS, SOFTPLUS)
             A = tl.load(A_ptr + ch * NP + nn)
             # Decay from position t to the chunk's end (in scan order) is exp(A * (total - prefix_t)).
-            prefix = tl.cumsum(dt, axis=1, reverse=REV)
+            prefix = tl.cumsum(dt, axis=1, reverse=r == 1)
             total = tl.sum(dt, axis=1)
             decay = tl.exp(A[:, None, None] * (total[:, None] - prefix)[None, :, :])
             state = tl.sum(decay * ((dt * u)[None, :, :] * Bt), axis=2)
@@ -144,14 +143,13 @@ def chunk_carry_kernel(dsum_ptr, loc_ptr, A_ptr, enter_ptr, final_ptr, DK, NCH,
     nn = tl.arange(0, NP)
     oo = tl.arange(0, CB)
     for r in tl.static_range(NDIR):
-        REV = (r == 1) != FLIP
         A = tl.load(A_ptr + (r * DK + d) * NP + nn)
         seq = (b * NDIR + r) * DK + d
         carry = tl.zeros([NP], dtype=tl.float32)
         for blk in range(0, tl.cdiv(NCH, CB)):
             order = blk * CB + oo
             in_range = order < NCH
-            if REV:
+            if (r == 1) != FLIP:  # reversed directions, or gradients against the scan order
                 chunk = NCH - 1 - order
                 following = chunk - 1
             else:
@@ -167,7 +165,7 @@ def chunk_carry_kernel(dsum_ptr, loc_ptr, A_ptr, enter_ptr, final_ptr, DK, NCH,
                      mask=(order + 1 < NCH)[:, None])
             # Padding rows are identities, so the block's last row is the state after its last chunk.
             carry = tl.sum(tl.where((oo == CB - 1)[:, None], after, 0.0), axis=0)
-        if REV:
+        if (r == 1) != FLIP:
             first = NCH - 1
         else:
             first = 0
@@ -216,7 +214,6 @@ def fwd_output_kernel(
         u = tl.load(u_ptr + b * su_b + d * su_d + lines * su_line + pos * su_pos, mask=mask, other=0.0).to(tl.float32)
         y = tl.zeros([LINES, BJ], dtype=tl.float32)
         for r in tl.static_range(NDIR):
-            REV = r == 1
             ch = r * DK + d
             if B_CONST:
                 Bt = tl.load(B_ptr + ch * sB_g + nn * sB_n, mask=mask_n, other=0.0).to(tl.float32)[:, None, None]
@@ -240,7 +237,7 @@ def fwd_output_kernel(
             h_in = tl.load(enter_ptr + (seq * NCH + chunk_1d[None, :]) * NP + nn[:, None], mask=line_ok[None, :],
                            other=0.0)
             acc_a, acc_b = tl.associative_scan((tl.exp(dt[None, :, :] * A), (dt * u)[None, :, :] * Bt), 2,
-                                               _linear_combine, reverse=REV)
+                                               _linear_combine, reverse=r == 1)
             h = acc_a * h_in[:, :, None] + acc_b
             y += tl.sum(h * Ct, axis=0)
             if HAS_D:
@@ -276,7 +273,6 @@ def bwd_chunk_summary_kernel(
     mask3 = mask_n[:, None, None] & mask[None, :, :]
     line_ok = lines_1d < NLINES
     for r in tl.static_range(NDIR):
-        REV = r == 1
         if not C_CONST:
             Ct = _load_state_tile(C_ptr, b * sC_b + r * sC_r + (d0 // DPG_C) * sC_g, sC_n, sC_line, sC_pos, nn,
                                   lines, pos, mask3)
@@ -298,7 +294,7 @@ def bwd_chunk_summary_kernel(
                 dy = dy * z * _sigmoid(z)
             A = tl.load(A_ptr + ch * NP + nn)
             # Decay from the chunk's start to position t (inclusive, in scan order): exp(A * prefix_t).
-            prefix = tl.cumsum(dt, axis=1, reverse=REV)
+            prefix = tl.cumsum(dt, axis=1, reverse=r == 1)
             total = tl.sum(dt, axis=1)
             grad = tl.sum(tl.exp(A[:, None, None] * prefix[None, :, :]) * Ct * dy[None, :, :], axis=2)
             seq = (b * NDIR + r) * DK + d
@@ -372,8 +368,6 @@ def bwd_grads_kernel(
             dy = dout * z * sig_z
         du = tl.zeros([LINES, BJ], dtype=tl.float32)
         for r in tl.static_range(NDIR):
-            REV = r == 1
-            AGAINST = r == 0  # the gradient runs against the scan order
             ch = r * DK + d
             if B_CONST:
                 Bt = tl.load(B_ptr + ch * sB_g + nn * sB_n, mask=mask_n, other=0.0).to(tl.float32)[:, None, None]
@@ -393,7 +387,7 @@ def bwd_grads_kernel(
             dt_base = dt_ptr + b * sdt_b + r * sdt_r + d * sdt_d
             raw, dt = _load_delta(dt_base, lines * sdt_line + pos * sdt_pos, mask, bias, HAS_BIAS, SOFTPLUS)
             # delta of the next position in scan order, inside this chunk (a_{t+1} of the recurrence).
-            if REV:
+            if r == 1:
                 pos_next = pos - 1
                 next_ok = mask & (pos_next >= seg_start)
             else:
@@ -408,7 +402,7 @@ def bwd_grads_kernel(
             g_in = tl.load(genter_ptr + chunk_offs, mask=line_ok[None, :], other=0.0)
             dtu = dt * u
             bterm = dtu[None, :, :] * Bt
-            acc_a, acc_b = tl.associative_scan((tl.exp(dt[None, :, :] * A), bterm), 2, _linear_combine, reverse=REV)
+            acc_a, acc_b = tl.associative_scan((tl.exp(dt[None, :, :] * A), bterm), 2, _linear_combine, reverse=r == 1)
             h = acc_a * h_in[:, :, None] + acc_b
             if HAS_Z:
                 y = tl.sum(h * Ct, axis=0)
@@ -418,7 +412,7 @@ def bwd_grads_kernel(
                 tl.store(dz_ptr + b * sz_b + d * sz_d + lines * sz_line + pos * sz_pos,
                          dz.to(dz_ptr.dtype.element_ty), mask=mask)
             acc_p, acc_g = tl.associative_scan((tl.exp(dt_next[None, :, :] * A), Ct * dy[None, :, :]), 2,
-                                               _linear_combine, reverse=AGAINST)
+                                               _linear_combine, reverse=r == 0)
             g = acc_g + acc_p * g_in[:, :, None]
             h_minus_b = h - bterm
             gB = tl.sum(g * Bt, axis=0)

@@ -1,0 +1,229 @@
+"""Benchmark of the Triton selective scans (issue 4) at DermoMamba's SS2D shapes.
+
+For each shape (batch 16, 192x256 input; d_inner = 2 d_model, N = 16, R = ceil(d_model / 16)) it times,
+in one process on one GPU, forward and forward + backward (medians of ``triton.testing.do_bench``):
+
+  triton      multiaxial_selective_scan(backend="triton"): projections in the native layout + fused scan
+  cuda        the same op on our CUDA kernels (when dermomamba_kernels._C is built with CUDA)
+  mamba_ssm   the published code's path: 4 materialised direction copies, two einsums, mamba-ssm's
+              selective_scan_fn, merge (only when mamba_ssm and its compiled selective_scan_cuda import)
+  published+triton  that same published path with our Triton 1-D scan in place of mamba-ssm's
+  reference   multiaxial_selective_scan_ref (Python loop over L; only for L <= --reference-max-len)
+
+and the Triton scan core alone (the multiaxial_scan_fwd op on precomputed projections) with its achieved
+bandwidth: bytes that must move (x, delta, B, C read once, y written once) over time, against the
+device-to-device copy bandwidth measured in the same run.
+
+Usage: python benchmarks/bench_triton_scan.py [--shapes 0,1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from dermomamba_kernels import multiaxial_selective_scan, unavailable_reasons  # noqa: E402
+from dermomamba_kernels.selective_scan import triton as triton_scan  # noqa: E402
+
+BATCH = 16
+DSTATE = 16
+NUM_DIRECTIONS = 4
+# (d_model, H, W) of DermoMamba's SS2D calls at a 192x256 input.
+SHAPES = [(4, 192, 256), (8, 96, 128), (16, 48, 64), (32, 24, 32), (64, 12, 16), (64, 6, 8), (6, 8, 64), (8, 64, 6)]
+MAMBA_SSM_DIRS = (os.path.join(REPO_ROOT, ".bench-deps", "prebuilt"),
+                  os.path.join(REPO_ROOT, ".bench-deps", "mamba_ssm-2.3.2.post1"))
+
+
+def import_mamba_ssm():
+    for path in MAMBA_SSM_DIRS:
+        if os.path.isdir(path) and path not in sys.path:
+            sys.path.insert(0, path)
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        return selective_scan_fn, None
+    except Exception as exc:  # noqa: BLE001 - any failure means "baseline not available", said in the output
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def published_path(scan_fn):
+    """The published SS2D core (VMamba v0 style): copies, einsums, a 1-D scan of 4*D channels, merge."""
+
+    def run(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds):
+        batch, dim, height, width = x.shape
+        length = height * width
+        rank = dt_projs_weight.shape[2]
+        rows = x.reshape(batch, dim, length)
+        cols = x.transpose(2, 3).contiguous().reshape(batch, dim, length)
+        pair = torch.stack([rows, cols], dim=1)
+        xs = torch.cat([pair, pair.flip(-1)], dim=1)  # (batch, 4, dim, L), materialised
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)
+        dts, Bs, Cs = torch.split(x_dbl, [rank, DSTATE, DSTATE], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight)
+        out = scan_fn(xs.float().reshape(batch, -1, length), dts.contiguous().float().reshape(batch, -1, length),
+                      -torch.exp(A_logs.float()), Bs.float(), Cs.float(), Ds.float(),
+                      delta_bias=dt_projs_bias.float().reshape(-1), delta_softplus=True)
+        out = out.reshape(batch, NUM_DIRECTIONS, dim, length)
+        back = out[:, 2:4].flip(-1)
+        cols_sum = (out[:, 1] + back[:, 1]).reshape(batch, dim, width, height).transpose(2, 3)
+        return (out[:, 0] + back[:, 0]).reshape(batch, dim, height, width) + cols_sum
+
+    return run
+
+
+def make_inputs(d_model, height, width, batch=BATCH, device="cuda"):
+    dim = 2 * d_model
+    rank = math.ceil(d_model / 16)
+    f32 = dict(dtype=torch.float32, device=device)
+    return [torch.randn(batch, dim, height, width, **f32).requires_grad_(),
+            (torch.randn(NUM_DIRECTIONS, rank + 2 * DSTATE, dim, **f32) / dim ** 0.5).requires_grad_(),
+            (torch.randn(NUM_DIRECTIONS, dim, rank, **f32) / rank ** 0.5).requires_grad_(),
+            (0.5 * torch.randn(NUM_DIRECTIONS, dim, **f32) - 1.0).requires_grad_(),
+            torch.log(torch.rand(NUM_DIRECTIONS * dim, DSTATE, **f32) * 2 + 0.1).requires_grad_(),
+            torch.randn(NUM_DIRECTIONS * dim, **f32).requires_grad_()]
+
+
+def time_ms(fn, warmup=25, rep=100):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def fwd_and_fwd_bwd(op, args, quick=False):
+    grad = torch.randn(args[0].shape, device=args[0].device)
+    kw = dict(warmup=1, rep=1) if quick else {}
+
+    def fwd():
+        with torch.no_grad():
+            op(*args)
+
+    def fwd_bwd():
+        torch.autograd.grad(op(*args), args, grad)
+
+    return time_ms(fwd, **kw), time_ms(fwd_bwd, **kw)
+
+
+def copy_bandwidth_gbs():
+    src = torch.empty(256 * 2 ** 20, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def scan_core(args):
+    """(ms, bytes) of the Triton multiaxial scan forward on precomputed projections."""
+    x, xw, dw, db, A_logs, Ds = [a.detach() for a in args]
+    delta, B, C = triton_scan.multiaxial_projections(x, xw, dw)
+    delta = delta.contiguous()
+    A = -torch.exp(A_logs)
+    bias = db.reshape(-1)
+    ms = time_ms(lambda: torch.ops.dermomamba_triton.multiaxial_scan_fwd(x, delta, A, B, C, Ds, bias, True, False))
+    batch, dim, height, width = x.shape
+    per_pixel = dim + NUM_DIRECTIONS * dim + 2 * NUM_DIRECTIONS * DSTATE + dim  # x, delta, B, C in; y out
+    return ms, batch * height * width * per_pixel * 4
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default=",".join(str(i) for i in range(len(SHAPES))))
+    parser.add_argument("--reference-max-len", type=int, default=768)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--no-published-triton", action="store_true")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="run each Triton path once at batch 2 (fills Triton's on-disk cache; run several "
+                             "of these in parallel before timing)")
+    args_ns = parser.parse_args()
+    if args_ns.compile_only:
+        for index in (int(i) for i in args_ns.shapes.split(",")):
+            args = make_inputs(*SHAPES[index], batch=2)
+            for op in (triton_scan.multiaxial_triton, published_path(triton_scan.selective_scan_triton)):
+                torch.autograd.grad(op(*args), args, torch.randn(args[0].shape, device="cuda"))
+        torch.cuda.synchronize()
+        return
+    assert torch.cuda.is_available(), "the benchmark needs a CUDA GPU"
+    mamba_scan, mamba_error = import_mamba_ssm()
+    cuda_reason = unavailable_reasons("multiaxial_selective_scan", "cuda").get("cuda")
+    info = {
+        "gpu": torch.cuda.get_device_name(), "date": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(), "torch": torch.__version__, "command": " ".join([os.path.basename(sys.executable)]
+                                                                               + sys.argv),
+        "mamba_ssm": "available" if mamba_scan else f"unavailable ({mamba_error})",
+        "cuda_backend": "available" if cuda_reason is None else f"unavailable ({cuda_reason})",
+    }
+    import triton
+    info["triton"] = triton.__version__
+    info["copy_bandwidth_GBs"] = copy_bandwidth_gbs()
+    print(json.dumps(info, indent=1), flush=True)
+
+    paths = {"triton": lambda *a: multiaxial_selective_scan(*a, backend="triton")}
+    if cuda_reason is None:
+        paths["cuda"] = lambda *a: multiaxial_selective_scan(*a, backend="cuda")
+    if mamba_scan is not None:
+        paths["mamba_ssm"] = published_path(mamba_scan)
+    if not args_ns.no_published_triton:
+        paths["published+triton"] = published_path(triton_scan.selective_scan_triton)
+    from dermomamba_kernels.selective_scan import multiaxial_selective_scan_ref
+
+    rows = []
+    for index in (int(i) for i in args_ns.shapes.split(",")):
+        d_model, height, width = SHAPES[index]
+        args = make_inputs(d_model, height, width)
+        row = {"d_model": d_model, "d_inner": 2 * d_model, "H": height, "W": width, "L": height * width}
+        for name, op in paths.items():
+            try:
+                row[name] = fwd_and_fwd_bwd(op, args)
+            except Exception as exc:  # noqa: BLE001 - a failing path is reported, the others still run
+                row[name] = None
+                print(f"{name} failed at {SHAPES[index]}: {type(exc).__name__}: {exc}", flush=True)
+        if height * width <= args_ns.reference_max_len:
+            row["reference"] = fwd_and_fwd_bwd(multiaxial_selective_scan_ref, args, quick=True)
+        core_ms, core_bytes = scan_core(args)
+        row["core_fwd_ms"] = core_ms
+        row["core_fwd_GBs"] = core_bytes / core_ms / 1e6
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del args
+        torch.cuda.empty_cache()
+
+    def cell(row, name, i):
+        return f"{row[name][i]:.3f}" if row.get(name) else "-"
+
+    def ratio(row, num, den, i):
+        return f"{row[num][i] / row[den][i]:.2f}x" if row.get(num) and row.get(den) else "-"
+
+    names = [n for n in ("triton", "cuda", "mamba_ssm", "published+triton", "reference") if any(r.get(n) for r in rows)]
+    print(f"\nGPU {info['gpu']}, {info['date']}, commit {info['commit']}, batch {BATCH}, N {DSTATE}, fp32; "
+          f"copy bandwidth {info['copy_bandwidth_GBs']:.0f} GB/s")
+    header = "| d_model @ HxW | " + " | ".join(f"{n} fwd / fwd+bwd ms" for n in names) + \
+             " | mamba_ssm/triton fwd+bwd | triton/cuda fwd+bwd | core fwd GB/s (% copy) |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for r in rows:
+        cells = [f"{cell(r, n, 0)} / {cell(r, n, 1)}" for n in names]
+        print(f"| {r['d_model']} @ {r['H']}x{r['W']} | " + " | ".join(cells) +
+              f" | {ratio(r, 'mamba_ssm', 'triton', 1)} | {ratio(r, 'triton', 'cuda', 1)} | "
+              f"{r['core_fwd_GBs']:.0f} ({100 * r['core_fwd_GBs'] / info['copy_bandwidth_GBs']:.0f}%) |")
+    if args_ns.json:
+        with open(args_ns.json, "w") as fh:
+            json.dump({"info": info, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

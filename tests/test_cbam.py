@@ -1,0 +1,261 @@
+"""CBAM: the op's reference, the layer, the dispatch point, bad input, and the fused Triton kernels.
+
+CPU (CI): reference vs the published module's arithmetic, errors, and the Triton kernels through
+the Triton interpreter (tests/cbam_interpreter_cases.py, run in a subprocess so that
+TRITON_INTERPRET never leaks into this process). GPU (marked gpu): full-size parity at the five
+skip shapes of the network, fp32/fp16/bf16, train and eval, channels-last, opcheck and
+torch.compile(fullgraph=True).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cbam_parity import Case, check_parity
+from dermomamba_kernels import BackendUnavailableError
+from dermomamba_kernels.cbam import cbam, cbam_ref
+from dermomamba_kernels.layers import CBAM
+from dermomamba_kernels.layers.cbam import ChannelGate, SpatialGate
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The published network's skip connections (channels, H, W) at 192x256 input.
+SKIP_SHAPES = [(32, 192, 256), (64, 96, 128), (128, 48, 64), (256, 24, 32), (512, 12, 16)]
+PUBLISHED_KEYS = ["ChannelGate.mlp.1.weight", "ChannelGate.mlp.1.bias", "ChannelGate.mlp.3.weight",
+                  "ChannelGate.mlp.3.bias", "SpatialGate.spatial.conv.weight", "SpatialGate.spatial.bn.weight",
+                  "SpatialGate.spatial.bn.bias", "SpatialGate.spatial.bn.running_mean",
+                  "SpatialGate.spatial.bn.running_var", "SpatialGate.spatial.bn.num_batches_tracked"]
+
+
+def _layer_params(layer):
+    gate, spatial = layer.ChannelGate.mlp, layer.SpatialGate.spatial
+    return [gate[1].weight, gate[1].bias, gate[3].weight, gate[3].bias, spatial.conv.weight, spatial.bn.weight,
+            spatial.bn.bias]
+
+
+# ------------------------------------------------------------------------------------------------
+# reference and layer (CPU)
+# ------------------------------------------------------------------------------------------------
+
+def test_state_dict_keys_unchanged():
+    layer = CBAM(64)
+    assert list(layer.state_dict().keys()) == PUBLISHED_KEYS
+    assert layer.state_dict()["ChannelGate.mlp.1.weight"].shape == (4, 64)
+    assert layer.state_dict()["SpatialGate.spatial.conv.weight"].shape == (1, 2, 7, 7)
+    bn = layer.SpatialGate.spatial.bn
+    assert (bn.eps, bn.momentum) == (1e-5, 0.01)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_layer_reference_is_the_submodules_arithmetic(seed, training):
+    """The layer's reference path equals the published composition ChannelGate then SpatialGate."""
+    layer = CBAM(32, backend="reference").double()
+    twin = CBAM(32).double()
+    twin.load_state_dict(layer.state_dict())
+    layer.train(training)
+    twin.train(training)
+    x = torch.randn(3, 32, 9, 7, dtype=torch.float64, requires_grad=True)
+    x_twin = x.detach().clone().requires_grad_(True)
+    out = layer(x)
+    published = twin.SpatialGate(twin.ChannelGate(x_twin))
+    torch.testing.assert_close(out, published, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    published.backward(grad)
+    torch.testing.assert_close(x.grad, x_twin.grad, rtol=1e-12, atol=1e-12)
+    for a, b in zip(_layer_params(layer), _layer_params(twin)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(layer.SpatialGate.spatial.bn, name),
+                                   getattr(twin.SpatialGate.spatial.bn, name), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_gradients_fp64(seed):
+    """gradcheck of the specification itself, batch statistics included."""
+    case = Case(2, 16, 4, 5, device="cpu")
+    inputs = [case.x.clone().requires_grad_(True)] + [p.clone().requires_grad_(True) for p in case.params]
+    assert torch.autograd.gradcheck(lambda *a: cbam_ref(*a, training=True), inputs)
+
+
+def test_reference_running_stats_update(seed):
+    x = torch.randn(4, 32, 6, 5, dtype=torch.float64)
+    layer = CBAM(32, backend="reference").double()
+    rm, rv = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    cbam(x, *[p.detach() for p in _layer_params(layer)], rm, rv, training=True, momentum=0.25, backend="reference")
+    z = layer.SpatialGate.spatial.conv(torch.cat([
+        layer.ChannelGate(x).amax(1, keepdim=True), layer.ChannelGate(x).mean(1, keepdim=True)], 1))
+    torch.testing.assert_close(rm, 0.25 * z.mean().reshape(1))
+    torch.testing.assert_close(rv, 0.75 + 0.25 * z.var(unbiased=True).reshape(1))
+
+
+def test_unfusable_configurations(seed):
+    x = torch.randn(2, 32, 5, 6)
+    only_avg = CBAM(32, pool_types=("avg",))
+    assert only_avg(x).shape == x.shape
+    no_spatial = CBAM(32, no_spatial=True, backend="reference")
+    torch.testing.assert_close(no_spatial(x), no_spatial.ChannelGate(x))
+    with pytest.raises(BackendUnavailableError, match="pool_types"):
+        CBAM(32, pool_types=("avg",), backend="triton")(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input and dispatch (CPU)
+# ------------------------------------------------------------------------------------------------
+
+def _args(B=2, C=32, H=5, W=6, dtype=torch.float32):
+    case = Case(B, C, H, W, device="cpu")
+    return [case.x.to(dtype)] + [p.to(dtype) for p in case.params] + [r.to(dtype) for r in case.running]
+
+
+@pytest.mark.parametrize("position,bad,message", [
+    (0, torch.randn(2, 32, 5), r"x: expected a \(B, C, H, W\)"),
+    (0, torch.randint(0, 3, (2, 32, 5, 6)), "x: dtype torch.int64"),
+    (0, torch.randn(2, 32, 0, 6), "x: every dimension must be non-empty"),
+    (1, torch.randn(2, 31), r"mlp1_w: expected \(hidden, 32\)"),
+    (2, torch.randn(3), r"mlp1_b: expected shape \(2,\)"),
+    (3, torch.randn(2, 32), r"mlp2_w: expected shape \(32, 2\)"),
+    (4, torch.randn(31), r"mlp2_b: expected shape \(32,\)"),
+    (5, torch.randn(1, 2, 6, 6), "conv_w: the kernel size must be odd"),
+    (5, torch.randn(1, 3, 7, 7), r"conv_w: expected shape \(1, 2, 7, 7\)"),
+    (6, torch.randn(2), r"bn_weight: expected shape \(1,\)"),
+    (7, torch.randint(0, 2, (1,)), "bn_bias: expected a floating tensor"),
+    (8, torch.randn(2), r"running_mean: expected shape \(1,\)"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_input_names_the_argument(position, bad, message):
+    args = _args()
+    args[position] = bad
+    with pytest.raises((ValueError, TypeError), match=message):
+        cbam(*args, training=True, backend="reference")
+
+
+def test_bad_running_stats_and_batchnorm_mode():
+    args = _args()
+    with pytest.raises(ValueError, match="give both or neither"):
+        cbam(*args[:8], args[8], None, training=True, backend="reference")
+    with pytest.raises(ValueError, match="required when training=False"):
+        cbam(*args[:8], None, None, training=False, backend="reference")
+    one_pixel = _args(B=1, H=1, W=1)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        cbam(*one_pixel, training=True, backend="reference")
+
+
+def test_device_mismatch_names_the_argument():
+    args = _args()
+    args[6] = torch.ones(1, device="meta")
+    with pytest.raises(ValueError, match="bn_weight: on meta"):
+        cbam(*args, training=True, backend="reference")
+
+
+def test_triton_on_cpu_without_interpreter_is_unavailable():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("this process runs Triton through the interpreter")
+    with pytest.raises(BackendUnavailableError, match="triton"):
+        cbam(*_args(), training=True, backend="triton")
+    with pytest.raises(ValueError, match="backend='nope'"):
+        cbam(*_args(), training=True, backend="nope")
+
+
+# ------------------------------------------------------------------------------------------------
+# the Triton kernels on CPU through the interpreter (subprocess)
+# ------------------------------------------------------------------------------------------------
+
+def test_triton_kernels_under_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+           os.path.join(HERE, "cbam_interpreter_cases.py")]
+    result = subprocess.run(cmd, cwd=os.path.dirname(HERE), env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, f"interpreter cases failed:\n{result.stdout[-20000:]}\n{result.stderr[-5000:]}"
+
+
+# ------------------------------------------------------------------------------------------------
+# the Triton kernels on the GPU at full size
+# ------------------------------------------------------------------------------------------------
+
+GPU_BATCH = 16
+GPU_CASES = ([(shape, True, dtype) for shape in SKIP_SHAPES for dtype in (torch.float32, torch.float16,
+                                                                          torch.bfloat16)]
+             + [(shape, False, torch.float32) for shape in SKIP_SHAPES]
+             + [(SKIP_SHAPES[0], False, torch.bfloat16), (SKIP_SHAPES[4], False, torch.float16)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,training,dtype", GPU_CASES,
+                         ids=["x".join(map(str, s)) + ("-train-" if t else "-eval-") + str(d)[6:]
+                              for s, t, d in GPU_CASES])
+def test_gpu_parity_skip_shapes(seed, shape, training, dtype):
+    print(check_parity(Case(GPU_BATCH, *shape, device="cuda"), "triton", dtype, training))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,training,dtype", [
+    ((3, 48, 37, 53), True, torch.float32),    # odd sizes everywhere
+    ((1, 64, 45, 31), True, torch.bfloat16),   # batch 1
+    ((1, 64, 45, 31), False, torch.float16),
+    ((16, 32, 192, 256), True, torch.float16),  # channels-last at the largest skip
+    ((16, 512, 12, 16), True, torch.bfloat16),
+], ids=["odd", "batch1-train", "batch1-eval", "nhwc-32", "nhwc-512"])
+def test_gpu_parity_odd_and_channels_last(seed, shape, training, dtype):
+    channels_last = shape[0] == 16
+    print(check_parity(Case(*shape, device="cuda"), "triton", dtype, training, channels_last=channels_last))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gpu_opcheck(seed, training):
+    from dermomamba_kernels.cbam import triton_ops  # noqa: F401
+
+    case = Case(2, 32, 13, 19, device="cuda")
+    x = case.x.float().requires_grad_(True)
+    params = [p.float().requires_grad_(True) for p in case.params]
+    args = (x, *params, *[r.float() for r in case.running], training, 1e-5)
+    torch.library.opcheck(torch.ops.dermomamba_cbam.cbam_forward.default, args)
+    outs = torch.ops.dermomamba_cbam.cbam_forward(*args)
+    bwd_args = (torch.randn_like(x), x.detach(), *[p.detach() for p in params], *[o.detach() for o in outs[1:]],
+                training)
+    torch.library.opcheck(torch.ops.dermomamba_cbam.cbam_backward.default, bwd_args)
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph(seed):
+    fused = CBAM(64, backend="triton").cuda()
+    ref = CBAM(64, backend="reference").cuda()
+    ref.load_state_dict(fused.state_dict())
+    compiled = torch.compile(fused, fullgraph=True)
+    for _ in range(2):
+        x = torch.randn(4, 64, 24, 40, device="cuda")
+        xc, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out_c, out_r = compiled(xc), ref(xr)
+        torch.testing.assert_close(out_c, out_r, rtol=1e-4, atol=1e-5)
+        out_c.square().sum().backward()
+        out_r.square().sum().backward()
+        torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    for (name, a), (_, b) in zip(fused.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.gpu
+def test_gpu_autocast_layer(seed):
+    """fp16 autocast training (the published recipe): fp32 parameters, fp16 activations."""
+    fused = CBAM(128, backend="triton").cuda()
+    ref = CBAM(128, backend="reference").cuda()
+    exact = CBAM(128, backend="reference").cuda().double()
+    ref.load_state_dict(fused.state_dict())
+    exact.load_state_dict(fused.state_dict())
+    x = torch.randn(8, 128, 48, 64, device="cuda").half()
+    runs = []
+    for layer, dtype in ((fused, None), (ref, None), (exact, torch.float64)):
+        xi = (x.double() if dtype else x.clone()).requires_grad_(True)
+        if dtype:
+            out = layer(xi)
+        else:
+            with torch.autocast("cuda", dtype=torch.float16):
+                out = layer(xi)
+        out.float().square().sum().backward()
+        runs.append([out.double(), xi.grad.double()] + [p.grad.double() for p in _layer_params(layer)])
+    for i, (k, r, e) in enumerate(zip(*runs)):
+        err_k = ((k - e).norm() / e.norm()).item()
+        err_r = ((r - e).norm() / e.norm()).item()
+        assert err_k <= 2 * err_r + 1e-5, f"tensor {i}: fused {err_k:.3e} vs autocast reference {err_r:.3e}"

@@ -1,0 +1,528 @@
+"""GPU tests of the CUDA scan kernels (torch.ops.dermomamba.* on CUDA tensors).
+
+Every output and gradient is compared with a float64 re-statement of the reference
+(`dermomamba_kernels.selective_scan.naive`): the kernel's error ||k - ref64|| / ||ref64|| may be at
+most twice the error of the float32 reference run on the same (low-precision) inputs, its results
+rounded to the kernel's output dtype, plus a floor of a few float32 roundings (FP32_FLOOR) for
+results whose reference error is itself at the level of one rounding. The measured errors are
+appended to $DERMOMAMBA_TEST_ERROR_LOG when set (the GPU script keeps them with its logs).
+
+All tests skip cleanly without a CUDA GPU or without the CUDA kernels compiled in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dermomamba_kernels.selective_scan.naive import (NUM_DIRECTIONS, direction_sequences, merge_directions,
+                                                     selective_scan_ref)
+
+pytestmark = pytest.mark.gpu
+
+
+def _cuda_kernels_built():
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from dermomamba_kernels import _ext
+    except Exception:  # noqa: BLE001 - any import failure means "not built"
+        return False
+    return _ext.extension_loaded() and _ext.compiled_with_cuda()
+
+
+requires_cuda_kernels = pytest.mark.skipif(not _cuda_kernels_built(),
+                                           reason="needs a CUDA GPU and dermomamba_kernels._C built with CUDA")
+
+DEVICE = "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# A few float32 roundings: results whose float32 reference error is itself ~1e-7 are allowed
+# this much on top of twice that error (different but equally valid summation orders).
+FP32_FLOOR = 2e-6
+CHUNK = 64  # small chunks so that short test sequences still cross several chunks and splits
+
+
+def ops():
+    return torch.ops.dermomamba
+
+
+def rel_err(x, ref):
+    x = x.double()
+    ref = ref.double()
+    denom = ref.norm().item()
+    return (x - ref).norm().item() / max(denom, 1e-30)
+
+
+def log_error(name, err_kernel, err_ref):
+    path = os.environ.get("DERMOMAMBA_TEST_ERROR_LOG")
+    if path:
+        with open(path, "a") as handle:
+            handle.write(json.dumps({"check": name, "kernel": err_kernel, "reference": err_ref}) + "\n")
+
+
+def assert_close_measured(name, kernel, ref_lowp, ref64):
+    """kernel and ref_lowp against ref64; kernel may be at most ~2x as far off."""
+    assert kernel.shape == ref64.shape, f"{name}: shape {tuple(kernel.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(kernel).all(), f"{name}: non-finite values (unwritten or overflowed output)"
+    err_kernel = rel_err(kernel, ref64)
+    err_ref = rel_err(ref_lowp.to(kernel.dtype), ref64)
+    log_error(name, err_kernel, err_ref)
+    bound = 2.0 * err_ref + FP32_FLOOR
+    assert err_kernel <= bound, f"{name}: kernel error {err_kernel:.3e} > 2 x reference error {err_ref:.3e} + floor"
+
+
+# ---- a float64 statement of the reference arithmetic (selective_scan_ref computes in float32) ----
+
+def scan64(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """selective_scan_ref's arithmetic in float64; B, C (batch, groups, N, L) or constant (dim, N)."""
+    u, delta, A = u.double(), delta.double(), A.double()
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, length = u.shape
+
+    def per_channel(M):
+        M = M.double()
+        if M.dim() == 2:
+            return M[None, :, :, None].expand(batch, dim, M.shape[1], length)
+        return M.repeat_interleave(dim // M.shape[1], dim=1)
+
+    Bf, Cf = per_channel(B), per_channel(C)
+    state = u.new_zeros(batch, dim, A.shape[1])
+    ys = []
+    for t in range(length):
+        state = torch.exp(delta[:, :, t, None] * A) * state + (delta[:, :, t] * u[:, :, t])[..., None] * Bf[..., t]
+        ys.append((state * Cf[..., t]).sum(-1))
+    out = torch.stack(ys, -1)
+    if D is not None:
+        out = out + u * D.double()[:, None]
+    if z is not None:
+        out = out * F.silu(z.double())
+    return out, state
+
+
+def directional(t):
+    """(batch, 4, C, H, W) native-layout per-direction tensor -> (batch, 4, C, L) in scan order."""
+    return torch.stack([direction_sequences(t[:, k])[:, k] for k in range(NUM_DIRECTIONS)], dim=1)
+
+
+def multiaxial_op_ref(x, delta, A, B, C, D, delta_bias, softplus, scan):
+    """What multiaxial_scan_fwd computes, from the reference's own building blocks."""
+    batch, dim, height, width = x.shape
+    length = height * width
+    xs = direction_sequences(x).reshape(batch, NUM_DIRECTIONS * dim, length)
+    ds = directional(delta).reshape(batch, NUM_DIRECTIONS * dim, length)
+    out = scan(xs, ds, A, directional(B), directional(C), D=D, delta_bias=delta_bias, delta_softplus=softplus)
+    if isinstance(out, tuple):
+        out = out[0]
+    return merge_directions(out.view(batch, NUM_DIRECTIONS, dim, length), height, width)
+
+
+# ---- input builders ----
+
+def make_1d(batch, dim, length, dstate, dtype, groups=1, constant_bc=False, bc_fp32=False, with_D=True,
+            with_z=True, with_bias=True):
+    u = torch.randn(batch, dim, length, device=DEVICE).to(dtype)
+    delta = (0.5 * torch.rand(batch, dim, length, device=DEVICE) - 1.5).to(dtype)
+    A = -(0.5 + torch.rand(dim, dstate, device=DEVICE)) * torch.arange(1, dstate + 1, device=DEVICE) / 4
+    bc_dtype = torch.float32 if bc_fp32 else dtype
+    if constant_bc:
+        B = torch.randn(dim, dstate, device=DEVICE)
+        C = torch.randn(dim, dstate, device=DEVICE)
+    else:
+        B = torch.randn(batch, groups, dstate, length, device=DEVICE).to(bc_dtype)
+        C = torch.randn(batch, groups, dstate, length, device=DEVICE).to(bc_dtype)
+    D = torch.randn(dim, device=DEVICE) if with_D else None
+    z = torch.randn(batch, dim, length, device=DEVICE).to(dtype) if with_z else None
+    bias = (0.5 * torch.randn(dim, device=DEVICE)) if with_bias else None
+    return dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=bias)
+
+
+def op_bc(M, batch, length):
+    """The op's (batch, groups, N, L) view of B / C (a constant (dim, N) as a stride-0 expansion)."""
+    if M.dim() == 2:
+        return M[None, :, :, None].expand(batch, M.shape[0], M.shape[1], length)
+    return M
+
+
+def make_multiaxial(batch, dim, height, width, dstate, dtype, fp32_params=False, permuted=False):
+    def rand(*shape):
+        if permuted:  # a channels-last style view: (.., H, W) strides not row-major
+            base = torch.randn(*shape[:-3], shape[-2], shape[-1], shape[-3], device=DEVICE)
+            return base.movedim(-1, -3)
+        return torch.randn(*shape, device=DEVICE)
+
+    proj_dtype = torch.float32 if fp32_params else dtype
+    x = rand(batch, dim, height, width).to(dtype)
+    delta = (0.5 * rand(batch, NUM_DIRECTIONS, dim, height, width) - 1.5).to(proj_dtype)
+    B = rand(batch, NUM_DIRECTIONS, dstate, height, width).to(proj_dtype)
+    C = rand(batch, NUM_DIRECTIONS, dstate, height, width).to(proj_dtype)
+    A = -(0.5 + torch.rand(NUM_DIRECTIONS * dim, dstate, device=DEVICE)) * torch.arange(1, dstate + 1,
+                                                                                         device=DEVICE) / 4
+    D = torch.randn(NUM_DIRECTIONS * dim, device=DEVICE)
+    bias = 0.5 * torch.randn(NUM_DIRECTIONS * dim, device=DEVICE)
+    return dict(x=x, delta=delta, A=A, B=B, C=C, D=D, delta_bias=bias)
+
+
+def poison_(t):
+    if t.numel():
+        t.fill_(float("nan"))
+    return t
+
+
+# ---- 1-D scan ----
+
+def run_1d_op(inp, softplus, chunk=CHUNK, deterministic=False, dout=None):
+    u, delta, A, B, C = (inp[k] for k in ("u", "delta", "A", "B", "C"))
+    batch, _, length = u.shape
+    out, last, states = ops().selective_scan_fwd(u, delta, A, op_bc(B, batch, length), op_bc(C, batch, length),
+                                                 inp["D"], inp["z"], inp["delta_bias"], softplus, chunk)
+    grads = None
+    if dout is not None:
+        grads = ops().selective_scan_bwd(dout, u, delta, A, op_bc(B, batch, length), op_bc(C, batch, length),
+                                         inp["D"], inp["z"], inp["delta_bias"], softplus, states, chunk,
+                                         deterministic)
+    return out, last, states, grads
+
+
+GRAD_NAMES_1D = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def kernel_grads_1d(grads, inp):
+    du, ddelta, dA, dB, dC, dD, dz, dbias = grads
+    named = {"u": du, "delta": ddelta, "A": dA, "D": dD, "z": dz, "delta_bias": dbias}
+    for key, g in (("B", dB), ("C", dC)):
+        # A constant (dim, N) B receives its (batch, dim, N, L) expansion's gradient.
+        named[key] = g.float().sum((0, 3)) if inp[key].dim() == 2 else g
+    return named
+
+
+def reference_grads(fn, inputs, dout):
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
+    out = fn(**{k: leaves.get(k) for k in inputs})
+    out = out[0] if isinstance(out, tuple) else out
+    out.backward(dout.to(out.dtype))
+    return out.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+def check_1d(inp, softplus, tag, chunk=CHUNK):
+    batch, dim, length = inp["u"].shape
+    dout = torch.randn(batch, dim, length, device=DEVICE).to(inp["u"].dtype)
+    out, last, states, grads = run_1d_op(inp, softplus, chunk=chunk, dout=dout)
+
+    def ref_lowp(**kw):
+        return selective_scan_ref(**kw, delta_softplus=softplus)
+
+    def ref_hi(**kw):
+        return scan64(**kw, delta_softplus=softplus)[0]
+
+    ref_out, ref_g = reference_grads(ref_lowp, inp, dout)
+    hi_out, hi_g = reference_grads(ref_hi, {k: (v.double() if v is not None else None) for k, v in inp.items()},
+                                   dout.double())
+    assert_close_measured(f"{tag}/out", out, ref_out, hi_out)
+    _, ref_last = selective_scan_ref(**inp, delta_softplus=softplus, return_last_state=True)
+    _, hi_last = scan64(**{k: (v.double() if v is not None else None) for k, v in inp.items()},
+                        delta_softplus=softplus)
+    assert_close_measured(f"{tag}/last_state", last, ref_last, hi_last)
+    assert states.shape == (batch, dim, -(-length // min(chunk, length)), inp["A"].shape[1])
+    assert torch.equal(states[:, :, 0], torch.zeros_like(states[:, :, 0])), "chunk 0 must enter with a zero state"
+    named = kernel_grads_1d(grads, inp)
+    for key in GRAD_NAMES_1D:
+        if inp[key] is None:
+            assert named[key].numel() == 0, f"{tag}: d{key} must be empty when {key} is None"
+            continue
+        assert named[key].dtype == inp[key].dtype or inp[key].dim() == 2, f"{tag}: d{key} dtype"
+        assert_close_measured(f"{tag}/d{key}", named[key], ref_g[key], hi_g[key])
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("length", [1, 37, 301])
+def test_selective_scan_parity(seed, dtype, length):
+    inp = make_1d(2, 8, length, 16, dtype, groups=2)
+    check_1d(inp, softplus=True, tag=f"1d/{dtype}/L{length}")
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("option", ["plain", "no_softplus", "constant_bc", "fp32_bc", "groups_4", "batch_1_N7",
+                                    "dim_odd"])
+def test_selective_scan_options(seed, dtype, option):
+    kwargs = dict(batch=2, dim=8, length=150, dstate=16, dtype=dtype)
+    softplus = True
+    if option == "plain":
+        kwargs.update(with_D=False, with_z=False, with_bias=False)
+    elif option == "no_softplus":
+        softplus = False
+    elif option == "constant_bc":
+        kwargs.update(constant_bc=True)
+    elif option == "fp32_bc":
+        kwargs.update(bc_fp32=True)
+    elif option == "groups_4":
+        kwargs.update(groups=4)
+    elif option == "batch_1_N7":
+        kwargs.update(batch=1, dstate=7)
+    elif option == "dim_odd":
+        kwargs.update(dim=6, groups=3)
+    inp = make_1d(**kwargs)
+    check_1d(inp, softplus=softplus, tag=f"1d/{dtype}/{option}")
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("chunk", [1, 33, 256, 1000])
+def test_selective_scan_chunk_sizes(seed, chunk):
+    inp = make_1d(1, 4, 300, 16, torch.float32)
+    if chunk > 256:
+        with pytest.raises(RuntimeError, match="chunk_size"):
+            run_1d_op(inp, True, chunk=chunk)
+        return
+    check_1d(inp, softplus=True, tag=f"1d/chunk{chunk}", chunk=chunk)
+
+
+@requires_cuda_kernels
+def test_selective_scan_outputs_fully_written(seed):
+    """Run twice into a caching allocator filled with NaN: a skipped element would surface."""
+    inp = make_1d(2, 16, 200, 16, torch.float32)
+    poison = torch.full((64 << 20,), float("nan"), device=DEVICE)
+    del poison  # the freed NaN block is what the next allocations reuse
+    dout = torch.randn_like(inp["u"])
+    out, last, states, grads = run_1d_op(inp, True, dout=dout)
+    for t in (out, last, states) + tuple(grads):
+        assert torch.isfinite(t).all()
+
+
+# ---- multiaxial scan ----
+
+GRAD_NAMES_MA = ("x", "delta", "A", "B", "C", "D", "delta_bias")
+
+
+def run_multiaxial_op(inp, softplus, chunk=CHUNK, deterministic=False, dy=None):
+    y, states = ops().multiaxial_scan_fwd(inp["x"], inp["delta"], inp["A"], inp["B"], inp["C"], inp["D"],
+                                          inp["delta_bias"], softplus, chunk)
+    grads = None
+    if dy is not None:
+        grads = ops().multiaxial_scan_bwd(dy, inp["x"], inp["delta"], inp["A"], inp["B"], inp["C"], inp["D"],
+                                          inp["delta_bias"], softplus, states, chunk, deterministic)
+    return y, states, grads
+
+
+def check_multiaxial(inp, softplus, tag, chunk=CHUNK, deterministic=False):
+    batch, dim, height, width = inp["x"].shape
+    dy = torch.randn(batch, dim, height, width, device=DEVICE)
+    y, states, grads = run_multiaxial_op(inp, softplus, chunk=chunk, dy=dy, deterministic=deterministic)
+    assert y.dtype == torch.float32 and y.is_contiguous()
+
+    def ref_lowp(**kw):
+        # the published path casts the scan's inputs to float32: so does the low-precision reference
+        return multiaxial_op_ref(scan=selective_scan_ref, softplus=softplus,
+                                 **{k: v.float() for k, v in kw.items()})
+
+    def ref_hi(**kw):
+        return multiaxial_op_ref(scan=scan64, softplus=softplus, **kw)
+
+    ref_y, ref_g = reference_grads(ref_lowp, inp, dy)
+    hi_y, hi_g = reference_grads(ref_hi, {k: v.double() for k, v in inp.items()}, dy.double())
+    assert_close_measured(f"{tag}/y", y, ref_y, hi_y)
+    for key, g in zip(GRAD_NAMES_MA, grads):
+        assert g.dtype == inp[key].dtype, f"{tag}: d{key} has dtype {g.dtype}, expected {inp[key].dtype}"
+        assert g.shape == inp[key].shape
+        assert_close_measured(f"{tag}/d{key}", g, ref_g[key], hi_g[key])
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hw", [(5, 7), (9, 4), (1, 13), (12, 11)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_multiaxial_parity(seed, dtype, hw):
+    inp = make_multiaxial(2, 8, hw[0], hw[1], 16, dtype)
+    check_multiaxial(inp, softplus=True, tag=f"ma/{dtype}/{hw[0]}x{hw[1]}", chunk=16)
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_multiaxial_fp32_projections(seed, dtype):
+    inp = make_multiaxial(1, 4, 6, 9, 16, dtype, fp32_params=True)
+    check_multiaxial(inp, softplus=True, tag=f"ma/{dtype}/fp32proj", chunk=16)
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_multiaxial_permuted_and_wide(seed, deterministic):
+    # dim 32: four blocks share each direction's B, C, exercising the dB / dC reduction paths.
+    inp = make_multiaxial(1, 32, 10, 7, 8, torch.float32, permuted=True)
+    assert not inp["x"].is_contiguous()
+    check_multiaxial(inp, softplus=True, tag=f"ma/permuted/det{int(deterministic)}", chunk=32,
+                     deterministic=deterministic)
+
+
+@requires_cuda_kernels
+def test_multiaxial_no_softplus_batch1(seed):
+    inp = make_multiaxial(1, 3, 8, 5, 5, torch.float32)
+    check_multiaxial(inp, softplus=False, tag="ma/no_softplus", chunk=8)
+
+
+# ---- determinism ----
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deterministic_backward_bit_identical(seed, dtype):
+    inp = make_multiaxial(2, 32, 16, 24, 16, dtype)
+    dy = torch.randn(2, 32, 16, 24, device=DEVICE)
+    first = run_multiaxial_op(inp, True, chunk=32, dy=dy, deterministic=True)[2]
+    for _ in range(3):
+        again = run_multiaxial_op(inp, True, chunk=32, dy=dy, deterministic=True)[2]
+        for name, a, b in zip(GRAD_NAMES_MA, first, again):
+            assert torch.equal(a, b), f"multiaxial d{name} differs between deterministic runs"
+    inp1 = make_1d(2, 64, 700, 16, dtype, groups=1)
+    dout = torch.randn_like(inp1["u"])
+    first = run_1d_op(inp1, True, dout=dout, deterministic=True)[3]
+    for _ in range(3):
+        again = run_1d_op(inp1, True, dout=dout, deterministic=True)[3]
+        for name, a, b in zip(GRAD_NAMES_1D, first, again):
+            assert torch.equal(a, b), f"1-D d{name} differs between deterministic runs"
+
+
+# ---- public API, opcheck, torch.compile (need the Python wrappers: extension.py) ----
+
+def _wrappers():
+    try:
+        from dermomamba_kernels.selective_scan import extension  # noqa: F401  (registers fakes / autograd)
+    except ImportError as exc:
+        pytest.skip(f"the Python wrappers (selective_scan/extension.py) are not importable: {exc}")
+    import dermomamba_kernels as dk
+
+    return dk
+
+
+@requires_cuda_kernels
+def test_opcheck_all_ops(seed):
+    _wrappers()
+    inp = make_1d(2, 4, 70, 8, torch.float32, groups=2)
+    b, _, L = inp["u"].shape
+    args = (inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"], inp["delta_bias"], True, 32)
+    torch.library.opcheck(ops().selective_scan_fwd.default, args)
+    _, _, states = ops().selective_scan_fwd(*args)
+    dout = torch.randn_like(inp["u"])
+    torch.library.opcheck(ops().selective_scan_bwd.default,
+                          (dout,) + args[:-1] + (states, 32, True))
+    m = make_multiaxial(1, 4, 5, 6, 8, torch.float32)
+    margs = (m["x"], m["delta"], m["A"], m["B"], m["C"], m["D"], m["delta_bias"], True, 16)
+    torch.library.opcheck(ops().multiaxial_scan_fwd.default, margs)
+    _, mstates = ops().multiaxial_scan_fwd(*margs)
+    dy = torch.randn(1, 4, 5, 6, device=DEVICE)
+    torch.library.opcheck(ops().multiaxial_scan_bwd.default, (dy,) + margs[:-1] + (mstates, 16, True))
+
+
+def multiaxial_full_ref64(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds):
+    """multiaxial_selective_scan_ref's arithmetic, projections included, in float64."""
+    batch, dim, height, width = x.shape
+    length = height * width
+    rank, dstate = dt_projs_weight.shape[2], A_logs.shape[1]
+    xs = direction_sequences(x)
+    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)
+    dts, Bs, Cs = torch.split(x_dbl, [rank, dstate, dstate], dim=2)
+    dts = torch.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight)
+    out, _ = scan64(xs.reshape(batch, -1, length), dts.reshape(batch, -1, length), -torch.exp(A_logs), Bs, Cs,
+                    D=Ds, delta_bias=dt_projs_bias.reshape(-1), delta_softplus=True)
+    return merge_directions(out.view(batch, NUM_DIRECTIONS, dim, length), height, width)
+
+
+@requires_cuda_kernels
+def test_public_multiaxial_matches_reference(seed):
+    dk = _wrappers()
+    dim, N, R, H, W = 8, 16, 1, 9, 14
+    names = ["x", "x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds"]
+    values = [torch.randn(2, dim, H, W, device=DEVICE), torch.randn(4, R + 2 * N, dim, device=DEVICE) * 0.3,
+              torch.randn(4, dim, R, device=DEVICE) * 0.3, torch.randn(4, dim, device=DEVICE) - 2,
+              torch.log(torch.arange(1, N + 1, device=DEVICE).float()).repeat(4 * dim, 1),
+              torch.randn(4 * dim, device=DEVICE)]
+    dy = torch.randn(2, dim, H, W, device=DEVICE)
+
+    def run(backend, tensors):
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+        if backend is None:
+            y = multiaxial_full_ref64(*leaves)
+        else:
+            y = dk.multiaxial_selective_scan(*leaves, backend=backend)
+        grads = torch.autograd.grad(y, leaves, dy.to(y.dtype))
+        return y.detach(), grads
+
+    y_k, g_k = run("cuda", values)
+    assert dk.last_backend("multiaxial_selective_scan") == "cuda"
+    y_r, g_r = run("reference", values)
+    y_64, g_64 = run(None, [v.double() for v in values])
+    assert_close_measured("public/y", y_k, y_r, y_64)
+    for name, a, b, c in zip(names, g_k, g_r, g_64):
+        assert_close_measured(f"public/d{name}", a, b, c)
+
+
+@requires_cuda_kernels
+def test_torch_compile_fullgraph_ss2d(seed):
+    dk = _wrappers()
+    dim, N, R = 8, 16, 1
+
+    class TinySS2D(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+            self.x_proj_weight = torch.nn.Parameter(torch.randn(4, R + 2 * N, dim) * 0.2)
+            self.dt_projs_weight = torch.nn.Parameter(torch.randn(4, dim, R) * 0.2)
+            self.dt_projs_bias = torch.nn.Parameter(torch.randn(4, dim) - 2)
+            self.A_logs = torch.nn.Parameter(torch.log(torch.arange(1, N + 1).float()).repeat(4 * dim, 1))
+            self.Ds = torch.nn.Parameter(torch.ones(4 * dim))
+
+        def forward(self, x):
+            x = F.silu(self.conv(x))
+            y = dk.multiaxial_selective_scan(x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
+                                             self.A_logs, self.Ds, backend="cuda")
+            return F.layer_norm(y.permute(0, 2, 3, 1), (dim,)).sum()
+
+    model = TinySS2D().to(DEVICE)
+    x = torch.randn(2, dim, 7, 10, device=DEVICE, requires_grad=True)
+    eager = model(x)
+    eager_grad = torch.autograd.grad(eager, x)[0]
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    grad = torch.autograd.grad(out, x)[0]
+    assert torch.allclose(out, eager, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(grad, eager_grad, rtol=1e-4, atol=1e-5)
+
+
+# ---- bad input ----
+
+@requires_cuda_kernels
+def test_bad_inputs_raise_clear_errors(seed):
+    inp = make_1d(1, 4, 20, 8, torch.float32)
+    good = lambda **over: {**inp, **over}  # noqa: E731
+
+    def fwd(d, chunk=CHUNK):
+        b, _, L = d["u"].shape
+        return ops().selective_scan_fwd(d["u"], d["delta"], d["A"], op_bc(d["B"], b, L), op_bc(d["C"], b, L),
+                                        d["D"], d["z"], d["delta_bias"], True, chunk)
+
+    with pytest.raises(RuntimeError, match="delta"):
+        fwd(good(delta=inp["delta"].cpu()))
+    with pytest.raises(RuntimeError, match="delta"):
+        fwd(good(delta=inp["delta"][:, :, :10]))
+    with pytest.raises(RuntimeError, match="u must be float32"):
+        fwd(good(u=inp["u"].to(torch.int32)))
+    with pytest.raises(RuntimeError, match="A must be float32"):
+        fwd(good(A=inp["A"].double()))
+    with pytest.raises(RuntimeError, match=r"state size N"):
+        big = make_1d(1, 4, 20, 257, torch.float32)
+        fwd(big)
+    with pytest.raises(RuntimeError, match="chunk_size"):
+        fwd(inp, chunk=0)
+    with pytest.raises(RuntimeError, match="z must have"):
+        fwd(good(z=inp["z"].half()))
+    m = make_multiaxial(1, 4, 5, 6, 8, torch.float32)
+    with pytest.raises(RuntimeError, match="B must have shape"):
+        ops().multiaxial_scan_fwd(m["x"], m["delta"], m["A"], m["B"][:, :, :, :4], m["C"], m["D"],
+                                  m["delta_bias"], True, 16)
+    with pytest.raises(RuntimeError, match="D must have shape"):
+        ops().multiaxial_scan_fwd(m["x"], m["delta"], m["A"], m["B"], m["C"], m["D"][:3], m["delta_bias"], True,
+                                  16)

@@ -1,0 +1,157 @@
+"""Tests of the Triton selective scans (backend="triton").
+
+Without a GPU: tests/triton_scan_interpreter_cases.py runs in a subprocess under the Triton
+interpreter (TRITON_INTERPRET must be set before the kernels are defined, and must not leak into
+this process). With a GPU: parity at DermoMamba's and mamba's sizes against float64 oracles, the
+CUDA backend when it is built, determinism and torch.compile.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from triton_scan_parity import check_multiaxial, check_selective_scan, multiaxial_inputs, rel_err, scan_inputs
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+HAS_CUDA = torch.cuda.is_available()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# DermoMamba's SS2D scans at batch 16, 192x256 input: (d_model, H, W); d_inner = 2 d_model, N = 16.
+LOW_PRECISION_SHAPES = [(16, 48, 64), (8, 64, 6)]
+DERMOMAMBA_SHAPES = [(4, 192, 256), (8, 96, 128), (16, 48, 64), (32, 24, 32), (64, 12, 16), (64, 6, 8), (6, 8, 64),
+                     (8, 64, 6)]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests below cover the Triton kernels when CUDA is present")
+def test_interpreter_cases():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        p for p in (REPO_ROOT, TESTS_DIR, os.environ.get("PYTHONPATH")) if p))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(TESTS_DIR,
+                                                                                    "triton_scan_interpreter_cases.py")],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+def _triton():
+    from dermomamba_kernels.selective_scan import triton as triton_scan
+
+    return triton_scan
+
+
+def _cuda_backend_reason():
+    from dermomamba_kernels import unavailable_reasons
+
+    return unavailable_reasons("multiaxial_selective_scan", "cuda").get("cuda")
+
+
+# --- GPU ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [
+    (2, 64, 511, 16, dict()),
+    (1, 128, 2048, 16, dict(b_layout="groups", c_layout="groups", groups=4)),
+    (2, 32, 1000, 16, dict(b_layout="constant", c_layout="constant", with_z=False)),
+    (2, 48, 777, 16, dict(c_layout="constant", with_D=False, with_bias=False)),
+], ids=["variable", "groups4", "constant", "mixed"])
+def test_selective_scan_gpu(seed, case, dtype):
+    batch, dim, length, dstate, options = case
+    softplus = options.get("with_bias", True)
+    inputs = scan_inputs(batch, dim, length, dstate, "cuda", delta_softplus=softplus, **options)
+    print(check_selective_scan(_triton().selective_scan_triton, inputs, dtype, delta_softplus=softplus,
+                               oracle="recurrent"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(16, 48, 64), (32, 24, 32), (64, 12, 16), (64, 6, 8), (6, 8, 64), (8, 64, 6)],
+                         ids=lambda s: f"dmodel{s[0]}_{s[1]}x{s[2]}")
+def test_multiaxial_gpu(seed, shape, dtype):
+    if dtype != torch.float32 and shape not in LOW_PRECISION_SHAPES:
+        pytest.skip("fp16/bf16 run at two shapes (each dtype and tile shape is a separate Triton compile)")
+    d_model, height, width = shape
+    inputs = multiaxial_inputs(2, 2 * d_model, height, width, 16, "cuda", channels_last=dtype == torch.float16)
+    print(check_multiaxial(_triton().multiaxial_triton, inputs, dtype, oracle="recurrent"))
+
+
+@pytest.mark.gpu
+def test_multiaxial_gpu_first_stage(seed):
+    """The first encoder stage's plane (192x256, L = 49,152) at batch 1, in fp32, against fp64."""
+    inputs = multiaxial_inputs(1, 8, 192, 256, 16, "cuda")
+    print(check_multiaxial(_triton().multiaxial_triton, inputs, torch.float32, oracle="recurrent"))
+
+
+def _multiaxial_args(d_model, height, width, batch, dtype):
+    inputs = multiaxial_inputs(batch, 2 * d_model, height, width, 16, "cuda")
+    return [t.to(dtype if name in ("x", "x_proj_weight", "dt_projs_weight") else torch.float32).requires_grad_()
+            for name, t in inputs.items()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", DERMOMAMBA_SHAPES, ids=lambda s: f"dmodel{s[0]}_{s[1]}x{s[2]}")
+def test_multiaxial_matches_cuda_backend(seed, shape):
+    reason = _cuda_backend_reason()
+    if reason is not None:
+        pytest.skip(f"CUDA backend unavailable: {reason}")
+    from dermomamba_kernels import multiaxial_selective_scan
+
+    args = _multiaxial_args(*shape, batch=16, dtype=torch.float32)
+    grad = torch.randn(args[0].shape, device="cuda")
+    results = {}
+    for backend in ("triton", "cuda"):
+        y = multiaxial_selective_scan(*args, backend=backend)
+        results[backend] = (y,) + torch.autograd.grad(y, args, grad)
+    # Two fp32 implementations summing in different orders: agreement to ~1e-5 relative.
+    for name, a, b in zip(("y", "dx", "dx_proj", "ddt_proj", "ddt_bias", "dA_logs", "dDs"), results["triton"],
+                          results["cuda"]):
+        assert rel_err(a, b) < 1e-4, f"{name}: triton vs cuda relative difference {rel_err(a, b):.3g}"
+
+
+@pytest.mark.gpu
+def test_backward_bit_identical_gpu(seed):
+    args = _multiaxial_args(8, 96, 128, batch=4, dtype=torch.float32)
+    grad = torch.randn(args[0].shape, device="cuda")
+
+    def grads():
+        y = _triton().multiaxial_triton(*args, deterministic=True)
+        return torch.autograd.grad(y, args, grad)
+
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_compile_fullgraph_gpu(seed):
+    args = _multiaxial_args(16, 48, 64, batch=2, dtype=torch.float32)
+    fn = _triton().multiaxial_triton
+    compiled = torch.compile(fn, fullgraph=True)
+    y = compiled(*args)
+    y_eager = fn(*args)
+    assert rel_err(y, y_eager) < 1e-5
+    grads = torch.autograd.grad(y.square().sum(), args)
+    grads_eager = torch.autograd.grad(y_eager.square().sum(), args)
+    for a, b in zip(grads, grads_eager):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.gpu
+def test_opcheck_gpu(seed):
+    args = _multiaxial_args(8, 12, 10, batch=2, dtype=torch.float32)
+    x, xw, dw, db, A_logs, Ds = args
+    delta, B, C = _triton().multiaxial_projections(x, xw, dw)
+    torch.library.opcheck(torch.ops.dermomamba_triton.multiaxial_scan_fwd,
+                          (x, delta.detach().requires_grad_(), -torch.exp(A_logs.detach()).requires_grad_(),
+                           B.detach().requires_grad_(), C.detach().requires_grad_(), Ds, db.reshape(-1).detach(),
+                           True, False))
+    u = torch.randn(2, 16, 300, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.dermomamba_triton.selective_scan_fwd,
+                          (u, torch.rand_like(u).requires_grad_(), -torch.rand(16, 16, device="cuda"),
+                           torch.randn(2, 1, 16, 300, device="cuda"), torch.randn(2, 1, 16, 300, device="cuda"),
+                           torch.randn(16, device="cuda"), torch.randn_like(u), torch.randn(16, device="cuda"),
+                           True, False))
