@@ -149,7 +149,24 @@ def main():
     parser.add_argument("--compile-only", action="store_true",
                         help="run each Triton path once at batch 2 (fills Triton's on-disk cache; run several "
                              "of these in parallel before timing)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the GPU kernels' times of one Triton forward + backward per shape (torch.profiler)")
     args_ns = parser.parse_args()
+    if args_ns.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for index in (int(i) for i in args_ns.shapes.split(",")):
+            args = make_inputs(*SHAPES[index])
+            grad = torch.randn(args[0].shape, device="cuda")
+            for _ in range(3):
+                torch.autograd.grad(triton_scan.multiaxial_triton(*args), args, grad)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                torch.autograd.grad(triton_scan.multiaxial_triton(*args), args, grad)
+                torch.cuda.synchronize()
+            print(SHAPES[index])
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+        return
     if args_ns.compile_only:
         for index in (int(i) for i in args_ns.shapes.split(",")):
             args = make_inputs(*SHAPES[index], batch=2)

@@ -3,9 +3,9 @@
 Convention (fvcore's): one multiply-add counts as ONE FLOP. Counted, per image:
   * every convolution: output elements x (input channels / groups) x kernel area (bias adds free);
   * linear layers: output elements x input features;
-  * normalisation layers, with fvcore's rough estimate of 5 per element (4 without affine) for
-    BatchNorm (as fvcore counts it in training mode, the mode of a freshly built model, which is how
-    the paper's figure was obtained), LayerNorm, InstanceNorm and GroupNorm;
+  * normalisation layers, with fvcore's estimates: BatchNorm in inference 2 per element (1 without
+    affine; the paper's 0.97 is reproduced with this inference-mode count), LayerNorm, InstanceNorm
+    and GroupNorm 5 per element (4 without affine);
   * nearest upsampling: 1 per output element;
   * each SS2D core: its input-dependent projections (x_proj: K*L*(R+2N)*D, dt_proj: K*L*D*R
     multiply-adds, written as einsums in VMamba) and the selective scans themselves, with VMamba's
@@ -24,7 +24,9 @@ either. :func:`cost_report` gives both numbers: ``flops`` (everything above) and
 (the same minus the 'same'-padded convolutions and the scans, i.e. what fvcore saw).
 
 Counting is done with forward hooks on a copy of the model on the ``meta`` device (no memory, no
-arithmetic), with each SS2D's scan replaced by a shape-only stand-in that adds its analytic cost.
+arithmetic): per layer from its input and output shapes, with each SS2D's scan replaced by a
+shape-only stand-in that adds its analytic cost, and each CBAM (a fused op that does not call its
+submodules) counted as a whole from its parameters.
 
     >>> report = cost_report(create_model("dermomamba"), (192, 256))
     >>> print(report)  # table by category; report.flops, report.paper_flops, report.params
@@ -41,9 +43,10 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from dermomamba_kernels.layers import SS2D
+from dermomamba_kernels.layers import CBAM, SS2D
 
-# fvcore's per-element estimate for normalisation layers, keyed by "has affine parameters".
+# fvcore's per-element estimates for normalisation layers, keyed by "has affine parameters".
+BATCHNORM_PER_ELEMENT = {True: 2, False: 1}  # inference: a per-channel scale and shift
 NORM_PER_ELEMENT = {True: 5, False: 4}
 # VMamba's count of multiply-adds per (position, channel, state) of a selective scan.
 SCAN_PER_STATE_ELEMENT = 9
@@ -113,6 +116,9 @@ def _add_hooks(probe: nn.Module, counts: Dict[str, int]):
     def linear_hook(module, inputs, output):
         counts[LINEAR] += output.numel() * module.in_features
 
+    def batchnorm_hook(module, inputs, output):
+        counts[NORM] += inputs[0].numel() * BATCHNORM_PER_ELEMENT[bool(module.affine)]
+
     def norm_hook(module, inputs, output):
         affine = getattr(module, "elementwise_affine", getattr(module, "affine", False))
         counts[NORM] += inputs[0].numel() * NORM_PER_ELEMENT[bool(affine)]
@@ -126,13 +132,37 @@ def _add_hooks(probe: nn.Module, counts: Dict[str, int]):
             counts[name] += value
         return x.new_empty(x.shape, dtype=torch.float32)
 
+    def cbam_hook(module, inputs, output):
+        # The fused CBAM op does not run its submodules, so its cost is written out here from its
+        # parameters: the shared MLP once per pool, the 2 -> 1 spatial conv and its BatchNorm.
+        x = inputs[0]
+        batch, _, height, width = x.shape
+        gate = module.ChannelGate
+        first, second = gate.mlp[1], gate.mlp[3]
+        pools = len(gate.pool_types)
+        counts[LINEAR] += batch * pools * (first.in_features * first.out_features
+                                           + second.in_features * second.out_features)
+        if not module.no_spatial:
+            spatial = module.SpatialGate.spatial
+            kernel_area = spatial.conv.kernel_size[0] * spatial.conv.kernel_size[1]
+            counts[OTHER_CONV] += batch * height * width * spatial.conv.out_channels * spatial.conv.in_channels * kernel_area
+            counts[NORM] += batch * height * width * spatial.bn.num_features * BATCHNORM_PER_ELEMENT[bool(spatial.bn.affine)]
+
+    inside_cbam = set()
     for module in probe.modules():
+        if isinstance(module, CBAM):
+            module.register_forward_hook(cbam_hook)
+            inside_cbam.update(id(sub) for sub in module.modules() if sub is not module)
+    for module in probe.modules():
+        if id(module) in inside_cbam:
+            continue  # counted as a whole by cbam_hook, whichever path (fused or not) runs
         if isinstance(module, nn.Conv2d):
             module.register_forward_hook(conv_hook)
         elif isinstance(module, nn.Linear):
             module.register_forward_hook(linear_hook)
-        elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
-                                 nn.modules.instancenorm._InstanceNorm)):
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.register_forward_hook(batchnorm_hook)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
             module.register_forward_hook(norm_hook)
         elif isinstance(module, nn.Upsample):
             module.register_forward_hook(upsample_hook)

@@ -32,6 +32,7 @@ sharded and its sums are all-reduced; only rank 0 writes files.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import json
 import math
@@ -369,15 +370,15 @@ class RunLogger:
         self.csv_path = os.path.join(run_dir, "metrics.csv")
         self.rows: list[dict] = []
         if os.path.isfile(self.csv_path):
-            # A resumed run: keep the epochs that the checkpoint includes, drop any the kill interrupted.
+            # A resumed run: keep the epochs that the checkpoint includes (numbered from 1), drop any after it.
             with open(self.csv_path, newline="") as handle:
-                self.rows = [row for row in csv.DictReader(handle) if int(row["epoch"]) < start_epoch]
+                self.rows = [row for row in csv.DictReader(handle) if int(row["epoch"]) <= start_epoch]
         self._write_csv()
         self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_epoch)
+                self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_epoch + 1)
             except ImportError as error:  # tensorboard is a dependency, but a broken install should not stop training
                 warnings.warn(f"TensorBoard logging disabled: {error}")
 
@@ -536,7 +537,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> dict:
 
     datasets, split = build_datasets(cfg, ctx, saved_split)
     if ctx.is_main:
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+        # max_steps stops this process only; a resumed run must not inherit it.
+        save_config(dataclasses.replace(cfg, max_steps=None), os.path.join(run_dir, "config.yaml"))
         save_split(split, os.path.join(run_dir, "split.json"))
     if len(datasets["train"]) < cfg.batch_size * ctx.world_size:
         raise ValueError(f"the training split has {len(datasets['train'])} images, fewer than one batch of "
@@ -554,7 +556,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> dict:
     criterion = _make_loss(cfg.loss)
     augment = PublishedAugmentation() if cfg.augment else None
 
-    start_epoch, global_step, best_dice, best_epoch = 0, 0, -math.inf, -1
+    start_epoch, global_step, best_dice, best_epoch = 0, 0, -math.inf, 0
     if state_payload is not None:
         from safetensors.torch import load_file
         weights = load_file(os.path.join(find_last_checkpoint(run_dir), "model.safetensors"))
@@ -563,7 +565,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> dict:
         scheduler.load_state_dict(state_payload["scheduler"])
         if use_scaler and state_payload["grad_scaler"]:
             scaler.load_state_dict(state_payload["grad_scaler"])
-        start_epoch = state_payload["epoch"] + 1
+        start_epoch = state_payload["epoch"]
         global_step = state_payload["global_step"]
         best_dice = state_payload["best_val_dice"]
         best_epoch = state_payload["best_epoch"]
@@ -574,7 +576,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> dict:
             warnings.warn(f"resuming with {ctx.world_size} processes, the checkpoint had "
                           f"{state_payload.get('world_size')}: random streams restart from the seed")
         _log(ctx, f"[dermomamba] resuming {run_dir} at epoch {start_epoch + 1}/{cfg.epochs} "
-                  f"(best validation Dice so far {best_dice:.4f} at epoch {best_epoch + 1})")
+                  f"(best validation Dice so far {best_dice:.4f} at epoch {best_epoch})")
 
     train_sampler = DistributedSampler(datasets["train"], num_replicas=ctx.world_size, rank=ctx.rank,
                                        shuffle=True, seed=cfg.seed, drop_last=True)
@@ -636,18 +638,20 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> dict:
             seconds = time.perf_counter() - started
             loss_total, dice_total, batch_total, image_total = _all_reduce_sum(
                 [float(loss_sum), float(dice_sum), batches, images_seen], ctx)
-            metrics = validate(model, val_loader, criterion, cfg, ctx, progress)
+            # The bare module: DDP's forward may broadcast buffers, a collective that would hang when the ranks'
+            # validation shards differ in length.
+            metrics = validate(_unwrap(model), val_loader, criterion, cfg, ctx, progress)
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step(metrics["val_dice"])
             improved = metrics["val_dice"] > best_dice
             if improved:
-                best_dice, best_epoch = metrics["val_dice"], epoch
+                best_dice, best_epoch = metrics["val_dice"], epoch + 1
             rng_states = [_rng_snapshot(generator, ctx.device)]
             if ctx.distributed:
                 gathered = [None] * ctx.world_size
                 dist.all_gather_object(gathered, rng_states[0])
                 rng_states = gathered
-            row = {"epoch": epoch, "lr": lr, "train_loss": loss_total / max(batch_total, 1),
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_total / max(batch_total, 1),
                    "train_dice": dice_total / max(batch_total, 1), **metrics, "epoch_seconds": seconds,
                    "train_images_per_second": image_total / max(seconds, 1e-9)}
             if ctx.is_main:
@@ -656,12 +660,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> dict:
                     scratch = _scratch_dir(os.path.join(run_dir, "checkpoints", "best"))
                     core.save_pretrained(scratch)
                     with open(os.path.join(scratch, "metrics.json"), "w") as handle:
-                        json.dump({"epoch": epoch, **metrics}, handle, indent=1)
+                        json.dump({"epoch": epoch + 1, **metrics}, handle, indent=1)
                     _swap_in(scratch, os.path.join(run_dir, "checkpoints", "best"))
                 scratch = _scratch_dir(os.path.join(run_dir, "checkpoints", "last"))
                 core.save_pretrained(scratch)
                 _save_train_state(scratch, optimizer, scheduler, scaler, rng_states,
-                                  {"epoch": epoch, "global_step": global_step, "best_val_dice": best_dice,
+                                  {"epoch": epoch + 1, "global_step": global_step, "best_val_dice": best_dice,
                                    "best_epoch": best_epoch, "world_size": ctx.world_size, "metrics": row})
                 _swap_in(scratch, os.path.join(run_dir, "checkpoints", "last"))
                 logger.log(row)

@@ -49,7 +49,7 @@ def blob_mask(shape, generator=None, device="cpu"):
 
 def scipy_edt(mask, sampling=None, per_image=True):
     """scipy's float64 answer for the public function's conventions (independent of the package)."""
-    array = mask.detach().cpu().numpy() != 0
+    array = (mask.detach().cpu() != 0).numpy()
     if mask.dim() == 4:
         array = array[:, 0]
     if array.ndim == 2:

@@ -112,8 +112,12 @@ def test_non_contiguous_input(seed):
 
 def test_custom_op_opcheck(seed):
     mask = random_mask((2, 9, 12), 0.5, torch.Generator().manual_seed(seed)).to(torch.uint8)
-    torch.library.opcheck(torch.ops.dermomamba.distance_transform_edt_triton.default, (mask, [1.0, 1.0], True))
-    torch.library.opcheck(torch.ops.dermomamba.distance_transform_edt_triton.default, (mask, [1.0, 2.0, 0.5], False))
+    op = torch.ops.dermomamba.distance_transform_edt_triton.default
+    torch.library.opcheck(op, (mask, [1.0, 1.0], True))
+    torch.library.opcheck(op, (mask, [1.0, 2.0, 0.5], False))
+    # The op and the eager path run the same kernels.
+    assert torch.equal(op(mask, [1.0, 1.0], True), _triton(mask))
+    assert torch.equal(op(mask, [1.0, 2.0, 0.5], False), _triton(mask, (1.0, 2.0, 0.5), per_image=False))
 
 
 def test_zero_gradient_for_float_mask_requiring_grad(seed):

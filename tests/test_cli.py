@@ -84,7 +84,7 @@ def test_train_writes_a_complete_run(trained):
     assert {"config.yaml", "split.json", "metrics.csv", "curves.png", "tensorboard", "checkpoints",
             "test_metrics.json", "test_metrics.csv", "test_metrics_per_image.csv"} <= names
     rows = read_rows(trained / "metrics.csv")
-    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
     for row in rows:
         assert np.isfinite(float(row["train_loss"])) and 0 <= float(row["val_dice"]) <= 1
     assert Image.open(trained / "curves.png").format == "PNG"
@@ -97,7 +97,7 @@ def test_train_writes_a_complete_run(trained):
     last = trained / "checkpoints" / "last"
     assert {"config.json", "model.safetensors", TRAIN_STATE_JSON, TRAIN_STATE_TENSORS} <= set(os.listdir(last))
     state = json.load(open(last / TRAIN_STATE_JSON))
-    assert state["epoch"] == 1 and state["global_step"] == 4
+    assert state["epoch"] == 2 and state["global_step"] == 4
     # Nothing half-written is left behind.
     assert not [n for n in os.listdir(trained / "checkpoints") if n not in ("best", "last")]
     test = json.load(open(trained / "test_metrics.json"))
@@ -110,8 +110,11 @@ def test_resume_after_a_kill_is_exact(trained, data_root, tmp_path):
               "--predict-samples", 0]
     # Killed one step into the second epoch: only epoch 1 was checkpointed.
     assert run(["train", *common, "-o", run_dir, "--max-steps", 3]) == 0
-    assert json.load(open(run_dir / "checkpoints" / "last" / TRAIN_STATE_JSON))["epoch"] == 0
+    assert json.load(open(run_dir / "checkpoints" / "last" / TRAIN_STATE_JSON))["epoch"] == 1
     assert len(read_rows(run_dir / "metrics.csv")) == 1
+    assert "max_steps: null" in (run_dir / "config.yaml").read_text()
+    # A kill between the two renames of a checkpoint swap leaves only last.old: resume must find it.
+    os.rename(run_dir / "checkpoints" / "last", run_dir / "checkpoints" / "last.old")
     assert run(["train", "--resume", run_dir, "--no-progress"]) == 0
     straight = load_file(trained / "checkpoints" / "last" / "model.safetensors")
     resumed = load_file(run_dir / "checkpoints" / "last" / "model.safetensors")
@@ -270,14 +273,21 @@ def test_demo_train_with_no_data(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_full_demo_command(tmp_path, monkeypatch):
-    """The README's first command exactly (about a minute or two on a 2-core CPU)."""
+def test_full_demo_command(tmp_path, monkeypatch, request):
+    """The README's first command exactly (one to four minutes on a 2-core CPU, depending on its load).
+
+    Opt-in: DERMOMAMBA_SLOW_TESTS=1, or `pytest -m slow`.
+    """
+    if os.environ.get("DERMOMAMBA_SLOW_TESTS") != "1" and request.config.getoption("markexpr") != "slow":
+        pytest.skip("slow (minutes): set DERMOMAMBA_SLOW_TESTS=1 or run pytest -m slow")
     monkeypatch.chdir(tmp_path)
     assert run(["train", "--no-progress"]) == 0
     (run_dir,) = os.listdir(tmp_path / "runs")
     rows = read_rows(tmp_path / "runs" / run_dir / "metrics.csv")
     assert len(rows) == DEMO_OVERRIDES["epochs"]
-    assert float(rows[-1]["val_dice"]) > 0.5
+    # Recorded on a 2-core CPU: validation Dice 0.96 after the 6 epochs; 0.8 leaves room for other machines' rounding.
+    assert float(rows[-1]["val_dice"]) > 0.8
+    assert len(os.listdir(tmp_path / "runs" / run_dir / "predictions" / "masks")) == DEMO_OVERRIDES["predict_samples"]
 
 
 def test_info_and_benchmark(capsys):
@@ -296,7 +306,9 @@ def test_two_process_ddp_gloo(data_root, tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "dermomamba.cli", "train", "--data", str(data_root / "isic"), *map(str, FAST),
-               "--epochs", "1", "--cache-dir", str(tmp_path / "cache"), "-o", str(run_dir), "--no-tensorboard"]
+               "--epochs", "1", "--cache-dir", str(tmp_path / "cache"), "-o", str(run_dir), "--no-tensorboard",
+               # 3 validation images, batch 1: the ranks' validation shards differ in length (2 and 1).
+               "--val-fraction", "0.375", "--test-fraction", "0.125", "--eval-batch-size", "1"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "x 2 processes" in result.stderr
@@ -308,8 +320,34 @@ def test_two_process_ddp_gloo(data_root, tmp_path):
     from dermomamba.evaluate import evaluate_dataset
     from dermomamba.predict import load_model
     split = json.load(open(run_dir / "split.json"))
+    assert len(split["val"]) == 3
     samples = [s for s in discover(data_root / "isic") if s.id in set(split["val"])]
     model = load_model(str(run_dir / "checkpoints" / "last"), "cpu")
     report = evaluate_dataset(model, SegmentationDataset(samples, (32, 64)), "cpu", batch_size=4, progress=False,
                               model_resolution=True, with_hd95=False)
     assert float(row["val_dice"]) == pytest.approx(report["model_resolution"]["summary"]["dice_per_image"], abs=1e-9)
+
+
+def test_split_choices(tmp_path, monkeypatch):
+    from dermomamba.data import Sample
+    from dermomamba.data.splits import published_split
+    from dermomamba.train import build_datasets
+
+    # ISIC 2018's own folders.
+    for subset, count in (("Training", 4), ("Validation", 2), ("Test", 3)):
+        write_synthetic_dataset(tmp_path / "isic", count, "isic2018", sizes=[(32, 40)], subset=subset)
+    cfg = TrainConfig(data=str(tmp_path / "isic"), split="official", img_size=(32, 64), cache_dir=None)
+    datasets, split = build_datasets(cfg)
+    assert [len(datasets[k]) for k in ("train", "val", "test")] == [4, 2, 3]
+    assert split["method"] == "official" and split["test"] == [f"ISIC_{i:07d}" for i in range(3)]
+    # "auto" on ISIC 2018 is the published split (decided without decoding 2,594 images here).
+    ids = [f"ISIC_{i:07d}" for i in range(600)]
+    monkeypatch.setattr("dermomamba.train.discover", lambda *a, **k: [Sample(i, i + ".jpg", i + ".png") for i in ids])
+    monkeypatch.setattr("dermomamba.train.SegmentationDataset", lambda samples, *a, **k: list(samples))
+    datasets, split = build_datasets(TrainConfig(data=str(tmp_path / "isic"), cache_dir=None))
+    assert split == published_split(ids)
+    assert [s.id for s in datasets["val"]] == split["val"] and len(datasets["train"]) == 80
+    saved = tmp_path / "split.json"
+    saved.write_text(json.dumps({"train": ids[:5], "val": ids[5:7], "test": []}))
+    datasets, split = build_datasets(TrainConfig(data=str(tmp_path / "isic"), split=str(saved), cache_dir=None))
+    assert [s.id for s in datasets["train"]] == ids[:5] and len(datasets["test"]) == 0

@@ -202,6 +202,8 @@ def test_gpu_opcheck(seed):
     op = torch.ops.dermomamba.distance_transform_edt_triton.default
     torch.library.opcheck(op, (mask, [1.0, 1.0], True))
     torch.library.opcheck(op, (mask, [1.0, 0.5, 2.0], False))
+    assert torch.equal(op(mask, [1.0, 1.0], True), distance_transform_edt(mask))
+    assert torch.equal(op(mask, [1.0, 0.5, 2.0], False), distance_transform_edt(mask, (1.0, 0.5, 2.0), per_image=False))
 
 
 @gpu

@@ -44,7 +44,7 @@ constexpr int64_t kCommonStateSize = 16;
 // The backward splits a group's channels into slices until there are at least this many work items.
 // It depends on the shapes only (not on the thread count) so that the order of the dB / dC sums,
 // hence every bit of the result, is the same on every machine.
-constexpr int64_t kMinBackwardWorkItems = 8;
+constexpr int64_t kMinBackwardWorkItems = 4;
 // The forward has no cross-channel sums, so its split may follow the thread count freely.
 constexpr int64_t kForwardWorkItemsPerThread = 4;
 
@@ -112,10 +112,18 @@ template <typename T>
 void gather_rows_typed(const StridedView& v, int64_t base, const int64_t* hh, const int64_t* ww, int64_t count,
                        int64_t N, float* rows) {
   const T* src = static_cast<const T*>(v.data) + base;
-  for (int64_t t = 0; t < count; ++t) {
-    const T* at_t = src + hh[t] * v.h + ww[t] * v.w;
-    float* row = rows + t * N;
-    for (int64_t n = 0; n < N; ++n) row[n] = static_cast<float>(at_t[n * v.channel]);
+  if (v.channel == 1) {  // position-major source: one contiguous row per position
+    for (int64_t t = 0; t < count; ++t) {
+      const T* at_t = src + hh[t] * v.h + ww[t] * v.w;
+      float* row = rows + t * N;
+      for (int64_t n = 0; n < N; ++n) row[n] = static_cast<float>(at_t[n]);
+    }
+    return;
+  }
+  // state-major source: walk each state plane along the positions (sequential for row-major orders)
+  for (int64_t n = 0; n < N; ++n) {
+    const T* plane = src + n * v.channel;
+    for (int64_t t = 0; t < count; ++t) rows[t * N + n] = static_cast<float>(plane[hh[t] * v.h + ww[t] * v.w]);
   }
 }
 
@@ -133,10 +141,10 @@ template <typename T>
 void scatter_rows_typed(const StridedView& v, int64_t base, const int64_t* hh, const int64_t* ww, int64_t count,
                         int64_t N, const float* rows) {
   T* dst = static_cast<T*>(v.data) + base;
-  for (int64_t t = 0; t < count; ++t) {
-    T* at_t = dst + hh[t] * v.h + ww[t] * v.w;
-    const float* row = rows + t * N;
-    for (int64_t n = 0; n < N; ++n) at_t[n * v.channel] = static_cast<T>(row[n]);
+  // The outputs are state-major (contiguous (.., N, H, W)): write each state plane along the positions.
+  for (int64_t n = 0; n < N; ++n) {
+    T* plane = dst + n * v.channel;
+    for (int64_t t = 0; t < count; ++t) plane[hh[t] * v.h + ww[t] * v.w] = static_cast<T>(rows[t * N + n]);
   }
 }
 
@@ -487,10 +495,13 @@ DERMOMAMBA_ALWAYS_INLINE void backward_item(const ScanArgs& a, int64_t item, Wor
         const float dh_dot_B = sum_lanes<kFixedN>(lanes_B, N);
         const float dh_dot_decay_dt = sum_lanes<kFixedN>(lanes_A, N);
         du[t] += dt_t * dh_dot_B;
-        const float ddt = u[t] * dh_dot_B + dh_dot_decay_dt;
-        ddelta[t] = a.delta_softplus ? ddt * sigmoid(delta_in[t]) : ddt;
-        dbias_sum += ddelta[t];
+        ddelta[t] = u[t] * dh_dot_B + dh_dot_decay_dt;  // d loss / d dt; softplus applied below
       }
+      if (a.delta_softplus) {
+#pragma omp simd
+        for (int64_t t = 0; t < count; ++t) ddelta[t] *= sigmoid(delta_in[t]);
+      }
+      for (int64_t t = count - 1; t >= 0; --t) dbias_sum += ddelta[t];
       dbias_acc[j] += dbias_sum;
       scatter_seq(a.du, a.du.base(r.b, r.direction, d), hh, ww, count, du);
       scatter_seq(a.ddelta, a.ddelta.base(r.b, r.direction, d), hh, ww, count, ddelta);
@@ -740,12 +751,14 @@ void reduce_slices(const ScanArgs& a, const float* partial, at::Tensor& out) {
     for (int64_t g = begin; g < end; ++g) {
       float* dst_g = dst + g * N * L;
       const float* src_g = partial + g * a.slices * L * N;
+      std::vector<float> row(N);
       for (int64_t p = 0; p < L; ++p) {
-        for (int64_t n = 0; n < N; ++n) {
-          float sum = 0.0f;
-          for (int64_t s = 0; s < a.slices; ++s) sum += src_g[(s * L + p) * N + n];
-          dst_g[n * L + p] = sum;
+        std::memcpy(row.data(), src_g + p * N, N * sizeof(float));
+        for (int64_t s = 1; s < a.slices; ++s) {
+          const float* part = src_g + (s * L + p) * N;
+          for (int64_t n = 0; n < N; ++n) row[n] += part[n];
         }
+        for (int64_t n = 0; n < N; ++n) dst_g[n * L + p] = row[n];
       }
     }
   });

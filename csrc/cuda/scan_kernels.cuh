@@ -136,6 +136,48 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// The same scans for kS independent states at once: their shuffles are issued back to back, so
+// the latency of one round is paid once for all kS chains.
+template <int kS>
+__device__ __forceinline__ void warp_scan_forward_multi(float (&a)[kS], float (&b)[kS], int lane) {
+#pragma unroll
+  for (int offset = 1; offset < kWarpSize; offset <<= 1) {
+    float a_prev[kS], b_prev[kS];
+#pragma unroll
+    for (int s = 0; s < kS; ++s) {
+      a_prev[s] = __shfl_up_sync(kFullMask, a[s], offset);
+      b_prev[s] = __shfl_up_sync(kFullMask, b[s], offset);
+    }
+    if (lane >= offset) {
+#pragma unroll
+      for (int s = 0; s < kS; ++s) {
+        b[s] = a[s] * b_prev[s] + b[s];
+        a[s] = a_prev[s] * a[s];
+      }
+    }
+  }
+}
+
+template <int kS>
+__device__ __forceinline__ void warp_scan_reverse_multi(float (&a)[kS], float (&b)[kS], int lane) {
+#pragma unroll
+  for (int offset = 1; offset < kWarpSize; offset <<= 1) {
+    float a_next[kS], b_next[kS];
+#pragma unroll
+    for (int s = 0; s < kS; ++s) {
+      a_next[s] = __shfl_down_sync(kFullMask, a[s], offset);
+      b_next[s] = __shfl_down_sync(kFullMask, b[s], offset);
+    }
+    if (lane + offset < kWarpSize) {
+#pragma unroll
+      for (int s = 0; s < kS; ++s) {
+        b[s] = a[s] * b_next[s] + b[s];
+        a[s] = a[s] * a_next[s];
+      }
+    }
+  }
+}
+
 // delta after bias and softplus, and d(delta)/d(raw delta) for the backward.
 __device__ __forceinline__ float effective_delta(float raw, bool softplus, float& slope) {
   if (!softplus || raw > kSoftplusThreshold) {
@@ -153,8 +195,6 @@ struct ChunkItems {
   float u[kItems];
   float delta[kItems];
   float delta_slope[kItems];
-  int offset_B[kItems];
-  int offset_C[kItems];
   int native[kItems];  // h * W + w, or -1 for a masked item
   int h[kItems], w[kItems];
 
@@ -174,8 +214,6 @@ struct ChunkItems {
         const float raw =
             load_kind(p.delta, s.delta + hh * p.delta_h_stride + ww * p.delta_w_stride, p.delta_kind) + bias;
         delta[i] = effective_delta(raw, p.delta_softplus, delta_slope[i]);
-        offset_B[i] = static_cast<int>(hh * p.B_h_stride + ww * p.B_w_stride);
-        offset_C[i] = static_cast<int>(hh * p.C_h_stride + ww * p.C_w_stride);
       } else {
         // delta 0 makes the item the identity map (decay 1, input 0).
         h[i] = w[i] = 0;
@@ -183,28 +221,128 @@ struct ChunkItems {
         u[i] = 0.f;
         delta[i] = 0.f;
         delta_slope[i] = 0.f;
-        offset_B[i] = offset_C[i] = 0;
       }
     }
   }
 };
 
 // ---------------------------------------------------------------------------------------------
+// Shared-memory staging of B and C. All warps of a block scan sequences of one B / C group over
+// the same chunk, so the block loads each chunk's (states x positions) tile once, in the order
+// that is contiguous in memory (state-fastest for the projections' channel-last layout, position-
+// fastest otherwise), and the warps read it back transposed, one row per state.
+constexpr int kStateTile = 16;  // states staged at a time
+constexpr int kRowPad = 1;      // one float per 32 to keep the lanes of a warp on distinct banks
+
+template <int kItems>
+struct TileLayout {
+  static constexpr int kPositions = kItems * kWarpSize;
+  static constexpr int kRow = kItems * (kWarpSize + kRowPad);  // floats per staged state row
+  // Slot of chunk position j (lane j / kItems, item j % kItems) inside a row.
+  static __device__ __forceinline__ int slot(int j) { return (j % kItems) * (kWarpSize + kRowPad) + j / kItems; }
+  static __device__ __forceinline__ int lane_slot(int lane, int item) { return item * (kWarpSize + kRowPad) + lane; }
+};
+
+// Element offsets of B and C (and the native index) of each position of a chunk.
+template <bool kMulti>
+__device__ __forceinline__ void stage_positions(const ScanParams& p, int direction, int chunk, int chunk_len,
+                                                int* pos_B, int* pos_C, int* pos_native) {
+  for (int j = threadIdx.x; j < chunk_len; j += blockDim.x) {
+    int h, w;
+    place_of<kMulti>(p, direction, chunk * p.chunk_size + j, h, w);
+    pos_B[j] = static_cast<int>(h * p.B_h_stride + w * p.B_w_stride);
+    pos_C[j] = static_cast<int>(h * p.C_h_stride + w * p.C_w_stride);
+    pos_native[j] = h * p.width + w;
+  }
+}
+
+template <typename bc_t, int kItems>
+__device__ __forceinline__ void stage_tile(const bc_t* base, int64_t state_stride, const int* positions,
+                                           int chunk_len, int n0, int count, float* tile) {
+  using L = TileLayout<kItems>;
+  // Loads are issued kBatch at a time before any store, so each thread has several in flight.
+  constexpr int kBatch = 4;
+  const int total = count * chunk_len;
+  const int step = blockDim.x;
+  for (int first = threadIdx.x; first < total; first += kBatch * step) {
+    float v[kBatch];
+    int where[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int e = first + k * step;
+      where[k] = -1;
+      v[k] = 0.f;
+      if (e < total) {
+        int n, j;
+        if (state_stride == 1) {
+          n = e % count;
+          j = e / count;
+        } else {
+          j = e % chunk_len;
+          n = e / chunk_len;
+        }
+        v[k] = to_float(base[(n0 + n) * state_stride + positions[j]]);
+        where[k] = n * L::kRow + L::slot(j);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k)
+      if (where[k] >= 0) tile[where[k]] = v[k];
+  }
+}
+
+// Shared memory of each kernel, in 4-byte words.
+template <int kItems>
+__host__ __device__ inline size_t chunk_shared_words(int warps, int per_warp_words, int tiles, int reduce_rows) {
+  using L = TileLayout<kItems>;
+  return 3 * static_cast<size_t>(L::kPositions) + static_cast<size_t>(tiles) * kStateTile * L::kRow +
+         static_cast<size_t>(warps) * per_warp_words + static_cast<size_t>(reduce_rows) * L::kRow;
+}
+
+struct ChunkShared {
+  int* pos_B;
+  int* pos_C;
+  int* pos_native;
+  float* tile_B;
+  float* tile_C;
+  float* per_warp;  // per_warp_words for each warp
+  float* reduce;    // reduce_rows rows
+};
+
+template <int kItems>
+__device__ __forceinline__ ChunkShared carve_shared(float* shared, int warps, int per_warp_words, int tiles) {
+  using L = TileLayout<kItems>;
+  ChunkShared c;
+  c.pos_B = reinterpret_cast<int*>(shared);
+  c.pos_C = c.pos_B + L::kPositions;
+  c.pos_native = c.pos_C + L::kPositions;
+  float* next = shared + 3 * L::kPositions;
+  c.tile_B = next;
+  c.tile_C = tiles > 1 ? next + kStateTile * L::kRow : next;
+  next += tiles * kStateTile * L::kRow;
+  c.per_warp = next;
+  next += warps * per_warp_words;
+  c.reduce = next;
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Forward pass (1): the composed map of each split, per state: split_decay = prod a,
 // split_state = the split's end state from a zero start.
 template <typename bc_t, bool kMulti, int kItems>
 __global__ void scan_fwd_split_aggregate(ScanParams p) {
+  using L = TileLayout<kItems>;
   extern __shared__ float shared[];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int b = blockIdx.z, seq = blockIdx.y * p.warps_per_block + warp, split = blockIdx.x;
   const int N = p.dstate;
-  float* run_a = shared + warp * 2 * N;
+  const ChunkShared sh = carve_shared<kItems>(shared, p.warps_per_block, 2 * N, 1);
+  float* run_a = sh.per_warp + warp * 2 * N;
   float* run_b = run_a + N;
   for (int n = lane; n < N; n += kWarpSize) {
     run_a[n] = 1.f;
     run_b[n] = 0.f;
   }
-  __syncwarp();
   const SequenceBases s = sequence_bases<kMulti>(p, b, seq);
   const bc_t* B = static_cast<const bc_t*>(p.B) + s.B;
   const float* A = p.A + static_cast<int64_t>(seq) * N;
@@ -213,28 +351,38 @@ __global__ void scan_fwd_split_aggregate(ScanParams p) {
   const int c_end = min(c_begin + p.chunks_per_split, p.num_chunks);
   ChunkItems<kMulti, kItems> it;
   for (int c = c_begin; c < c_end; ++c) {
+    const int chunk_len = min(p.chunk_size, p.length - c * p.chunk_size);
+    __syncthreads();
+    stage_positions<kMulti>(p, s.direction, c, chunk_len, sh.pos_B, sh.pos_C, sh.pos_native);
     it.load(p, s, c, lane, bias);
-    for (int n = 0; n < N; ++n) {
-      const float A2 = A[n] * kLog2e;
-      const bc_t* Bn = B + static_cast<int64_t>(n) * p.B_state_stride;
-      float pa = 1.f, pb = 0.f;
+    __syncthreads();
+    for (int n0 = 0; n0 < N; n0 += kStateTile) {
+      const int count = min(kStateTile, N - n0);
+      stage_tile<bc_t, kItems>(B, p.B_state_stride, sh.pos_B, chunk_len, n0, count, sh.tile_B);
+      __syncthreads();
+      for (int n = n0; n < n0 + count; ++n) {
+        const float A2 = A[n] * kLog2e;
+        const float* row_B = sh.tile_B + (n - n0) * L::kRow;
+        float pa = 1.f, pb = 0.f;
 #pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        const float Bv = it.native[i] >= 0 ? to_float(Bn[it.offset_B[i]]) : 0.f;
-        const float a = exp2f(it.delta[i] * A2);
-        pb = a * pb + it.delta[i] * it.u[i] * Bv;
-        pa *= a;
+        for (int i = 0; i < kItems; ++i) {
+          const float Bv = it.native[i] >= 0 ? row_B[L::lane_slot(lane, i)] : 0.f;
+          const float a = exp2f(it.delta[i] * A2);
+          pb = a * pb + it.delta[i] * it.u[i] * Bv;
+          pa *= a;
+        }
+        warp_scan_forward(pa, pb, lane);
+        const float ta = __shfl_sync(kFullMask, pa, kWarpSize - 1);
+        const float tb = __shfl_sync(kFullMask, pb, kWarpSize - 1);
+        if (lane == 0) {
+          run_b[n] = ta * run_b[n] + tb;
+          run_a[n] *= ta;
+        }
       }
-      warp_scan_forward(pa, pb, lane);
-      const float ta = __shfl_sync(kFullMask, pa, kWarpSize - 1);
-      const float tb = __shfl_sync(kFullMask, pb, kWarpSize - 1);
-      if (lane == 0) {
-        run_b[n] = ta * run_b[n] + tb;
-        run_a[n] *= ta;
-      }
+      __syncthreads();
     }
-    __syncwarp();
   }
+  __syncwarp();
   const int64_t out = ((static_cast<int64_t>(b) * p.num_seqs + seq) * p.num_splits + split) * N;
   for (int n = lane; n < N; n += kWarpSize) {
     p.split_decay[out + n] = run_a[n];
@@ -262,11 +410,13 @@ static __global__ void scan_fwd_split_carry(ScanParams p) {
 // Forward pass (3): outputs, chunk_states and the last state.
 template <typename bc_t, bool kMulti, int kItems>
 __global__ void scan_fwd_main(ScanParams p) {
+  using L = TileLayout<kItems>;
   extern __shared__ float shared[];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int b = blockIdx.z, seq = blockIdx.y * p.warps_per_block + warp, split = blockIdx.x;
   const int N = p.dstate;
-  float* carry = shared + warp * N;
+  const ChunkShared sh = carve_shared<kItems>(shared, p.warps_per_block, N, 2);
+  float* carry = sh.per_warp + warp * N;
   const SequenceBases s = sequence_bases<kMulti>(p, b, seq);
   const bc_t* B = static_cast<const bc_t*>(p.B) + s.B;
   const bc_t* C = static_cast<const bc_t*>(p.C) + s.C;
@@ -280,45 +430,55 @@ __global__ void scan_fwd_main(ScanParams p) {
   __syncwarp();
   ChunkItems<kMulti, kItems> it;
   for (int c = c_begin; c < c_end; ++c) {
+    const int chunk_len = min(p.chunk_size, p.length - c * p.chunk_size);
+    __syncthreads();
+    stage_positions<kMulti>(p, s.direction, c, chunk_len, sh.pos_B, sh.pos_C, sh.pos_native);
     for (int n = lane; n < N; n += kWarpSize) states[static_cast<int64_t>(c) * N + n] = carry[n];
     it.load(p, s, c, lane, bias);
     float y[kItems];
 #pragma unroll
     for (int i = 0; i < kItems; ++i) y[i] = 0.f;
-    for (int n = 0; n < N; ++n) {
-      const float A2 = A[n] * kLog2e;
-      const bc_t* Bn = B + static_cast<int64_t>(n) * p.B_state_stride;
-      const bc_t* Cn = C + static_cast<int64_t>(n) * p.C_state_stride;
-      float a[kItems], x[kItems], cv[kItems];
-      float pa = 1.f, pb = 0.f;
+    __syncthreads();
+    for (int n0 = 0; n0 < N; n0 += kStateTile) {
+      const int count = min(kStateTile, N - n0);
+      stage_tile<bc_t, kItems>(B, p.B_state_stride, sh.pos_B, chunk_len, n0, count, sh.tile_B);
+      stage_tile<bc_t, kItems>(C, p.C_state_stride, sh.pos_C, chunk_len, n0, count, sh.tile_C);
+      __syncthreads();
+      for (int n = n0; n < n0 + count; ++n) {
+        const float A2 = A[n] * kLog2e;
+        const float* row_B = sh.tile_B + (n - n0) * L::kRow;
+        const float* row_C = sh.tile_C + (n - n0) * L::kRow;
+        float a[kItems], x[kItems], cv[kItems];
+        float pa = 1.f, pb = 0.f;
 #pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        const bool valid = it.native[i] >= 0;
-        const float Bv = valid ? to_float(Bn[it.offset_B[i]]) : 0.f;
-        cv[i] = valid ? to_float(Cn[it.offset_C[i]]) : 0.f;
-        a[i] = exp2f(it.delta[i] * A2);
-        x[i] = it.delta[i] * it.u[i] * Bv;
-        pb = a[i] * pb + x[i];
-        pa *= a[i];
-      }
-      warp_scan_forward(pa, pb, lane);
-      float ea = __shfl_up_sync(kFullMask, pa, 1);
-      float eb = __shfl_up_sync(kFullMask, pb, 1);
-      if (lane == 0) {
-        ea = 1.f;
-        eb = 0.f;
-      }
-      float h = ea * carry[n] + eb;
+        for (int i = 0; i < kItems; ++i) {
+          const bool valid = it.native[i] >= 0;
+          const float Bv = valid ? row_B[L::lane_slot(lane, i)] : 0.f;
+          cv[i] = valid ? row_C[L::lane_slot(lane, i)] : 0.f;
+          a[i] = exp2f(it.delta[i] * A2);
+          x[i] = it.delta[i] * it.u[i] * Bv;
+          pb = a[i] * pb + x[i];
+          pa *= a[i];
+        }
+        warp_scan_forward(pa, pb, lane);
+        float ea = __shfl_up_sync(kFullMask, pa, 1);
+        float eb = __shfl_up_sync(kFullMask, pb, 1);
+        if (lane == 0) {
+          ea = 1.f;
+          eb = 0.f;
+        }
+        float h = ea * carry[n] + eb;
 #pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        h = a[i] * h + x[i];
-        y[i] += cv[i] * h;
+        for (int i = 0; i < kItems; ++i) {
+          h = a[i] * h + x[i];
+          y[i] += cv[i] * h;
+        }
+        const float h_end = __shfl_sync(kFullMask, h, kWarpSize - 1);
+        __syncwarp();
+        if (lane == 0) carry[n] = h_end;
       }
-      const float h_end = __shfl_sync(kFullMask, h, kWarpSize - 1);
-      __syncwarp();
-      if (lane == 0) carry[n] = h_end;
+      __syncthreads();
     }
-    __syncwarp();
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       if (it.native[i] < 0) continue;
@@ -335,6 +495,7 @@ __global__ void scan_fwd_main(ScanParams p) {
       }
     }
   }
+  __syncwarp();
   if (c_end == p.num_chunks && p.last_state != nullptr) {
     for (int n = lane; n < N; n += kWarpSize)
       p.last_state[(static_cast<int64_t>(b) * p.num_seqs + seq) * N + n] = carry[n];
@@ -371,17 +532,18 @@ __device__ __forceinline__ void load_output_grads(const ScanParams& p, const Seq
 // Backward pass (1): each split's composed right-to-left map of o, per state.
 template <typename bc_t, bool kMulti, int kItems>
 __global__ void scan_bwd_split_aggregate(ScanParams p) {
+  using L = TileLayout<kItems>;
   extern __shared__ float shared[];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int b = blockIdx.z, seq = blockIdx.y * p.warps_per_block + warp, split = blockIdx.x;
   const int N = p.dstate;
-  float* run_a = shared + warp * 2 * N;
+  const ChunkShared sh = carve_shared<kItems>(shared, p.warps_per_block, 2 * N, 1);
+  float* run_a = sh.per_warp + warp * 2 * N;
   float* run_b = run_a + N;
   for (int n = lane; n < N; n += kWarpSize) {
     run_a[n] = 1.f;
     run_b[n] = 0.f;
   }
-  __syncwarp();
   const SequenceBases s = sequence_bases<kMulti>(p, b, seq);
   const bc_t* C = static_cast<const bc_t*>(p.C) + s.C;
   const float* A = p.A + static_cast<int64_t>(seq) * N;
@@ -391,30 +553,40 @@ __global__ void scan_bwd_split_aggregate(ScanParams p) {
   ChunkItems<kMulti, kItems> it;
   float dy[kItems], dout[kItems], zv[kItems];
   for (int c = c_end - 1; c >= c_begin; --c) {
+    const int chunk_len = min(p.chunk_size, p.length - c * p.chunk_size);
+    __syncthreads();
+    stage_positions<kMulti>(p, s.direction, c, chunk_len, sh.pos_B, sh.pos_C, sh.pos_native);
     it.load(p, s, c, lane, bias);
     load_output_grads<kMulti, kItems>(p, s, it, dy, dout, zv);
-    for (int n = 0; n < N; ++n) {
-      const float A2 = A[n] * kLog2e;
-      const bc_t* Cn = C + static_cast<int64_t>(n) * p.C_state_stride;
-      float pa = 1.f, pb = 0.f;
+    __syncthreads();
+    for (int n0 = 0; n0 < N; n0 += kStateTile) {
+      const int count = min(kStateTile, N - n0);
+      stage_tile<bc_t, kItems>(C, p.C_state_stride, sh.pos_C, chunk_len, n0, count, sh.tile_B);
+      __syncthreads();
+      for (int n = n0; n < n0 + count; ++n) {
+        const float A2 = A[n] * kLog2e;
+        const float* row_C = sh.tile_B + (n - n0) * L::kRow;
+        float pa = 1.f, pb = 0.f;
 #pragma unroll
-      for (int i = kItems - 1; i >= 0; --i) {
-        const float cv = it.native[i] >= 0 ? to_float(Cn[it.offset_C[i]]) : 0.f;
-        const float a = exp2f(it.delta[i] * A2);
-        pb = a * (pb + dy[i] * cv);
-        pa *= a;
+        for (int i = kItems - 1; i >= 0; --i) {
+          const float cv = it.native[i] >= 0 ? row_C[L::lane_slot(lane, i)] : 0.f;
+          const float a = exp2f(it.delta[i] * A2);
+          pb = a * (pb + dy[i] * cv);
+          pa *= a;
+        }
+        warp_scan_reverse(pa, pb, lane);
+        const float ta = __shfl_sync(kFullMask, pa, 0);
+        const float tb = __shfl_sync(kFullMask, pb, 0);
+        if (lane == 0) {
+          // This chunk lies left of the chunks already composed: run = chunk o run.
+          run_b[n] = ta * run_b[n] + tb;
+          run_a[n] *= ta;
+        }
       }
-      warp_scan_reverse(pa, pb, lane);
-      const float ta = __shfl_sync(kFullMask, pa, 0);
-      const float tb = __shfl_sync(kFullMask, pb, 0);
-      if (lane == 0) {
-        // This chunk lies left of the chunks already composed: run = chunk o run.
-        run_b[n] = ta * run_b[n] + tb;
-        run_a[n] *= ta;
-      }
+      __syncthreads();
     }
-    __syncwarp();
   }
+  __syncwarp();
   const int64_t out = ((static_cast<int64_t>(b) * p.num_seqs + seq) * p.num_splits + split) * N;
   for (int n = lane; n < N; n += kWarpSize) {
     p.split_decay[out + n] = run_a[n];
@@ -437,27 +609,19 @@ static __global__ void scan_bwd_split_carry(ScanParams p) {
   }
 }
 
-// Shared memory of scan_bwd_main, in floats.
-__host__ __device__ inline int bwd_reduce_row(int items) { return items * (kWarpSize + 1); }
-__host__ __device__ inline size_t bwd_main_shared_floats(int warps, int items, int dstate) {
-  // reverse carry per warp + two buffers x (dB, dC) x warps x row + chunk positions
-  return static_cast<size_t>(warps) * dstate + 4 * static_cast<size_t>(warps) * bwd_reduce_row(items) +
-         static_cast<size_t>(items) * kWarpSize;
-}
-
 // Backward pass (3): every gradient. Chunks are walked right to left; inside a chunk the forward
-// states are rebuilt from chunk_states, then the adjoint runs back over the lanes.
+// states are rebuilt from chunk_states, then the adjoint runs back over the lanes. dB and dC sum
+// over the block's channels through shared memory, double-buffered per state.
 template <typename bc_t, bool kMulti, int kItems>
 __global__ void scan_bwd_main(ScanParams p) {
+  using L = TileLayout<kItems>;
   extern __shared__ float shared[];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int warps = p.warps_per_block;
   const int b = blockIdx.z, seq = blockIdx.y * warps + warp, split = blockIdx.x;
   const int N = p.dstate;
-  const int row = bwd_reduce_row(kItems);
-  float* carry = shared + warp * N;
-  float* reduce = shared + warps * N;  // [buffer][dB, dC][warp][row]
-  int* positions = reinterpret_cast<int*>(reduce + 4 * warps * row);
+  const ChunkShared sh = carve_shared<kItems>(shared, warps, N, 2);
+  float* carry = sh.per_warp + warp * N;
 
   const SequenceBases s = sequence_bases<kMulti>(p, b, seq);
   const bc_t* B = static_cast<const bc_t*>(p.B) + s.B;
@@ -487,115 +651,116 @@ __global__ void scan_bwd_main(ScanParams p) {
   float dy[kItems], dout[kItems], zv[kItems];
   int buffer = 0;
   for (int c = c_end - 1; c >= c_begin; --c) {
+    const int chunk_len = min(p.chunk_size, p.length - c * p.chunk_size);
+    __syncthreads();  // the previous chunk's readers of the position tables are done
+    stage_positions<kMulti>(p, s.direction, c, chunk_len, sh.pos_B, sh.pos_C, sh.pos_native);
     it.load(p, s, c, lane, bias);
     load_output_grads<kMulti, kItems>(p, s, it, dy, dout, zv);
-    const int chunk_len = min(p.chunk_size, p.length - c * p.chunk_size);
-    __syncthreads();  // the previous chunk's readers of `positions` are done
-    if (warp == 0) {
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        const int in_chunk = lane * kItems + i;
-        if (in_chunk < chunk_len) positions[in_chunk] = it.native[i];
-      }
-    }
     float du[kItems], ddelta[kItems], y[kItems];
 #pragma unroll
     for (int i = 0; i < kItems; ++i) du[i] = ddelta[i] = y[i] = 0.f;
+    __syncthreads();
 
-    for (int n = 0; n < N; ++n) {
-      const float An = A[n];
-      const float A2 = An * kLog2e;
-      const bc_t* Bn = B + static_cast<int64_t>(n) * p.B_state_stride;
-      const bc_t* Cn = C + static_cast<int64_t>(n) * p.C_state_stride;
-      float a[kItems], bv[kItems], cv[kItems], h_prev[kItems];
-      float pa = 1.f, pb = 0.f;
+    for (int n0 = 0; n0 < N; n0 += kStateTile) {
+      const int count = min(kStateTile, N - n0);
+      stage_tile<bc_t, kItems>(B, p.B_state_stride, sh.pos_B, chunk_len, n0, count, sh.tile_B);
+      stage_tile<bc_t, kItems>(C, p.C_state_stride, sh.pos_C, chunk_len, n0, count, sh.tile_C);
+      __syncthreads();
+      for (int n = n0; n < n0 + count; ++n) {
+        const float An = A[n];
+        const float A2 = An * kLog2e;
+        const float* row_B = sh.tile_B + (n - n0) * L::kRow;
+        const float* row_C = sh.tile_C + (n - n0) * L::kRow;
+        float a[kItems], bv[kItems], cv[kItems], h_prev[kItems];
+        float pa = 1.f, pb = 0.f;
 #pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        const bool valid = it.native[i] >= 0;
-        bv[i] = valid ? to_float(Bn[it.offset_B[i]]) : 0.f;
-        cv[i] = valid ? to_float(Cn[it.offset_C[i]]) : 0.f;
-        a[i] = exp2f(it.delta[i] * A2);
-        pb = a[i] * pb + it.delta[i] * it.u[i] * bv[i];
-        pa *= a[i];
-      }
-      warp_scan_forward(pa, pb, lane);
-      float ea = __shfl_up_sync(kFullMask, pa, 1);
-      float eb = __shfl_up_sync(kFullMask, pb, 1);
-      if (lane == 0) {
-        ea = 1.f;
-        eb = 0.f;
-      }
-      float h = ea * states[static_cast<int64_t>(c) * N + n] + eb;
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        h_prev[i] = h;
-        h = a[i] * h + it.delta[i] * it.u[i] * bv[i];
-        if (!kMulti) y[i] += cv[i] * h;
-      }
-
-      float ra = 1.f, rb = 0.f;
-#pragma unroll
-      for (int i = kItems - 1; i >= 0; --i) {
-        rb = a[i] * (rb + dy[i] * cv[i]);
-        ra *= a[i];
-      }
-      warp_scan_reverse(ra, rb, lane);
-      float xa = __shfl_down_sync(kFullMask, ra, 1);
-      float xb = __shfl_down_sync(kFullMask, rb, 1);
-      if (lane == kWarpSize - 1) {
-        xa = 1.f;
-        xb = 0.f;
-      }
-      float o = xa * carry[n] + xb;
-      float dA = 0.f;
-      float* red_B = reduce + ((buffer * 2 + 0) * warps + warp) * row;
-      float* red_C = reduce + ((buffer * 2 + 1) * warps + warp) * row;
-#pragma unroll
-      for (int i = kItems - 1; i >= 0; --i) {
-        const float g = dy[i] * cv[i] + o;
-        const float decayed_prev = a[i] * h_prev[i];
-        const float h_i = decayed_prev + it.delta[i] * it.u[i] * bv[i];
-        const float g_delta = g * it.delta[i];
-        red_B[i * (kWarpSize + 1) + lane] = g_delta * it.u[i];
-        red_C[i * (kWarpSize + 1) + lane] = dy[i] * h_i;
-        du[i] += g_delta * bv[i];
-        ddelta[i] += g * (it.u[i] * bv[i] + An * decayed_prev);
-        dA += g_delta * decayed_prev;
-        o = a[i] * g;
-      }
-      const float o_first = __shfl_sync(kFullMask, o, 0);
-      __syncwarp();
-      if (lane == 0) carry[n] = o_first;
-      dA = warp_sum(dA);
-      if (lane == 0) p.dA_partial[(seq_index * p.num_chunks + c) * N + n] = dA;
-
-      __syncthreads();  // this state's dB / dC rows are complete
-      const float* rows_B = reduce + (buffer * 2 + 0) * warps * row;
-      const float* rows_C = reduce + (buffer * 2 + 1) * warps * row;
-      for (int j = threadIdx.x; j < chunk_len; j += blockDim.x) {
-        const int slot = (j % kItems) * (kWarpSize + 1) + j / kItems;
-        float sum_B = 0.f, sum_C = 0.f;
-        for (int w = 0; w < warps; ++w) {
-          sum_B += rows_B[w * row + slot];
-          sum_C += rows_C[w * row + slot];
+        for (int i = 0; i < kItems; ++i) {
+          const bool valid = it.native[i] >= 0;
+          bv[i] = valid ? row_B[L::lane_slot(lane, i)] : 0.f;
+          cv[i] = valid ? row_C[L::lane_slot(lane, i)] : 0.f;
+          a[i] = exp2f(it.delta[i] * A2);
+          pb = a[i] * pb + it.delta[i] * it.u[i] * bv[i];
+          pa *= a[i];
         }
-        const int64_t index = (bc_plane + n) * p.length + positions[j];
-        if (p.grad_bc_mode == kGradBCDirect) {
-          static_cast<bc_t*>(p.dB)[index] = from_float<bc_t>(sum_B);
-          static_cast<bc_t*>(p.dC)[index] = from_float<bc_t>(sum_C);
-        } else if (p.grad_bc_mode == kGradBCAtomic) {
-          atomicAdd(static_cast<float*>(p.dB) + index, sum_B);
-          atomicAdd(static_cast<float*>(p.dC) + index, sum_C);
-        } else {
-          static_cast<float*>(p.dB)[index] = sum_B;
-          static_cast<float*>(p.dC)[index] = sum_C;
+        warp_scan_forward(pa, pb, lane);
+        float ea = __shfl_up_sync(kFullMask, pa, 1);
+        float eb = __shfl_up_sync(kFullMask, pb, 1);
+        if (lane == 0) {
+          ea = 1.f;
+          eb = 0.f;
         }
+        float h = ea * states[static_cast<int64_t>(c) * N + n] + eb;
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) {
+          h_prev[i] = h;
+          h = a[i] * h + it.delta[i] * it.u[i] * bv[i];
+          if (!kMulti) y[i] += cv[i] * h;
+        }
+
+        float ra = 1.f, rb = 0.f;
+#pragma unroll
+        for (int i = kItems - 1; i >= 0; --i) {
+          rb = a[i] * (rb + dy[i] * cv[i]);
+          ra *= a[i];
+        }
+        warp_scan_reverse(ra, rb, lane);
+        float xa = __shfl_down_sync(kFullMask, ra, 1);
+        float xb = __shfl_down_sync(kFullMask, rb, 1);
+        if (lane == kWarpSize - 1) {
+          xa = 1.f;
+          xb = 0.f;
+        }
+        float o = xa * carry[n] + xb;
+        float dA = 0.f;
+        float* red_B = sh.reduce + ((buffer * 2 + 0) * warps + warp) * L::kRow;
+        float* red_C = sh.reduce + ((buffer * 2 + 1) * warps + warp) * L::kRow;
+#pragma unroll
+        for (int i = kItems - 1; i >= 0; --i) {
+          const float g = dy[i] * cv[i] + o;
+          const float decayed_prev = a[i] * h_prev[i];
+          const float h_i = decayed_prev + it.delta[i] * it.u[i] * bv[i];
+          const float g_delta = g * it.delta[i];
+          red_B[L::lane_slot(lane, i)] = g_delta * it.u[i];
+          red_C[L::lane_slot(lane, i)] = dy[i] * h_i;
+          du[i] += g_delta * bv[i];
+          ddelta[i] += g * (it.u[i] * bv[i] + An * decayed_prev);
+          dA += g_delta * decayed_prev;
+          o = a[i] * g;
+        }
+        const float o_first = __shfl_sync(kFullMask, o, 0);
+        __syncwarp();
+        if (lane == 0) carry[n] = o_first;
+        dA = warp_sum(dA);
+        if (lane == 0) p.dA_partial[(seq_index * p.num_chunks + c) * N + n] = dA;
+
+        __syncthreads();  // this state's dB / dC rows are complete
+        const float* rows_B = sh.reduce + (buffer * 2 + 0) * warps * L::kRow;
+        const float* rows_C = sh.reduce + (buffer * 2 + 1) * warps * L::kRow;
+        for (int j = threadIdx.x; j < chunk_len; j += blockDim.x) {
+          const int slot = L::slot(j);
+          float sum_B = 0.f, sum_C = 0.f;
+          for (int w = 0; w < warps; ++w) {
+            sum_B += rows_B[w * L::kRow + slot];
+            sum_C += rows_C[w * L::kRow + slot];
+          }
+          const int64_t index = (bc_plane + n) * p.length + sh.pos_native[j];
+          if (p.grad_bc_mode == kGradBCDirect) {
+            static_cast<bc_t*>(p.dB)[index] = from_float<bc_t>(sum_B);
+            static_cast<bc_t*>(p.dC)[index] = from_float<bc_t>(sum_C);
+          } else if (p.grad_bc_mode == kGradBCAtomic) {
+            atomicAdd(static_cast<float*>(p.dB) + index, sum_B);
+            atomicAdd(static_cast<float*>(p.dC) + index, sum_C);
+          } else {
+            static_cast<float*>(p.dB)[index] = sum_B;
+            static_cast<float*>(p.dC)[index] = sum_C;
+          }
+        }
+        // Double buffering: the next state writes the other buffer, and the one after waits at
+        // the barrier above until every thread has read this one.
+        buffer ^= 1;
       }
-      // Double buffering: the next state writes the other buffer, and the one after waits at
-      // the barrier above until every thread has read this one.
-      buffer ^= 1;
+      __syncthreads();  // the tiles are read before the next states are staged
     }
-    __syncwarp();
 
     float dD = 0.f, dbias = 0.f;
 #pragma unroll
@@ -634,45 +799,55 @@ __global__ void scan_bwd_main(ScanParams p) {
 // ---------------------------------------------------------------------------------------------
 // Launchers.
 
+template <typename Kernel>
+int launch_with_shared(Kernel kernel, dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+                       const ScanParams& p) {
+  constexpr size_t kDefaultSharedLimit = 48 * 1024;
+  if (shared_bytes > kDefaultSharedLimit) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes));
+    if (err != cudaSuccess) return static_cast<int>(err);
+  }
+  kernel<<<grid, block, shared_bytes, stream>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+constexpr int kCarryBlock = 256;
+
+inline unsigned carry_blocks(const ScanParams& p) {
+  const int64_t threads = static_cast<int64_t>(p.batch) * p.num_seqs * p.dstate;
+  return static_cast<unsigned>((threads + kCarryBlock - 1) / kCarryBlock);
+}
+
 template <typename bc_t, bool kMulti, int kItems>
 int launch_forward(const ScanParams& p, cudaStream_t stream) {
   const dim3 grid(p.num_splits, p.num_seqs / p.warps_per_block, p.batch);
   const dim3 block(p.warps_per_block * kWarpSize);
+  const int warps = p.warps_per_block;
   if (p.num_splits > 1) {
-    const size_t shared = static_cast<size_t>(p.warps_per_block) * 2 * p.dstate * sizeof(float);
-    scan_fwd_split_aggregate<bc_t, kMulti, kItems><<<grid, block, shared, stream>>>(p);
-    const int64_t threads = static_cast<int64_t>(p.batch) * p.num_seqs * p.dstate;
-    constexpr int kCarryBlock = 256;
-    scan_fwd_split_carry<<<static_cast<unsigned>((threads + kCarryBlock - 1) / kCarryBlock), kCarryBlock, 0,
-                           stream>>>(p);
+    const size_t shared = chunk_shared_words<kItems>(warps, 2 * p.dstate, 1, 0) * sizeof(float);
+    int err = launch_with_shared(scan_fwd_split_aggregate<bc_t, kMulti, kItems>, grid, block, shared, stream, p);
+    if (err != 0) return err;
+    scan_fwd_split_carry<<<carry_blocks(p), kCarryBlock, 0, stream>>>(p);
   }
-  const size_t shared = static_cast<size_t>(p.warps_per_block) * p.dstate * sizeof(float);
-  scan_fwd_main<bc_t, kMulti, kItems><<<grid, block, shared, stream>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  const size_t shared = chunk_shared_words<kItems>(warps, p.dstate, 2, 0) * sizeof(float);
+  return launch_with_shared(scan_fwd_main<bc_t, kMulti, kItems>, grid, block, shared, stream, p);
 }
 
 template <typename bc_t, bool kMulti, int kItems>
 int launch_backward(const ScanParams& p, cudaStream_t stream) {
   const dim3 grid(p.num_splits, p.num_seqs / p.warps_per_block, p.batch);
   const dim3 block(p.warps_per_block * kWarpSize);
+  const int warps = p.warps_per_block;
   if (p.num_splits > 1) {
-    const size_t shared = static_cast<size_t>(p.warps_per_block) * 2 * p.dstate * sizeof(float);
-    scan_bwd_split_aggregate<bc_t, kMulti, kItems><<<grid, block, shared, stream>>>(p);
-    const int64_t threads = static_cast<int64_t>(p.batch) * p.num_seqs * p.dstate;
-    constexpr int kCarryBlock = 256;
-    scan_bwd_split_carry<<<static_cast<unsigned>((threads + kCarryBlock - 1) / kCarryBlock), kCarryBlock, 0,
-                           stream>>>(p);
+    const size_t shared = chunk_shared_words<kItems>(warps, 2 * p.dstate, 1, 0) * sizeof(float);
+    int err = launch_with_shared(scan_bwd_split_aggregate<bc_t, kMulti, kItems>, grid, block, shared, stream, p);
+    if (err != 0) return err;
+    scan_bwd_split_carry<<<carry_blocks(p), kCarryBlock, 0, stream>>>(p);
   }
-  const size_t shared = bwd_main_shared_floats(p.warps_per_block, kItems, p.dstate) * sizeof(float);
-  auto kernel = scan_bwd_main<bc_t, kMulti, kItems>;
-  constexpr size_t kDefaultSharedLimit = 48 * 1024;
-  if (shared > kDefaultSharedLimit) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-    if (err != cudaSuccess) return static_cast<int>(err);
-  }
-  kernel<<<grid, block, shared, stream>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  // reduce rows: two buffers x (dB, dC) x warps
+  const size_t shared = chunk_shared_words<kItems>(warps, p.dstate, 2, 4 * warps) * sizeof(float);
+  return launch_with_shared(scan_bwd_main<bc_t, kMulti, kItems>, grid, block, shared, stream, p);
 }
 
 // Items per lane: the smallest power of two whose warp tile covers a chunk.

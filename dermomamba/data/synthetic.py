@@ -150,6 +150,11 @@ def render_lesion(seed: int, index: int, img_size: tuple[int, int] = (192, 256))
     mix2 = _smooth_field(rng, (height, width), scale * 0.05)
     lesion = (chosen[0] * (1 - mix[..., None]) + chosen[1] * mix[..., None])
     lesion = lesion * (1 - 0.5 * mix2[..., None] ** 3) + chosen[2] * 0.5 * mix2[..., None] ** 3
+    # Lesions are darker than the skin they sit on (a light-brown naevus on dark skin would otherwise vanish).
+    contrast = rng.uniform(0.35, 0.8)
+    brightness = lesion.mean() / skin_colour.mean()
+    if brightness > contrast:
+        lesion = lesion * (contrast / brightness)
     # Darker towards the centre, as many naevi are.
     depth = np.clip(-distance / (scale * 0.25), 0, 1)[..., None]
     lesion = lesion * (1 - rng.uniform(0.0, 0.35) * depth)

@@ -89,8 +89,13 @@ def cbam(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, running_
         torch.Size([2, 32, 6, 10])
     """
     _check_inputs(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, running_mean, running_var, training)
-    return cbam_dispatcher(backend, x.device, x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias,
-                           running_mean, running_var, training, momentum, eps)
+    args = (x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, running_mean, running_var, training,
+            momentum, eps)
+    if torch.compiler.is_compiling():
+        # OpDispatcher.__call__ logs, which torch.compile(fullgraph=True) cannot trace: resolve the same
+        # way (same errors), then call the implementation directly.
+        return _IMPLEMENTATIONS[cbam_dispatcher.resolve(backend, x.device)](*args)
+    return cbam_dispatcher(backend, x.device, *args)
 
 
 @cbam_dispatcher.register("reference", always)
@@ -116,5 +121,7 @@ def _cbam_triton(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, 
             running_var.lerp_(stats[3:4].to(running_var.dtype), momentum)
     return out
 
+
+_IMPLEMENTATIONS = {"reference": _cbam_reference, "triton": _cbam_triton}
 
 __all__ = ["cbam", "cbam_ref", "cbam_dispatcher"]

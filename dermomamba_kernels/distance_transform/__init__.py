@@ -17,6 +17,7 @@ from .naive import distance_transform_edt_ref
 distance_transform_dispatcher = OpDispatcher("distance_transform_edt")
 
 _TRITON_MODULE = "dermomamba_kernels.distance_transform.triton_edt"
+EAGER_SKIPS_CUSTOM_OP = True
 
 
 def distance_transform_edt(mask, sampling=None, per_image=True, *, backend=None):
@@ -55,7 +56,7 @@ def _reference(mask, sampling, per_image):
 
 @distance_transform_dispatcher.register("triton", triton_kernels(_TRITON_MODULE))
 def _triton(mask, sampling, per_image):
-    from .triton_edt import MAX_AXIS_LENGTH, MAX_ELEMENTS, distance_transform_edt_triton_op
+    from .triton_edt import MAX_AXIS_LENGTH, MAX_ELEMENTS, distance_transform_edt_triton_op, edt_triton
 
     kernel_spacing, _ = normalize_sampling(sampling, mask.dim(), per_image)
     if mask.numel() > MAX_ELEMENTS:
@@ -71,7 +72,13 @@ def _triton(mask, sampling, per_image):
     images = images.contiguous()
     # A 2-D mask transformed "as a whole array" is just one image.
     per_image_kernel = per_image or mask.dim() == 2
-    out = distance_transform_edt_triton_op(images, list(kernel_spacing), per_image_kernel)
+    if EAGER_SKIPS_CUSTOM_OP and not torch.compiler.is_compiling():
+        # Eager calls run the same kernels without the custom-op wrapper's per-call Python cost
+        # (schema binding, autograd wrapping); its backward is zero anyway, which an output
+        # without grad_fn also gives. Traced code (torch.compile, export) sees the custom op.
+        out = edt_triton(images, kernel_spacing, per_image_kernel)
+    else:
+        out = distance_transform_edt_triton_op(images, list(kernel_spacing), per_image_kernel)
     return out.view(mask.shape)
 
 

@@ -30,7 +30,10 @@ CHUNK_SIZE_BY_DEVICE = {
     # CPU: the backward's per-chunk buffers (states, decays, dB, dC rows: 6 * chunk * N fp32) stay
     # in L2 at N = 16, and the chunk_states overhead (N floats per chunk) is under 1%.
     "cpu": 256,
-    "cuda": 2048,
+    # CUDA: a chunk is one warp's register tile (at most 256 positions, 8 per lane). 128 keeps the
+    # backward kernel at about 120 registers (two blocks of 8 warps per SM); chunk_states costs
+    # N / 128 floats per position and channel, under 1% of the scan's traffic at N = 16.
+    "cuda": 128,
 }
 
 

@@ -131,21 +131,23 @@ def fwd_chunk_summary_kernel(
 
 @triton.jit
 def chunk_carry_kernel(dsum_ptr, loc_ptr, A_ptr, enter_ptr, final_ptr, DK, NCH,
-                       NP: tl.constexpr, CB: tl.constexpr, NDIR: tl.constexpr, FLIP: tl.constexpr,
-                       WRITE_FINAL: tl.constexpr):
+                       NP: tl.constexpr, NG: tl.constexpr, CB: tl.constexpr, NDIR: tl.constexpr,
+                       FLIP: tl.constexpr, WRITE_FINAL: tl.constexpr):
     """Pass 2: scan the chunk summaries of one sequence; write the carry entering each chunk.
 
     The forward carries states along the scan order; the backward (FLIP) carries gradients against it.
+    Each program takes NG of the NP states: the states are independent, and a sequence of thousands of
+    chunks is a chain of dependent steps, so more programs hide more of its latency.
     """
     pid = tl.program_id(0)
     b = (pid // DK).to(tl.int64)
     d = pid % DK
-    nn = tl.arange(0, NP)
+    nn = tl.program_id(1) * NG + tl.arange(0, NG)
     oo = tl.arange(0, CB)
     for r in tl.static_range(NDIR):
         A = tl.load(A_ptr + (r * DK + d) * NP + nn)
         seq = (b * NDIR + r) * DK + d
-        carry = tl.zeros([NP], dtype=tl.float32)
+        carry = tl.zeros([NG], dtype=tl.float32)
         for blk in range(0, tl.cdiv(NCH, CB)):
             order = blk * CB + oo
             in_range = order < NCH
@@ -169,7 +171,7 @@ def chunk_carry_kernel(dsum_ptr, loc_ptr, A_ptr, enter_ptr, final_ptr, DK, NCH,
             first = NCH - 1
         else:
             first = 0
-        tl.store(enter_ptr + (seq * NCH + first) * NP + nn, tl.zeros([NP], dtype=tl.float32))
+        tl.store(enter_ptr + (seq * NCH + first) * NP + nn, tl.zeros([NG], dtype=tl.float32))
         if WRITE_FINAL:
             tl.store(final_ptr + seq * NP + nn, carry)
 

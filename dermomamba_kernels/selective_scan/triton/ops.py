@@ -21,17 +21,18 @@ from torch import Tensor
 
 from . import kernels
 
-# Positions per program tile on a GPU (lines x segment). The interpreter gets tiny tiles so that the
-# small test shapes still span several chunks, line blocks and partial segments.
+# Positions per program tile on a GPU (lines x segment); the backward reuses the forward's tiles, since
+# its chunk states were cut that way. The interpreter gets tiny tiles so that the small test shapes
+# still span several chunks, line blocks and partial segments.
 GPU_TILE = int(os.environ.get("DERMOMAMBA_TRITON_TILE", "128"))
-GPU_BWD_TILE = int(os.environ.get("DERMOMAMBA_TRITON_BWD_TILE", "128"))
 INTERPRETER_TILE = 16
 # Column-major orders read neighbouring columns together: 8 fp32 columns fill a 32-byte sector.
 COLUMN_LINES = int(os.environ.get("DERMOMAMBA_TRITON_COLUMN_LINES", "8"))
 # Enough programs to keep every SM of a large GPU busy before channels get split across programs.
 TARGET_PROGRAMS = 2048
-# Chunk summaries scanned per step of the carry pass.
-CARRY_BLOCK = 64
+# Chunk summaries scanned per step of the carry pass, and states per carry program.
+CARRY_BLOCK = 256
+CARRY_STATES = 4
 GPU_WARPS = int(os.environ.get("DERMOMAMBA_TRITON_WARPS", "4"))
 GPU_BWD_WARPS = int(os.environ.get("DERMOMAMBA_TRITON_BWD_WARPS", "8"))
 NUM_DIRECTIONS = 4
@@ -84,10 +85,8 @@ def make_geometry(nlines: int, length: int, tile: int, lines_contiguous: bool) -
     return Geometry(nlines, length, lines, seg_len)
 
 
-def _tile_for(device: torch.device, backward: bool) -> int:
-    if _interpreting(device):
-        return INTERPRETER_TILE
-    return GPU_BWD_TILE if backward else GPU_TILE
+def _tile_for(device: torch.device) -> int:
+    return INTERPRETER_TILE if _interpreting(device) else GPU_TILE
 
 
 def _launch_opts(device: torch.device, backward: bool) -> dict:
@@ -116,6 +115,10 @@ def _carry_block(nchunks: int) -> int:
     return max(2, min(CARRY_BLOCK, _next_pow2(nchunks)))
 
 
+def _state_group(npad: int) -> int:
+    return min(npad, CARRY_STATES)
+
+
 # ----------------------------------------------------------------------------------------------
 # 1-D selective scan
 # ----------------------------------------------------------------------------------------------
@@ -131,8 +134,8 @@ def _state_operand(M: Tensor, batch: int, dim: int):
     return M, False, dim // groups, (s_b, 0, s_g, s_n, 0, s_l)
 
 
-def _ss_geometry(length: int, device: torch.device, backward: bool) -> Geometry:
-    return make_geometry(1, length, _tile_for(device, backward), lines_contiguous=False)
+def _ss_geometry(length: int, device: torch.device) -> Geometry:
+    return make_geometry(1, length, _tile_for(device), lines_contiguous=False)
 
 
 def _ss_channel_blocks(geo: Geometry, batch: int, dim: int, B: Tensor, C: Tensor) -> Tuple[int, int, int]:
@@ -149,7 +152,7 @@ def _ss_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     nstate = A.shape[1]
     npad = max(2, _next_pow2(nstate))
     device = u.device
-    geo = _ss_geometry(length, device, backward=False)
+    geo = _ss_geometry(length, device)
     A_pad = _padded_rows(A, dim, npad)
     B_t, b_const, _, sB = _state_operand(B, batch, dim)
     C_t, c_const, _, sC = _state_operand(C, batch, dim)
@@ -172,8 +175,8 @@ def _ss_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         u, delta, A_pad, B_t, bias, dsum, loc, dim, dpb, dpg_b, nstate, 1, length, geo.nseg, geo.nchunks,
         *su, *sdt, *sB, NP=npad, LINES=geo.lines, BJ=geo.seg_len, NDIR=1, B_CONST=b_const,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, **opts)
-    kernels.chunk_carry_kernel[(batch * dim,)](
-        dsum, loc, A_pad, enter, final, dim, geo.nchunks, NP=npad, CB=_carry_block(geo.nchunks), NDIR=1,
+    kernels.chunk_carry_kernel[(batch * dim, npad // _state_group(npad))](
+        dsum, loc, A_pad, enter, final, dim, geo.nchunks, NP=npad, NG=_state_group(npad), CB=_carry_block(geo.nchunks), NDIR=1,
         FLIP=False, WRITE_FINAL=True, **opts)
     kernels.fwd_output_kernel[grid](
         u, delta, A_pad, B_t, C_t, Dv, bias, zz, enter, out, dim, dpb, dpg_b, dpg_c, nstate, 1, length, geo.nseg,
@@ -194,7 +197,7 @@ def _ss_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chun
     nstate = A.shape[1]
     npad = max(2, _next_pow2(nstate))
     device = u.device
-    geo = _ss_geometry(length, device, backward=False)  # chunk_states were cut with the forward's geometry
+    geo = _ss_geometry(length, device)  # chunk_states were cut with the forward's geometry
     A_pad = _padded_rows(A, dim, npad)
     B_t, b_const, _, sB = _state_operand(B, batch, dim)
     C_t, c_const, _, sC = _state_operand(C, batch, dim)
@@ -218,8 +221,8 @@ def _ss_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chun
         delta, A_pad, C_t, bias, zz, dout, gdsum, gloc, dim, dpb, dpg_c, nstate, 1, length, geo.nseg, geo.nchunks,
         *sdt, *sC, *sz, *so, NP=npad, LINES=geo.lines, BJ=geo.seg_len, NDIR=1, C_CONST=c_const,
         HAS_BIAS=has_bias, HAS_Z=z is not None, SOFTPLUS=delta_softplus, **opts)
-    kernels.chunk_carry_kernel[(batch * dim,)](
-        gdsum, gloc, A_pad, genter, genter, dim, geo.nchunks, NP=npad, CB=_carry_block(geo.nchunks), NDIR=1,
+    kernels.chunk_carry_kernel[(batch * dim, npad // _state_group(npad))](
+        gdsum, gloc, A_pad, genter, genter, dim, geo.nchunks, NP=npad, NG=_state_group(npad), CB=_carry_block(geo.nchunks), NDIR=1,
         FLIP=True, WRITE_FINAL=False, **opts)
     du = _alloc((batch, dim, length), u.dtype, device)
     ddelta = _alloc((batch, dim, length), delta.dtype, device)
@@ -262,13 +265,13 @@ def _ss_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chun
 # Multiaxial (SS2D) scan
 # ----------------------------------------------------------------------------------------------
 
-def _orientations(height: int, width: int, device: torch.device, backward: bool) -> List[Geometry]:
+def _orientations(height: int, width: int, device: torch.device) -> List[Geometry]:
     """Row-major (lines = rows, positions along w) and column-major (lines = columns) geometries.
 
     delta, B and C come from the projections with w contiguous, so the column orders put several
     columns side by side in a tile.
     """
-    tile = _tile_for(device, backward)
+    tile = _tile_for(device)
     return [make_geometry(height, width, tile, lines_contiguous=False),
             make_geometry(width, height, tile, lines_contiguous=True)]
 
@@ -299,7 +302,7 @@ def _multiaxial_forward(x, delta, A, B, C, D, delta_bias, delta_softplus):
     bias4 = delta_bias.reshape(NUM_DIRECTIONS, dim)
     opts = _launch_opts(device, backward=False)
     states = []
-    for o, geo in enumerate(_orientations(height, width, device, backward=False)):
+    for o, geo in enumerate(_orientations(height, width, device)):
         dpb = _multiaxial_channel_blocks(geo, batch, dim)
         grid = (geo.ntiles, batch, dim // dpb)
         A_pad = _padded_rows(A4[o::2], 2 * dim, npad)
@@ -320,8 +323,8 @@ def _multiaxial_forward(x, delta, A, B, C, D, delta_bias, delta_softplus):
             xo, dto, A_pad, Bo, bias, dsum, loc, dim, dpb, dim, nstate, geo.nlines, geo.length, geo.nseg,
             geo.nchunks, *su, *dto.stride(), *sB, NP=npad, LINES=geo.lines, BJ=geo.seg_len, NDIR=2,
             B_CONST=False, HAS_BIAS=True, SOFTPLUS=delta_softplus, **opts)
-        kernels.chunk_carry_kernel[(batch * dim,)](
-            dsum, loc, A_pad, enter, enter, dim, geo.nchunks, NP=npad, CB=_carry_block(geo.nchunks), NDIR=2,
+        kernels.chunk_carry_kernel[(batch * dim, npad // _state_group(npad))](
+            dsum, loc, A_pad, enter, enter, dim, geo.nchunks, NP=npad, NG=_state_group(npad), CB=_carry_block(geo.nchunks), NDIR=2,
             FLIP=False, WRITE_FINAL=False, **opts)
         kernels.fwd_output_kernel[grid](
             xo, dto, A_pad, Bo, Co, Dv, bias, xo, enter, yo, dim, dpb, dim, dim, nstate, geo.nlines, geo.length,
@@ -347,7 +350,7 @@ def _multiaxial_backward(dy, x, delta, A, B, C, D, delta_bias, delta_softplus, s
     dD = torch.empty(NUM_DIRECTIONS, dim, dtype=f32, device=device)
     dbias = torch.empty(NUM_DIRECTIONS, dim, dtype=f32, device=device)
     opts = _launch_opts(device, backward=True)
-    geos = _orientations(height, width, device, backward=False)
+    geos = _orientations(height, width, device)
     dpbs = [_multiaxial_channel_blocks(g, batch, dim) for g in geos]
     nblocks = max(dim // k for k in dpbs)
     dB_buf = _alloc((nblocks,) + tuple(B.shape), f32, device)
@@ -384,8 +387,8 @@ def _multiaxial_backward(dy, x, delta, A, B, C, D, delta_bias, delta_softplus, s
             dto, A_pad, Co, bias, xo, dyo, gdsum, gloc, dim, dpb, dim, nstate, geo.nlines, geo.length, geo.nseg,
             geo.nchunks, *dto.stride(), *sC, 0, 0, 0, 0, *so, NP=npad, LINES=geo.lines, BJ=geo.seg_len, NDIR=2,
             C_CONST=False, HAS_BIAS=True, HAS_Z=False, SOFTPLUS=delta_softplus, **opts)
-        kernels.chunk_carry_kernel[(batch * dim,)](
-            gdsum, gloc, A_pad, genter, genter, dim, geo.nchunks, NP=npad, CB=_carry_block(geo.nchunks), NDIR=2,
+        kernels.chunk_carry_kernel[(batch * dim, npad // _state_group(npad))](
+            gdsum, gloc, A_pad, genter, genter, dim, geo.nchunks, NP=npad, NG=_state_group(npad), CB=_carry_block(geo.nchunks), NDIR=2,
             FLIP=True, WRITE_FINAL=False, **opts)
         dA_part = _alloc((nparts, 2 * dim, npad), f32, device)
         dD_part = _alloc((nparts, 2 * dim), f32, device)
@@ -421,7 +424,7 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, deterministic):
     batch, dim, length = u.shape
     nstate = A.shape[1]
-    geo = _ss_geometry(int(length), u.device, backward=False)
+    geo = _ss_geometry(int(length), u.device)
     npad = max(2, _next_pow2(int(nstate)))
     return (u.new_empty(u.shape), u.new_empty((batch, dim, nstate), dtype=torch.float32),
             u.new_empty((batch, 1, dim, geo.nchunks, npad), dtype=torch.float32))
@@ -475,7 +478,7 @@ def multiaxial_scan_fwd(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
 def _(x, delta, A, B, C, D, delta_bias, delta_softplus, deterministic):
     batch, dim, height, width = x.shape
     npad = max(2, _next_pow2(int(A.shape[1])))
-    rows, cols = _orientations(int(height), int(width), x.device, backward=False)
+    rows, cols = _orientations(int(height), int(width), x.device)
     return (x.new_empty(x.shape, dtype=torch.float32),
             x.new_empty((batch, 2, dim, rows.nchunks, npad), dtype=torch.float32),
             x.new_empty((batch, 2, dim, cols.nchunks, npad), dtype=torch.float32))

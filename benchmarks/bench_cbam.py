@@ -1,0 +1,209 @@
+"""Benchmark of the fused CBAM (issue 5) at DermoMamba's five skip connections, batch 16.
+
+Forward + backward (``torch.autograd.grad`` of x and the seven parameters: no accumulation into
+.grad), BatchNorm in training mode, medians of ``triton.testing.do_bench``, all in one process on
+one GPU:
+
+  published   the published module's structure, unfused: global pools as avg_pool2d / max_pool2d with
+              a full-size window, ``torch.max(x, 1)[0]`` and ``torch.mean`` channel pools, BasicConv
+  compiled    ``torch.compile`` of that module (default mode, static shapes)
+  reference   our reference layer (``CBAM(backend="reference")``: ``mean`` / ``amax`` pools)
+  fused       ``CBAM(backend="triton")``: the fused Triton kernels
+
+and, for the fused op, the achieved bandwidth: the bytes the pass structure must move (forward:
+x read three times and out written once; backward: grad_out and x read twice... see
+benchmarks/notes/cbam.md) over time, against a device-to-device copy measured in the same run.
+
+Usage: python benchmarks/bench_cbam.py [--shapes 0,4] [--dtypes float32,float16] [--json out.json]
+       [--warm-only] [--no-compiled]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from dermomamba_kernels.layers import CBAM  # noqa: E402
+
+BATCH = 16
+SHAPES = [(32, 192, 256), (64, 96, 128), (128, 48, 64), (256, 24, 32), (512, 12, 16)]
+# Full-size passes the fused forward and backward make over x-sized tensors (see notes/cbam.md):
+# forward reads x 3 times and writes out; backward reads (g, x), x, (g, x) and writes dx.
+FUSED_PASSES = 4 + 6
+# The least any implementation must move: read x and write out; read g and x and write dx.
+COMPULSORY_PASSES = 2 + 3
+
+
+class _PublishedChannelGate(nn.Module):
+    def __init__(self, channels, reduction=16):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(channels, channels // reduction), nn.ReLU(),
+                                 nn.Linear(channels // reduction, channels))
+
+    def forward(self, x):
+        window = (x.size(2), x.size(3))
+        attention = self.mlp(F.avg_pool2d(x, window, stride=window)) + self.mlp(F.max_pool2d(x, window, stride=window))
+        return x * torch.sigmoid(attention).unsqueeze(2).unsqueeze(3).expand_as(x)
+
+
+class _PublishedBasicConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, 7, stride=1, padding=3, bias=False)
+        self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01, affine=True)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class _PublishedSpatialGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.spatial = _PublishedBasicConv()
+
+    def forward(self, x):
+        pooled = torch.cat((torch.max(x, 1)[0].unsqueeze(1), torch.mean(x, 1).unsqueeze(1)), dim=1)
+        return x * torch.sigmoid(self.spatial(pooled))
+
+
+class PublishedCBAM(nn.Module):
+    """The published module's op sequence (state_dict-compatible with ``CBAM``), unfused."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.ChannelGate = _PublishedChannelGate(channels)
+        self.SpatialGate = _PublishedSpatialGate()
+
+    def forward(self, x):
+        return self.SpatialGate(self.ChannelGate(x))
+
+
+def fwd_bwd(module, x, grad):
+    params = [p for p in module.parameters()]
+
+    def step():
+        out = module(x)
+        torch.autograd.grad(out, [x] + params, grad)
+
+    return step
+
+
+def profile_kernels(step, title, iterations=10):
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iterations):
+            step()
+        torch.cuda.synchronize()
+    print(f"## kernels of {title} (per iteration)")
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:16]:
+        print(f"  {e.device_time_total / iterations:9.1f} us  x{e.count // iterations:<3d} {e.key[:90]}")
+
+
+def copy_bandwidth(do_bench):
+    """Device-to-device copy of 1 GiB: bytes read + written per second."""
+    src = torch.empty(2 ** 28, device="cuda", dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True).stdout.strip() or os.environ.get("DERMOMAMBA_COMMIT", "unknown")
+    except OSError:
+        return os.environ.get("DERMOMAMBA_COMMIT", "unknown")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default=",".join(map(str, range(len(SHAPES)))))
+    parser.add_argument("--dtypes", default="float32,float16")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--warm-only", action="store_true", help="run each variant once (fills compile caches)")
+    parser.add_argument("--no-compiled", action="store_true")
+    parser.add_argument("--rep-ms", type=int, default=200)
+    parser.add_argument("--profile", action="store_true", help="per-kernel GPU times of the fused op")
+    args = parser.parse_args()
+
+    from triton.testing import do_bench
+
+    bench = (lambda fn: (fn(), torch.cuda.synchronize(), 0.0)[2]) if args.warm_only else \
+        (lambda fn: do_bench(fn, warmup=25, rep=args.rep_ms, return_mode="median"))
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+            "commit": git_commit(), "command": " ".join(["python"] + sys.argv), "batch": BATCH}
+    if not args.warm_only:
+        info["copy_bandwidth_GBps"] = copy_bandwidth(do_bench) / 1e9
+        print(f"# {info['gpu']} torch {info['torch']} commit {info['commit']} {info['date']}; "
+              f"copy bandwidth {info['copy_bandwidth_GBps']:.0f} GB/s (read + write)")
+    rows = []
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        for index in map(int, args.shapes.split(",")):
+            C, H, W = SHAPES[index]
+            fused = CBAM(C, backend="triton").cuda()
+            reference = CBAM(C, backend="reference").cuda()
+            published = PublishedCBAM(C).cuda()
+            reference.load_state_dict(fused.state_dict())
+            published.load_state_dict(fused.state_dict())
+            modules = {"published": published, "reference": reference, "fused": fused}
+            if not args.no_compiled:
+                # state first: a compiled module's state_dict keys carry an _orig_mod. prefix
+                compiled = PublishedCBAM(C).cuda()
+                compiled.load_state_dict(fused.state_dict())
+                modules["compiled"] = torch.compile(compiled)
+            for m in modules.values():
+                m.to(dtype).train()
+            x = torch.randn(BATCH, C, H, W, device="cuda", dtype=dtype, requires_grad=True)
+            grad = torch.randn_like(x)
+            times = {name: bench(fwd_bwd(m, x, grad)) for name, m in modules.items()}
+            row = {"dtype": dtype_name, "shape": [BATCH, C, H, W], "ms": times}
+            if not args.warm_only:
+                nbytes = x.numel() * x.element_size()
+                row["fused_GBps"] = FUSED_PASSES * nbytes / (times["fused"] * 1e-3) / 1e9
+                row["fused_fraction_of_copy"] = row["fused_GBps"] / info["copy_bandwidth_GBps"]
+                row["floor_ms"] = FUSED_PASSES * nbytes / (info["copy_bandwidth_GBps"] * 1e9) * 1e3
+                row["compulsory_floor_ms"] = COMPULSORY_PASSES * nbytes / (info["copy_bandwidth_GBps"] * 1e9) * 1e3
+                row["speedup_vs_published"] = times["published"] / times["fused"]
+                row["speedup_vs_reference"] = times["reference"] / times["fused"]
+                if "compiled" in times:
+                    row["speedup_vs_compiled"] = times["compiled"] / times["fused"]
+                print(json.dumps(row), flush=True)
+            rows.append(row)
+            if args.profile and not args.warm_only:
+                profile_kernels(fwd_bwd(fused, x, grad), f"fused {dtype_name} {BATCH}x{C}x{H}x{W}")
+            del modules, x, grad
+            torch.cuda.empty_cache()
+    if args.warm_only:
+        return
+    print()
+    print(f"{'dtype':8s} {'shape':>18s} {'published':>10s} {'compiled':>9s} {'reference':>9s} {'fused':>8s} "
+          f"{'floor':>7s} {'x publ':>7s} {'x comp':>7s} {'x ref':>6s} {'%copy':>6s}   (ms, fwd+bwd)")
+    for r in rows:
+        t = r["ms"]
+        print(f"{r['dtype']:8s} {'x'.join(map(str, r['shape'])):>18s} {t['published']:10.3f} "
+              f"{t.get('compiled', float('nan')):9.3f} {t['reference']:9.3f} {t['fused']:8.3f} {r['floor_ms']:7.3f} "
+              f"{r['speedup_vs_published']:7.1f} {r.get('speedup_vs_compiled', float('nan')):7.2f} "
+              f"{r['speedup_vs_reference']:6.1f} {100 * r['fused_fraction_of_copy']:5.0f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
