@@ -15,7 +15,10 @@ x read three times and out written once; backward: grad_out and x read twice... 
 benchmarks/notes/cbam.md) over time, against a device-to-device copy measured in the same run.
 
 Usage: python benchmarks/bench_cbam.py [--shapes 0,4] [--dtypes float32,float16] [--json out.json]
-       [--warm-only] [--no-compiled]
+       [--warm-only] [--no-compiled] [--graphs] [--profile]
+
+Eager timings include the CPU's launch costs, which dominate every variant at the small shapes on
+a slow host; ``--graphs`` also times each step captured in a CUDA graph (GPU work alone).
 """
 
 from __future__ import annotations
@@ -99,6 +102,20 @@ def fwd_bwd(module, x, grad):
     return step
 
 
+def graphed(step):
+    """The step captured in a CUDA graph: replays time the GPU work without the CPU's launch costs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def profile_kernels(step, title, iterations=10):
     from torch.profiler import ProfilerActivity, profile
 
@@ -139,6 +156,7 @@ def main():
     parser.add_argument("--no-compiled", action="store_true")
     parser.add_argument("--rep-ms", type=int, default=200)
     parser.add_argument("--profile", action="store_true", help="per-kernel GPU times of the fused op")
+    parser.add_argument("--graphs", action="store_true", help="also time every variant captured in a CUDA graph")
     args = parser.parse_args()
 
     from triton.testing import do_bench
@@ -163,6 +181,9 @@ def main():
             published.load_state_dict(fused.state_dict())
             modules = {"published": published, "reference": reference, "fused": fused}
             if not args.no_compiled:
+                # a fresh dynamo per shape: ten shapes x dtypes of one forward exceed its recompile limit, past
+                # which it silently runs eager (seen in the 2026-11-27 run for fp16 at the two smallest shapes)
+                torch._dynamo.reset()
                 # state first: a compiled module's state_dict keys carry an _orig_mod. prefix
                 compiled = PublishedCBAM(C).cuda()
                 compiled.load_state_dict(fused.state_dict())
@@ -172,7 +193,9 @@ def main():
             x = torch.randn(BATCH, C, H, W, device="cuda", dtype=dtype, requires_grad=True)
             grad = torch.randn_like(x)
             times = {name: bench(fwd_bwd(m, x, grad)) for name, m in modules.items()}
-            row = {"dtype": dtype_name, "shape": [BATCH, C, H, W], "ms": times}
+            graph_times = {name: bench(graphed(fwd_bwd(m, x, grad))) for name, m in modules.items()} \
+                if args.graphs else {}
+            row = {"dtype": dtype_name, "shape": [BATCH, C, H, W], "ms": times, "graph_ms": graph_times}
             if not args.warm_only:
                 nbytes = x.numel() * x.element_size()
                 row["fused_GBps"] = FUSED_PASSES * nbytes / (times["fused"] * 1e-3) / 1e9
@@ -183,6 +206,9 @@ def main():
                 row["speedup_vs_reference"] = times["reference"] / times["fused"]
                 if "compiled" in times:
                     row["speedup_vs_compiled"] = times["compiled"] / times["fused"]
+                if graph_times:
+                    row["graph_fused_fraction_of_copy"] = (FUSED_PASSES * nbytes / (graph_times["fused"] * 1e-3)
+                                                           / (info["copy_bandwidth_GBps"] * 1e9))
                 print(json.dumps(row), flush=True)
             rows.append(row)
             if args.profile and not args.warm_only:
@@ -200,6 +226,17 @@ def main():
               f"{t.get('compiled', float('nan')):9.3f} {t['reference']:9.3f} {t['fused']:8.3f} {r['floor_ms']:7.3f} "
               f"{r['speedup_vs_published']:7.1f} {r.get('speedup_vs_compiled', float('nan')):7.2f} "
               f"{r['speedup_vs_reference']:6.1f} {100 * r['fused_fraction_of_copy']:5.0f}%")
+    if args.graphs:
+        print(f"\nCUDA graphs (GPU time without launch costs), ms fwd+bwd")
+        print(f"{'dtype':8s} {'shape':>18s} {'published':>10s} {'compiled':>9s} {'reference':>9s} {'fused':>8s} "
+              f"{'floor':>7s} {'x publ':>7s} {'x comp':>7s} {'x ref':>6s} {'%copy':>6s}")
+        for r in rows:
+            t = r["graph_ms"]
+            print(f"{r['dtype']:8s} {'x'.join(map(str, r['shape'])):>18s} {t['published']:10.3f} "
+                  f"{t.get('compiled', float('nan')):9.3f} {t['reference']:9.3f} {t['fused']:8.3f} "
+                  f"{r['floor_ms']:7.3f} {t['published'] / t['fused']:7.1f} "
+                  f"{t.get('compiled', float('nan')) / t['fused']:7.2f} {t['reference'] / t['fused']:6.1f} "
+                  f"{100 * r['graph_fused_fraction_of_copy']:5.0f}%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)

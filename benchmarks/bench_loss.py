@@ -97,7 +97,8 @@ def sweep(batch_mask, big_mask):
     want_big = distance_transform_edt(big_mask)
     try:
         for pos, lanes, warps, lines, scan_warps in configs:
-            triton_edt.MINPLUS_BLOCK_POSITIONS, triton_edt.MINPLUS_BLOCK_LANES, triton_edt.MINPLUS_WARPS = pos, lanes, warps
+            triton_edt.MINPLUS_BLOCK_POSITIONS, triton_edt.MINPLUS_BLOCK_LANES = pos, lanes
+            triton_edt.MINPLUS_WARPS = warps
             triton_edt.SCAN_BLOCK_LINES, triton_edt.SCAN_WARPS = lines, scan_warps
             assert torch.equal(distance_transform_edt(big_mask), want_big)
             a = gpu_median_ms(lambda: distance_transform_edt(batch_mask))

@@ -7,6 +7,7 @@ in one process on one GPU, forward and forward + backward (medians of ``triton.t
   cuda        the same op on our CUDA kernels (when dermomamba_kernels._C is built with CUDA)
   mamba_ssm   the published code's path: 4 materialised direction copies, two einsums, mamba-ssm's
               selective_scan_fn, merge (only when mamba_ssm and its compiled selective_scan_cuda import)
+  triton-alt-bwd    the same with the backward's tuning alternative (--alt-backward)
   published+triton  that same published path with our Triton 1-D scan in place of mamba-ssm's
   reference   multiaxial_selective_scan_ref (Python loop over L; only for L <= --reference-max-len)
 
@@ -34,6 +35,7 @@ sys.path.insert(0, REPO_ROOT)
 
 from dermomamba_kernels import multiaxial_selective_scan, unavailable_reasons  # noqa: E402
 from dermomamba_kernels.selective_scan import triton as triton_scan  # noqa: E402
+from dermomamba_kernels.selective_scan.triton import ops  # noqa: E402
 
 BATCH = 16
 DSTATE = 16
@@ -80,6 +82,19 @@ def published_path(scan_fn):
     return run
 
 
+def alternative_backward(op):
+    """op with the backward's tuning alternative (ops.SPLIT_BACKWARD flipped)."""
+
+    def run(*args):
+        ops.SPLIT_BACKWARD = not ops.SPLIT_BACKWARD
+        try:
+            return op(*args)
+        finally:
+            ops.SPLIT_BACKWARD = not ops.SPLIT_BACKWARD
+
+    return run
+
+
 def make_inputs(d_model, height, width, batch=BATCH, device="cuda"):
     dim = 2 * d_model
     rank = math.ceil(d_model / 16)
@@ -122,11 +137,10 @@ def copy_bandwidth_gbs():
 def scan_core(args):
     """(ms, bytes) of the Triton multiaxial scan forward on precomputed projections."""
     x, xw, dw, db, A_logs, Ds = [a.detach() for a in args]
-    delta, B, C = triton_scan.multiaxial_projections(x, xw, dw)
-    delta = delta.contiguous()
+    delta, BC = triton_scan.multiaxial_projections(x, xw, dw)
     A = -torch.exp(A_logs)
     bias = db.reshape(-1)
-    ms = time_ms(lambda: torch.ops.dermomamba_triton.multiaxial_scan_fwd(x, delta, A, B, C, Ds, bias, True, False))
+    ms = time_ms(lambda: torch.ops.dermomamba_triton.multiaxial_scan_fwd(x, delta, A, BC, Ds, bias, True, False))
     batch, dim, height, width = x.shape
     per_pixel = dim + NUM_DIRECTIONS * dim + 2 * NUM_DIRECTIONS * DSTATE + dim  # x, delta, B, C in; y out
     return ms, batch * height * width * per_pixel * 4
@@ -146,6 +160,8 @@ def main():
     parser.add_argument("--reference-max-len", type=int, default=768)
     parser.add_argument("--json", default=None)
     parser.add_argument("--no-published-triton", action="store_true")
+    parser.add_argument("--alt-backward", action="store_true",
+                        help="also time the backward's tuning alternative (ops.SPLIT_BACKWARD flipped)")
     parser.add_argument("--compile-only", action="store_true",
                         help="run each Triton path once at batch 2 (fills Triton's on-disk cache; run several "
                              "of these in parallel before timing)")
@@ -170,7 +186,8 @@ def main():
     if args_ns.compile_only:
         for index in (int(i) for i in args_ns.shapes.split(",")):
             args = make_inputs(*SHAPES[index], batch=2)
-            for op in (triton_scan.multiaxial_triton, published_path(triton_scan.selective_scan_triton)):
+            for op in (triton_scan.multiaxial_triton, alternative_backward(triton_scan.multiaxial_triton),
+                       published_path(triton_scan.selective_scan_triton)):
                 torch.autograd.grad(op(*args), args, torch.randn(args[0].shape, device="cuda"))
         torch.cuda.synchronize()
         return
@@ -190,6 +207,8 @@ def main():
     print(json.dumps(info, indent=1), flush=True)
 
     paths = {"triton": lambda *a: multiaxial_selective_scan(*a, backend="triton")}
+    if args_ns.alt_backward:
+        paths["triton-alt-bwd"] = alternative_backward(paths["triton"])
     if cuda_reason is None:
         paths["cuda"] = lambda *a: multiaxial_selective_scan(*a, backend="cuda")
     if mamba_scan is not None:
@@ -225,7 +244,8 @@ def main():
     def ratio(row, num, den, i):
         return f"{row[num][i] / row[den][i]:.2f}x" if row.get(num) and row.get(den) else "-"
 
-    names = [n for n in ("triton", "cuda", "mamba_ssm", "published+triton", "reference") if any(r.get(n) for r in rows)]
+    names = [n for n in ("triton", "triton-alt-bwd", "cuda", "mamba_ssm", "published+triton", "reference")
+             if any(r.get(n) for r in rows)]
     print(f"\nGPU {info['gpu']}, {info['date']}, commit {info['commit']}, batch {BATCH}, N {DSTATE}, fp32; "
           f"copy bandwidth {info['copy_bandwidth_GBs']:.0f} GB/s")
     header = "| d_model @ HxW | " + " | ".join(f"{n} fwd / fwd+bwd ms" for n in names) + \

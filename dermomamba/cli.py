@@ -54,6 +54,7 @@ TRAIN_HELP = {
     "seed": "training seed (initialisation, shuffling, augmentation)",
     "device": "auto, cpu, cuda, cuda:1 ... (under torchrun: the local rank's GPU)",
     "output": "run folder (default runs/dermomamba-<date>-<time>)",
+    "threads": "CPU threads for torch (default: torch's choice; 1 helps on a machine busy with other work)",
     "progress": "progress bars", "tensorboard": "TensorBoard event files",
     "evaluate_test": "evaluate the best checkpoint on the test split at the end",
     "predict_samples": "after training, predict masks for this many held-out images into <run>/predictions",

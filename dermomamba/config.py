@@ -69,6 +69,7 @@ class TrainConfig:
     # run
     seed: int = 0
     device: str = "auto"
+    threads: Optional[int] = None
     output: Optional[str] = None
     progress: bool = True
     tensorboard: bool = True
@@ -93,6 +94,8 @@ class TrainConfig:
             problems.append(f"lr must be > 0, got {self.lr}")
         if not 0 < self.lr_factor < 1:
             problems.append(f"lr_factor must be in (0, 1), got {self.lr_factor}")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads must be >= 1, got {self.threads}")
         if self.workers < 0:
             problems.append(f"workers must be >= 0, got {self.workers}")
         if problems:

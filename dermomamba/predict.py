@@ -79,6 +79,7 @@ class _ImageFiles(Dataset):
 
 
 def autocast_for(device: torch.device, precision: str = "fp16"):
+    """The autocast context for inference: fp16/bf16 on CUDA, none (fp32) on the CPU or with "fp32"."""
     if device.type != "cuda" or precision == "fp32":
         return torch.autocast(device_type=device.type, enabled=False)
     return torch.autocast(device_type="cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)

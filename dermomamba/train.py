@@ -66,6 +66,8 @@ TRAIN_STATE_TENSORS = "train_state.safetensors"
 TRAIN_STATE_VERSION = 1
 CSV_FIELDS = ("epoch", "lr", "train_loss", "train_dice", "val_loss", "val_dice", "val_iou", "epoch_seconds",
               "train_images_per_second")
+# Other ranks wait at a barrier while rank 0 builds the data cache (a minute or two for ISIC 2018).
+COLLECTIVE_TIMEOUT_MINUTES = 30
 # Refresh the progress bar's loss and Dice every this many steps: reading them forces a device sync.
 POSTFIX_EVERY = 10
 
@@ -88,6 +90,10 @@ class DistContext:
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """"auto" -> the local rank's GPU if CUDA is available, else the CPU; "cuda" -> the local rank's GPU.
+
+        >>> resolve_device("auto")          # device(type='cpu') on a machine without a GPU
+    """
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
@@ -109,7 +115,7 @@ def init_distributed(device_name: str = "auto") -> DistContext:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
+                                timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MINUTES))
     return DistContext(rank, world_size, local_rank, device)
 
 
@@ -143,19 +149,25 @@ def build_datasets(cfg: TrainConfig, ctx: Optional[DistContext] = None, saved_sp
     wins over ``cfg.split``.
     """
     ctx = ctx or DistContext(0, 1, 0, torch.device("cpu"))
+    cache_dir = None if cfg.cache_dir in (None, "", "none", "None") else os.path.expanduser(cfg.cache_dir)
     if cfg.synthetic:
         counts = {"train": cfg.synthetic_train, "val": cfg.synthetic_val, "test": cfg.synthetic_test}
         if counts["train"] < 1 or counts["val"] < 1:
             raise ValueError("synthetic_train and synthetic_val must be >= 1")
         datasets, offset = {}, 0
         for part in ("train", "val", "test"):
-            datasets[part] = SyntheticLesionDataset(counts[part], cfg.img_size, seed=cfg.synthetic_seed, offset=offset)
+            # Rank 0 renders the cache (if any) first; the others then find it.
+            make = lambda: SyntheticLesionDataset(counts[part], cfg.img_size, seed=cfg.synthetic_seed, offset=offset,
+                                                  cache_dir=cache_dir, workers=max(cfg.workers, 1))
+            if ctx.is_main:
+                datasets[part] = make()
+            _barrier(ctx)
+            if not ctx.is_main:
+                datasets[part] = make()
             offset += counts[part]
         split = {"method": "synthetic", "seed": cfg.synthetic_seed,
                  **{part: datasets[part].ids for part in ("train", "val", "test")}}
         return datasets, split
-
-    cache_dir = None if cfg.cache_dir in (None, "", "none", "None") else os.path.expanduser(cfg.cache_dir)
 
     def make(samples):
         # Rank 0 decodes and caches; the others wait, then open the finished cache.
@@ -495,6 +507,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     Returns a summary: run_dir, epochs_done, best_val_dice, best_epoch, interrupted (max_steps reached) and,
     after a completed run, test metrics.
     """
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     ctx = init_distributed(cfg.device)
     try:
         return _train(cfg, ctx, resume)

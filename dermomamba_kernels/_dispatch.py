@@ -89,8 +89,11 @@ class OpDispatcher:
 
     def __call__(self, backend: Optional[str], device: torch.device, *args, **kwargs):
         chosen = self.resolve(backend, device)
-        self.last_backend = chosen
-        logger.debug("%s -> %s backend on %s", self.op_name, chosen, device)
+        # Logging and bookkeeping are host-side effects that dynamo cannot trace: keep them out of
+        # compiled graphs so that models using these ops compile with fullgraph=True.
+        if not torch.compiler.is_compiling():
+            self.last_backend = chosen
+            logger.debug("%s -> %s backend on %s", self.op_name, chosen, device)
         return self._impls[chosen][0](*args, **kwargs)
 
 

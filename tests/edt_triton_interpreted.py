@@ -140,9 +140,6 @@ def test_empty_batch():
     assert out.shape == (0, 5, 6) and out.dtype == torch.float32
 
 
-# The dispatcher logs its choice with logger.debug, which torch.compile cannot trace (a graph
-# break): until _dispatch.py skips that call while compiling, fullgraph=True fails there.
-@pytest.mark.xfail(strict=False, reason="OpDispatcher.__call__'s logger.debug breaks the graph")
 def test_compiles_with_fullgraph(seed):
     from dermomamba.loss import GuideFusionLoss
 

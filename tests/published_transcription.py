@@ -25,16 +25,16 @@ LEAKY_SLOPE = 0.01
 def scan_loop(u, delta, A, B, C, D):
     """mamba's selective scan, one step per position: h = exp(delta*A) h + delta*B*u; y = C.h + D*u.
 
-    u, delta: (b, d, L); A: (d, n); B, C: (b, n, L) shared by all d channels; D: (d,).
+    All four directions at once: u, delta (b, K, d, L); A (K, d, n); B, C (b, K, n, L), shared by
+    the d channels of their direction; D (K, d).
     """
-    batch, dim, _ = u.shape
-    state = u.new_zeros(batch, dim, A.shape[1])
+    state = u.new_zeros(u.shape[:3] + (A.shape[-1],))
     outputs = []
     # unbind: one autograd node per tensor, so the backward stays linear in L.
     for u_t, delta_t, B_t, C_t in zip(u.unbind(-1), delta.unbind(-1), B.unbind(-1), C.unbind(-1)):
-        state = torch.exp(delta_t[:, :, None] * A) * state + (delta_t * u_t)[:, :, None] * B_t[:, None, :]
-        outputs.append((state * C_t[:, None, :]).sum(-1))
-    return torch.stack(outputs, dim=-1) + u * D[:, None]
+        state = torch.exp(delta_t[..., None] * A) * state + (delta_t * u_t)[..., None] * B_t[:, :, None, :]
+        outputs.append((state * C_t[:, :, None, :]).sum(-1))
+    return torch.stack(outputs, dim=-1) + u * D[..., None]
 
 
 def ss2d_core(x, p, prefix):
@@ -53,20 +53,22 @@ def ss2d_core(x, p, prefix):
     both = torch.stack([rows, cols], dim=1)
     sequences = torch.cat([both, torch.flip(both, dims=[-1])], dim=1)  # (b, 4, d, L)
 
-    outputs = []
+    deltas, Bs, Cs = [], [], []
     for k in range(4):
-        seq = sequences[:, k]
-        projected = torch.einsum("cd,bdl->bcl", x_proj[k], seq)
+        projected = torch.einsum("cd,bdl->bcl", x_proj[k], sequences[:, k])
         dt_in, B_k, C_k = torch.split(projected, [rank, n_state, n_state], dim=1)
         delta = torch.einsum("dr,brl->bdl", dt_weight[k], dt_in)
-        delta = F.softplus(delta + dt_bias[k][None, :, None])
-        A = -torch.exp(A_logs[k * dim:(k + 1) * dim])
-        outputs.append(scan_loop(seq, delta, A, B_k, C_k, Ds[k * dim:(k + 1) * dim]))
+        deltas.append(F.softplus(delta + dt_bias[k][None, :, None]))
+        Bs.append(B_k)
+        Cs.append(C_k)
+    A = -torch.exp(A_logs).reshape(4, dim, n_state)
+    outputs = scan_loop(sequences, torch.stack(deltas, 1), A, torch.stack(Bs, 1), torch.stack(Cs, 1),
+                        Ds.reshape(4, dim))
 
-    row_major = outputs[0]
-    row_reversed = torch.flip(outputs[2], dims=[-1])
-    col_major = torch.transpose(outputs[1].reshape(batch, dim, width, height), 2, 3).reshape(batch, dim, length)
-    col_reversed = torch.transpose(torch.flip(outputs[3], dims=[-1]).reshape(batch, dim, width, height),
+    row_major = outputs[:, 0]
+    row_reversed = torch.flip(outputs[:, 2], dims=[-1])
+    col_major = torch.transpose(outputs[:, 1].reshape(batch, dim, width, height), 2, 3).reshape(batch, dim, length)
+    col_reversed = torch.transpose(torch.flip(outputs[:, 3], dims=[-1]).reshape(batch, dim, width, height),
                                    2, 3).reshape(batch, dim, length)
     # VMamba adds in this order: forward, reversed, column-major, reversed column-major.
     return row_major + row_reversed + col_major + col_reversed

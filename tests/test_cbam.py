@@ -216,6 +216,8 @@ def test_gpu_opcheck(seed, training):
     bwd_args = (torch.randn_like(x), x.detach(), *[p.detach() for p in params], *[o.detach() for o in outs[1:]],
                 training)
     torch.library.opcheck(torch.ops.dermomamba_cbam.cbam_backward.default, bwd_args)
+    torch.library.opcheck(torch.ops.dermomamba_cbam.update_running_stats.default,
+                          (case.running[0].float(), case.running[1].float(), outs[4].detach(), 0.1))
 
 
 @pytest.mark.gpu

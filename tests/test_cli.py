@@ -19,7 +19,11 @@ from dermomamba.config import DEMO_OVERRIDES, TrainConfig, resolve_config
 from dermomamba.data import SegmentationDataset, discover, read_image, write_synthetic_dataset
 from dermomamba.train import TRAIN_STATE_JSON, TRAIN_STATE_TENSORS
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import dermomamba
+
+# Where the dermomamba under test was imported from (the tree with PYTHONPATH, else the installed package):
+# torchrun's worker processes must import the same one, with its compiled extension.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(dermomamba.__file__)))
 # Small and fast: the tiny model at 32x64, 8 images of assorted sizes, 2 training steps per epoch.
 IMG = ["--img-size", "32", "64"]
 SIZES = [(41, 57), (30, 66), (64, 48), (35, 35)]
@@ -303,7 +307,8 @@ def test_info_and_benchmark(capsys):
 def test_two_process_ddp_gloo(data_root, tmp_path):
     """torchrun with two CPU processes: metrics all-reduced over disjoint shards, one writer."""
     run_dir = tmp_path / "ddp"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=PACKAGE_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "dermomamba.cli", "train", "--data", str(data_root / "isic"), *map(str, FAST),
                "--epochs", "1", "--cache-dir", str(tmp_path / "cache"), "-o", str(run_dir), "--no-tensorboard",

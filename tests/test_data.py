@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy import ndimage
 
 from dermomamba.data import (DataError, PublishedAugmentation, SegmentationDataset, SyntheticLesionDataset,
                              detect_layout, discover, find_image_mask_pairs, find_isic2018, find_ph2, list_images,
@@ -46,10 +47,13 @@ def test_synthetic_lesions_are_visible_and_varied(seed):
         lesion, skin = mask.astype(bool), ~mask.astype(bool)
         assert 0.01 < lesion.mean() < 0.9
         grey = image.astype(float).mean(axis=2)
-        assert grey[lesion].mean() < grey[skin].mean() - 15
+        assert grey[lesion].mean() < grey[skin].mean() - 10
         fractions.append(lesion.mean())
-        # Hair: very dark thin pixels on the skin, darker than any skin tone.
-        hairy += int((grey[skin] < 70).mean() > 0.002)
+        # Hair: thin strokes much darker than their neighbourhood, on skin away from the lesion border.
+        # (A quarter of the images have no hair; 2 in 3 show some on this test's 96x128 crop.)
+        away = ndimage.binary_erosion(skin, iterations=4)
+        drop = ndimage.median_filter(grey, 7) - grey
+        hairy += int((drop[away] > 20).mean() > 0.003)
     assert np.std(fractions) > 0.02
     assert hairy >= 3
 
@@ -65,11 +69,24 @@ def test_synthetic_dataset_items_and_workers(seed):
     image, mask = render_lesion(3, offset + 2, (40, 72))
     np.testing.assert_array_equal(item["image"].permute(1, 2, 0).numpy(), image)
     # Worker processes render the same samples as the main process.
-    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=1)
     batches = list(loader)
     torch.testing.assert_close(torch.cat([b["image"] for b in batches]), torch.stack([dataset[i]["image"] for i in range(6)]))
     with pytest.raises(IndexError):
         dataset[6]
+
+
+def test_synthetic_cache_equals_on_the_fly(tmp_path, seed):
+    stream, offset = seed % 1000, int(_rng(seed).integers(0, 100))
+    cached = SyntheticLesionDataset(5, (40, 56), seed=stream, offset=offset, cache_dir=tmp_path, workers=2)
+    plain = SyntheticLesionDataset(5, (40, 56), seed=stream, offset=offset)
+    for i in range(5):
+        a, b = cached[i], plain[i]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"]) and a["id"] == b["id"]
+    assert isinstance(cached._arrays[0], np.memmap)
+    assert pickle.loads(pickle.dumps(cached))._arrays is None
+    assert SyntheticLesionDataset(5, (40, 56), seed=stream, offset=offset, cache_dir=tmp_path).cache_path == cached.cache_path
+    assert SyntheticLesionDataset(5, (40, 56), seed=stream + 1, cache_dir=tmp_path).cache_path != cached.cache_path
 
 
 # ------------------------------------------------------------------------------------------------ layouts

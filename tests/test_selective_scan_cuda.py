@@ -125,10 +125,17 @@ def multiaxial_op_ref(x, delta, A, B, C, D, delta_bias, softplus, scan):
 
 # ---- input builders ----
 
+def raw_delta(*shape, softplus=True):
+    """delta before bias: around softplus's knee with softplus, else already a positive step."""
+    if softplus:
+        return 0.5 * torch.rand(*shape, device=DEVICE) - 1.5
+    return 0.05 + 0.5 * torch.rand(*shape, device=DEVICE)
+
+
 def make_1d(batch, dim, length, dstate, dtype, groups=1, constant_bc=False, bc_fp32=False, with_D=True,
-            with_z=True, with_bias=True):
+            with_z=True, with_bias=True, softplus=True):
     u = torch.randn(batch, dim, length, device=DEVICE).to(dtype)
-    delta = (0.5 * torch.rand(batch, dim, length, device=DEVICE) - 1.5).to(dtype)
+    delta = raw_delta(batch, dim, length, softplus=softplus).to(dtype)
     A = -(0.5 + torch.rand(dim, dstate, device=DEVICE)) * torch.arange(1, dstate + 1, device=DEVICE) / 4
     bc_dtype = torch.float32 if bc_fp32 else dtype
     if constant_bc:
@@ -139,7 +146,8 @@ def make_1d(batch, dim, length, dstate, dtype, groups=1, constant_bc=False, bc_f
         C = torch.randn(batch, groups, dstate, length, device=DEVICE).to(bc_dtype)
     D = torch.randn(dim, device=DEVICE) if with_D else None
     z = torch.randn(batch, dim, length, device=DEVICE).to(dtype) if with_z else None
-    bias = (0.5 * torch.randn(dim, device=DEVICE)) if with_bias else None
+    bias = (0.5 * torch.randn(dim, device=DEVICE) if softplus else 0.1 * torch.rand(dim, device=DEVICE)) \
+        if with_bias else None
     return dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=bias)
 
 
@@ -150,7 +158,7 @@ def op_bc(M, batch, length):
     return M
 
 
-def make_multiaxial(batch, dim, height, width, dstate, dtype, fp32_params=False, permuted=False):
+def make_multiaxial(batch, dim, height, width, dstate, dtype, fp32_params=False, permuted=False, softplus=True):
     def rand(*shape):
         if permuted:  # a channels-last style view: (.., H, W) strides not row-major
             base = torch.randn(*shape[:-3], shape[-2], shape[-1], shape[-3], device=DEVICE)
@@ -159,13 +167,15 @@ def make_multiaxial(batch, dim, height, width, dstate, dtype, fp32_params=False,
 
     proj_dtype = torch.float32 if fp32_params else dtype
     x = rand(batch, dim, height, width).to(dtype)
-    delta = (0.5 * rand(batch, NUM_DIRECTIONS, dim, height, width) - 1.5).to(proj_dtype)
+    delta = rand(batch, NUM_DIRECTIONS, dim, height, width)
+    delta = ((0.5 * delta - 1.5) if softplus else (0.05 + 0.5 * delta.abs())).to(proj_dtype)
     B = rand(batch, NUM_DIRECTIONS, dstate, height, width).to(proj_dtype)
     C = rand(batch, NUM_DIRECTIONS, dstate, height, width).to(proj_dtype)
     A = -(0.5 + torch.rand(NUM_DIRECTIONS * dim, dstate, device=DEVICE)) * torch.arange(1, dstate + 1,
                                                                                          device=DEVICE) / 4
     D = torch.randn(NUM_DIRECTIONS * dim, device=DEVICE)
-    bias = 0.5 * torch.randn(NUM_DIRECTIONS * dim, device=DEVICE)
+    bias = (0.5 * torch.randn(NUM_DIRECTIONS * dim, device=DEVICE) if softplus
+            else 0.1 * torch.rand(NUM_DIRECTIONS * dim, device=DEVICE))
     return dict(x=x, delta=delta, A=A, B=B, C=C, D=D, delta_bias=bias)
 
 
@@ -259,6 +269,7 @@ def test_selective_scan_options(seed, dtype, option):
         kwargs.update(with_D=False, with_z=False, with_bias=False)
     elif option == "no_softplus":
         softplus = False
+        kwargs.update(softplus=False)
     elif option == "constant_bc":
         kwargs.update(constant_bc=True)
     elif option == "fp32_bc":
@@ -361,7 +372,7 @@ def test_multiaxial_permuted_and_wide(seed, deterministic):
 
 @requires_cuda_kernels
 def test_multiaxial_no_softplus_batch1(seed):
-    inp = make_multiaxial(1, 3, 8, 5, 5, torch.float32)
+    inp = make_multiaxial(1, 3, 8, 5, 5, torch.float32, softplus=False)
     check_multiaxial(inp, softplus=False, tag="ma/no_softplus", chunk=8)
 
 

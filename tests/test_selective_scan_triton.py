@@ -6,7 +6,6 @@ this process). With a GPU: parity at DermoMamba's and mamba's sizes against floa
 CUDA backend when it is built, determinism and torch.compile.
 """
 
-import math
 import os
 import subprocess
 import sys
@@ -31,10 +30,9 @@ DERMOMAMBA_SHAPES = [(4, 192, 256), (8, 96, 128), (16, 48, 64), (32, 24, 32), (6
 def test_interpreter_cases():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
         p for p in (REPO_ROOT, TESTS_DIR, os.environ.get("PYTHONPATH")) if p))
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(TESTS_DIR,
-                                                                                    "triton_scan_interpreter_cases.py")],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    cases = os.path.join(TESTS_DIR, "triton_scan_interpreter_cases.py")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", cases],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
 
 
@@ -144,11 +142,10 @@ def test_compile_fullgraph_gpu(seed):
 def test_opcheck_gpu(seed):
     args = _multiaxial_args(8, 12, 10, batch=2, dtype=torch.float32)
     x, xw, dw, db, A_logs, Ds = args
-    delta, B, C = _triton().multiaxial_projections(x, xw, dw)
+    delta, BC = _triton().multiaxial_projections(x, xw, dw)
     torch.library.opcheck(torch.ops.dermomamba_triton.multiaxial_scan_fwd,
                           (x, delta.detach().requires_grad_(), -torch.exp(A_logs.detach()).requires_grad_(),
-                           B.detach().requires_grad_(), C.detach().requires_grad_(), Ds, db.reshape(-1).detach(),
-                           True, False))
+                           BC.detach().requires_grad_(), Ds, db.reshape(-1).detach(), True, False))
     u = torch.randn(2, 16, 300, device="cuda", requires_grad=True)
     torch.library.opcheck(torch.ops.dermomamba_triton.selective_scan_fwd,
                           (u, torch.rand_like(u).requires_grad_(), -torch.rand(16, 16, device="cuda"),

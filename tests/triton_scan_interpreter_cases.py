@@ -97,8 +97,8 @@ def _small_scan_args():
 def _small_multiaxial_args():
     batch, dim, height, width, dstate = 1, 2, 3, 2, 2
     return (torch.randn(batch, dim, height, width), torch.rand(batch, 4, dim, height, width),
-            -torch.rand(4 * dim, dstate), torch.randn(batch, 4, dstate, height, width),
-            torch.randn(batch, 4, dstate, height, width), torch.randn(4 * dim), torch.randn(4 * dim), True, False)
+            -torch.rand(4 * dim, dstate), torch.randn(batch, 4, 2 * dstate, height, width), torch.randn(4 * dim),
+            torch.randn(4 * dim), True, False)
 
 
 def _requires_grad(args):
@@ -119,10 +119,10 @@ def test_opcheck_backward_ops(seed):
     torch.library.opcheck(torch.ops.dermomamba_triton.selective_scan_bwd,
                           (torch.randn_like(u), u, delta, A, B, C, D, z, bias, softplus, states, det),
                           test_utils=("test_schema", "test_faketensor"))
-    x, delta, A, B, C, D, bias, softplus, det = _small_multiaxial_args()
-    _, rows, cols = torch.ops.dermomamba_triton.multiaxial_scan_fwd(x, delta, A, B, C, D, bias, softplus, det)
+    x, delta, A, BC, D, bias, softplus, det = _small_multiaxial_args()
+    _, rows, cols = torch.ops.dermomamba_triton.multiaxial_scan_fwd(x, delta, A, BC, D, bias, softplus, det)
     torch.library.opcheck(torch.ops.dermomamba_triton.multiaxial_scan_bwd,
-                          (torch.randn_like(x), x, delta, A, B, C, D, bias, softplus, rows, cols, det),
+                          (torch.randn_like(x), x, delta, A, BC, D, bias, softplus, rows, cols, det),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -149,3 +149,11 @@ def test_dispatch_reaches_triton(seed):
     u, delta, A, B, C, D, z, bias, _, _ = _small_scan_args()
     out = selective_scan_fn(u, delta, A, B[:, 0], C[:, 0], D, z, bias, True, backend="triton")
     assert last_backend("selective_scan") == "triton" and torch.isfinite(out).all()
+
+
+def test_split_backward(seed, monkeypatch):
+    """The backward's tuning alternative (one direction per program) is exact too, for both ops."""
+    monkeypatch.setattr(ops, "SPLIT_BACKWARD", True)
+    print(check_multiaxial(triton_scan.multiaxial_triton, multiaxial_inputs(1, 2, 5, 3, 2, "cpu"), torch.float32))
+    inputs = scan_inputs(1, 2, 21, 3, "cpu", c_layout="constant")
+    print(check_selective_scan(triton_scan.selective_scan_triton, inputs, torch.float32))

@@ -73,36 +73,34 @@ StridedView view_of(const at::Tensor& t, int64_t batch, int64_t outer, int64_t c
 
 // ---- gathers and scatters between strided tensors of any float dtype and fp32 chunk buffers ----
 
+// Sequence gathers and scatters take per-position element offsets (see chunk_offsets), computed once
+// per chunk and shared by all channels of a work item.
 template <typename T>
-void gather_seq_typed(const StridedView& v, int64_t base, const int64_t* hh, const int64_t* ww, int64_t count,
-                      float* dst) {
+void gather_seq_typed(const StridedView& v, int64_t base, const int64_t* offsets, int64_t count, float* dst) {
   const T* src = static_cast<const T*>(v.data) + base;
-  for (int64_t t = 0; t < count; ++t) dst[t] = static_cast<float>(src[hh[t] * v.h + ww[t] * v.w]);
+  for (int64_t t = 0; t < count; ++t) dst[t] = static_cast<float>(src[offsets[t]]);
 }
 
-void gather_seq(const StridedView& v, int64_t base, const int64_t* hh, const int64_t* ww, int64_t count,
-                float* dst) {
+void gather_seq(const StridedView& v, int64_t base, const int64_t* offsets, int64_t count, float* dst) {
   switch (v.dtype) {
-    case at::kFloat: return gather_seq_typed<float>(v, base, hh, ww, count, dst);
-    case at::kHalf: return gather_seq_typed<c10::Half>(v, base, hh, ww, count, dst);
-    case at::kBFloat16: return gather_seq_typed<c10::BFloat16>(v, base, hh, ww, count, dst);
+    case at::kFloat: return gather_seq_typed<float>(v, base, offsets, count, dst);
+    case at::kHalf: return gather_seq_typed<c10::Half>(v, base, offsets, count, dst);
+    case at::kBFloat16: return gather_seq_typed<c10::BFloat16>(v, base, offsets, count, dst);
     default: TORCH_CHECK(false, "dermomamba scan: unsupported dtype ", v.dtype);
   }
 }
 
 template <typename T>
-void scatter_seq_typed(const StridedView& v, int64_t base, const int64_t* hh, const int64_t* ww, int64_t count,
-                       const float* src) {
+void scatter_seq_typed(const StridedView& v, int64_t base, const int64_t* offsets, int64_t count, const float* src) {
   T* dst = static_cast<T*>(v.data) + base;
-  for (int64_t t = 0; t < count; ++t) dst[hh[t] * v.h + ww[t] * v.w] = static_cast<T>(src[t]);
+  for (int64_t t = 0; t < count; ++t) dst[offsets[t]] = static_cast<T>(src[t]);
 }
 
-void scatter_seq(const StridedView& v, int64_t base, const int64_t* hh, const int64_t* ww, int64_t count,
-                 const float* src) {
+void scatter_seq(const StridedView& v, int64_t base, const int64_t* offsets, int64_t count, const float* src) {
   switch (v.dtype) {
-    case at::kFloat: return scatter_seq_typed<float>(v, base, hh, ww, count, src);
-    case at::kHalf: return scatter_seq_typed<c10::Half>(v, base, hh, ww, count, src);
-    case at::kBFloat16: return scatter_seq_typed<c10::BFloat16>(v, base, hh, ww, count, src);
+    case at::kFloat: return scatter_seq_typed<float>(v, base, offsets, count, src);
+    case at::kHalf: return scatter_seq_typed<c10::Half>(v, base, offsets, count, src);
+    case at::kBFloat16: return scatter_seq_typed<c10::BFloat16>(v, base, offsets, count, src);
     default: TORCH_CHECK(false, "dermomamba scan: unsupported dtype ", v.dtype);
   }
 }
@@ -211,6 +209,32 @@ struct ScanArgs {
   int64_t num_items() const { return batch * groups_total() * slices; }
 };
 
+// The per-position sequence tensors of a scan, each with its own (h, w) strides.
+enum SeqTensor { kSeqX, kSeqDelta, kSeqZ, kSeqOut, kSeqDout, kSeqDu, kSeqDdelta, kSeqDz, kNumSeqTensors };
+
+const StridedView& seq_view(const ScanArgs& a, int which) {
+  switch (which) {
+    case kSeqX: return a.x;
+    case kSeqDelta: return a.delta;
+    case kSeqZ: return a.z;
+    case kSeqOut: return a.out;
+    case kSeqDout: return a.dout;
+    case kSeqDu: return a.du;
+    case kSeqDdelta: return a.ddelta;
+    default: return a.dz;
+  }
+}
+
+// offsets[which * chunk_size + t] = element offset of step t in that tensor's (h, w) plane.
+void chunk_offsets(const ScanArgs& a, const int64_t* hh, const int64_t* ww, int64_t count, int64_t* offsets) {
+  for (int which = 0; which < kNumSeqTensors; ++which) {
+    const StridedView& v = seq_view(a, which);
+    if (!v.defined()) continue;
+    int64_t* off = offsets + which * a.chunk_size;
+    for (int64_t t = 0; t < count; ++t) off[t] = hh[t] * v.h + ww[t] * v.w;
+  }
+}
+
 struct ItemRange {
   int64_t b, direction, group_total, d_begin, d_end;
 };
@@ -230,7 +254,7 @@ ItemRange item_range(const ScanArgs& a, int64_t item) {
 
 // Per-thread scratch, sized once per parallel range.
 struct Workspace {
-  std::vector<int64_t> hh, ww;
+  std::vector<int64_t> hh, ww, offsets;
   std::vector<float> B_rows, C_rows, u, delta_in, dt, dtu, y, dy, zbuf, du, ddelta, dz;
   std::vector<float> states, decay, dB_rows, dC_rows, carry, dA_acc, lanes;
 
@@ -238,6 +262,7 @@ struct Workspace {
     const int64_t T = a.chunk_size, N = a.dstate;
     hh.resize(T);
     ww.resize(T);
+    offsets.resize(kNumSeqTensors * T);
     for (auto* v : {&B_rows, &C_rows}) v->resize(T * N);
     for (auto* v : {&u, &delta_in, &dt, &dtu, &y, &zbuf}) v->resize(T);
     carry.resize(a.channels_per_slice * N);
@@ -314,6 +339,7 @@ DERMOMAMBA_ALWAYS_INLINE void forward_item(const ScanArgs& a, int64_t item, Work
   std::fill(ws.carry.begin(), ws.carry.end(), 0.0f);
   int64_t* hh = ws.hh.data();
   int64_t* ww = ws.ww.data();
+  const auto off = [&](int which) { return ws.offsets.data() + which * a.chunk_size; };
   const float* B_rows = ws.B_rows.data();
   const float* C_rows = ws.C_rows.data();
 
@@ -321,6 +347,7 @@ DERMOMAMBA_ALWAYS_INLINE void forward_item(const ScanArgs& a, int64_t item, Work
     const int64_t t0 = chunk * a.chunk_size;
     const int64_t count = std::min(a.chunk_size, a.length - t0);
     chunk_positions(r.direction, t0, count, a.height, a.width, hh, ww);
+    chunk_offsets(a, hh, ww, count, ws.offsets.data());
     gather_rows(a.B, a.B.base(r.b, r.group_total, 0), hh, ww, count, N, ws.B_rows.data());
     gather_rows(a.C, a.C.base(r.b, r.group_total, 0), hh, ww, count, N, ws.C_rows.data());
 
@@ -329,8 +356,8 @@ DERMOMAMBA_ALWAYS_INLINE void forward_item(const ScanArgs& a, int64_t item, Work
       float* h = carry + (d - r.d_begin) * N;
       std::memcpy(a.chunk_states + ((r.b * channels_total + channel) * a.num_chunks + chunk) * N, h,
                   N * sizeof(float));
-      gather_seq(a.x, a.x.base(r.b, 0, d), hh, ww, count, ws.u.data());
-      gather_seq(a.delta, a.delta.base(r.b, r.direction, d), hh, ww, count, ws.delta_in.data());
+      gather_seq(a.x, a.x.base(r.b, 0, d), off(kSeqX), count, ws.u.data());
+      gather_seq(a.delta, a.delta.base(r.b, r.direction, d), off(kSeqDelta), count, ws.delta_in.data());
       prepare_delta(a, channel, count, ws);
 
       const float* A_row = a.A + channel * N;
@@ -354,7 +381,7 @@ DERMOMAMBA_ALWAYS_INLINE void forward_item(const ScanArgs& a, int64_t item, Work
       const float skip = a.D ? a.D[channel] : 0.0f;
       const float* u = ws.u.data();
       if (a.z.defined()) {
-        gather_seq(a.z, a.z.base(r.b, 0, d), hh, ww, count, ws.zbuf.data());
+        gather_seq(a.z, a.z.base(r.b, 0, d), off(kSeqZ), count, ws.zbuf.data());
         const float* z = ws.zbuf.data();
 #pragma omp simd
         for (int64_t t = 0; t < count; ++t) y[t] = (y[t] + skip * u[t]) * (z[t] * sigmoid(z[t]));
@@ -362,7 +389,7 @@ DERMOMAMBA_ALWAYS_INLINE void forward_item(const ScanArgs& a, int64_t item, Work
 #pragma omp simd
         for (int64_t t = 0; t < count; ++t) y[t] = y[t] + skip * u[t];
       }
-      scatter_seq(a.out, a.out.base(r.b, r.direction, d), hh, ww, count, y);
+      scatter_seq(a.out, a.out.base(r.b, r.direction, d), off(kSeqOut), count, y);
     }
   }
   if (a.last_state) {
@@ -387,6 +414,7 @@ DERMOMAMBA_ALWAYS_INLINE void backward_item(const ScanArgs& a, int64_t item, Wor
   std::vector<float> dD_acc(r.d_end - r.d_begin, 0.0f), dbias_acc(r.d_end - r.d_begin, 0.0f);
   int64_t* hh = ws.hh.data();
   int64_t* ww = ws.ww.data();
+  const auto off = [&](int which) { return ws.offsets.data() + which * a.chunk_size; };
   const float* B_rows = ws.B_rows.data();
   const float* C_rows = ws.C_rows.data();
   float* states = ws.states.data();
@@ -398,6 +426,7 @@ DERMOMAMBA_ALWAYS_INLINE void backward_item(const ScanArgs& a, int64_t item, Wor
     const int64_t t0 = chunk * a.chunk_size;
     const int64_t count = std::min(a.chunk_size, a.length - t0);
     chunk_positions(r.direction, t0, count, a.height, a.width, hh, ww);
+    chunk_offsets(a, hh, ww, count, ws.offsets.data());
     gather_rows(a.B, a.B.base(r.b, r.group_total, 0), hh, ww, count, N, ws.B_rows.data());
     gather_rows(a.C, a.C.base(r.b, r.group_total, 0), hh, ww, count, N, ws.C_rows.data());
     std::fill(dB_rows, dB_rows + count * N, 0.0f);
@@ -407,9 +436,9 @@ DERMOMAMBA_ALWAYS_INLINE void backward_item(const ScanArgs& a, int64_t item, Wor
       const int64_t j = d - r.d_begin;
       const int64_t channel = r.direction * a.dim + d;
       const float* h_start = a.chunk_states + ((r.b * channels_total + channel) * a.num_chunks + chunk) * N;
-      gather_seq(a.x, a.x.base(r.b, 0, d), hh, ww, count, ws.u.data());
-      gather_seq(a.delta, a.delta.base(r.b, r.direction, d), hh, ww, count, ws.delta_in.data());
-      gather_seq(a.dout, a.dout.base(r.b, 0, d), hh, ww, count, ws.dy.data());
+      gather_seq(a.x, a.x.base(r.b, 0, d), off(kSeqX), count, ws.u.data());
+      gather_seq(a.delta, a.delta.base(r.b, r.direction, d), off(kSeqDelta), count, ws.delta_in.data());
+      gather_seq(a.dout, a.dout.base(r.b, 0, d), off(kSeqDout), count, ws.dy.data());
       prepare_delta(a, channel, count, ws);
       const float* A_row = a.A + channel * N;
       const float* u = ws.u.data();
@@ -446,7 +475,7 @@ DERMOMAMBA_ALWAYS_INLINE void backward_item(const ScanArgs& a, int64_t item, Wor
       // Through the gate and the skip: dy = d loss / d (C . h), du starts with the skip's share.
       const float skip = a.D ? a.D[channel] : 0.0f;
       if (gated) {
-        gather_seq(a.z, a.z.base(r.b, 0, d), hh, ww, count, ws.zbuf.data());
+        gather_seq(a.z, a.z.base(r.b, 0, d), off(kSeqZ), count, ws.zbuf.data());
         const float* z = ws.zbuf.data();
         float* dz = ws.dz.data();
 #pragma omp simd
@@ -457,7 +486,7 @@ DERMOMAMBA_ALWAYS_INLINE void backward_item(const ScanArgs& a, int64_t item, Wor
           dz[t] = dout_t * pre_gate * gate_sigmoid * (1.0f + z[t] * (1.0f - gate_sigmoid));
           dy[t] = dout_t * z[t] * gate_sigmoid;
         }
-        scatter_seq(a.dz, a.dz.base(r.b, 0, d), hh, ww, count, dz);
+        scatter_seq(a.dz, a.dz.base(r.b, 0, d), off(kSeqDz), count, dz);
       }
       float dD_sum = 0.0f;
       for (int64_t t = count - 1; t >= 0; --t) {
@@ -503,8 +532,8 @@ DERMOMAMBA_ALWAYS_INLINE void backward_item(const ScanArgs& a, int64_t item, Wor
       }
       for (int64_t t = count - 1; t >= 0; --t) dbias_sum += ddelta[t];
       dbias_acc[j] += dbias_sum;
-      scatter_seq(a.du, a.du.base(r.b, r.direction, d), hh, ww, count, du);
-      scatter_seq(a.ddelta, a.ddelta.base(r.b, r.direction, d), hh, ww, count, ddelta);
+      scatter_seq(a.du, a.du.base(r.b, r.direction, d), off(kSeqDu), count, du);
+      scatter_seq(a.ddelta, a.ddelta.base(r.b, r.direction, d), off(kSeqDdelta), count, ddelta);
     }
 
     if (a.slices == 1) {

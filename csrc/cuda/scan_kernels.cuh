@@ -327,11 +327,17 @@ __device__ __forceinline__ ChunkShared carve_shared(float* shared, int warps, in
 }
 
 // ---------------------------------------------------------------------------------------------
+// States are processed kS at a time (kForwardStates in the forward passes, kBackwardStates in the
+// register-heavier backward) so that each warp has kS independent scan chains in flight.
+constexpr int kForwardStates = 4;
+constexpr int kBackwardStates = 2;
+
 // Forward pass (1): the composed map of each split, per state: split_decay = prod a,
 // split_state = the split's end state from a zero start.
 template <typename bc_t, bool kMulti, int kItems>
 __global__ void scan_fwd_split_aggregate(ScanParams p) {
   using L = TileLayout<kItems>;
+  constexpr int kS = kForwardStates;
   extern __shared__ float shared[];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int b = blockIdx.z, seq = blockIdx.y * p.warps_per_block + warp, split = blockIdx.x;
@@ -355,28 +361,40 @@ __global__ void scan_fwd_split_aggregate(ScanParams p) {
     __syncthreads();
     stage_positions<kMulti>(p, s.direction, c, chunk_len, sh.pos_B, sh.pos_C, sh.pos_native);
     it.load(p, s, c, lane, bias);
+    float xu[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) xu[i] = it.delta[i] * it.u[i];
     __syncthreads();
     for (int n0 = 0; n0 < N; n0 += kStateTile) {
       const int count = min(kStateTile, N - n0);
       stage_tile<bc_t, kItems>(B, p.B_state_stride, sh.pos_B, chunk_len, n0, count, sh.tile_B);
       __syncthreads();
-      for (int n = n0; n < n0 + count; ++n) {
-        const float A2 = A[n] * kLog2e;
-        const float* row_B = sh.tile_B + (n - n0) * L::kRow;
-        float pa = 1.f, pb = 0.f;
+      for (int n = n0; n < n0 + count; n += kS) {
+        float pa[kS], pb[kS];
 #pragma unroll
-        for (int i = 0; i < kItems; ++i) {
-          const float Bv = it.native[i] >= 0 ? row_B[L::lane_slot(lane, i)] : 0.f;
-          const float a = exp2f(it.delta[i] * A2);
-          pb = a * pb + it.delta[i] * it.u[i] * Bv;
-          pa *= a;
+        for (int q = 0; q < kS; ++q) {
+          const bool state_ok = n + q < n0 + count;
+          const float A2 = state_ok ? A[n + q] * kLog2e : 0.f;
+          const float* row_B = sh.tile_B + (n + q - n0) * L::kRow;
+          pa[q] = 1.f;
+          pb[q] = 0.f;
+#pragma unroll
+          for (int i = 0; i < kItems; ++i) {
+            const float Bv = (state_ok && it.native[i] >= 0) ? row_B[L::lane_slot(lane, i)] : 0.f;
+            const float a = exp2f(it.delta[i] * A2);
+            pb[q] = a * pb[q] + xu[i] * Bv;
+            pa[q] *= a;
+          }
         }
-        warp_scan_forward(pa, pb, lane);
-        const float ta = __shfl_sync(kFullMask, pa, kWarpSize - 1);
-        const float tb = __shfl_sync(kFullMask, pb, kWarpSize - 1);
-        if (lane == 0) {
-          run_b[n] = ta * run_b[n] + tb;
-          run_a[n] *= ta;
+        warp_scan_forward_multi<kS>(pa, pb, lane);
+#pragma unroll
+        for (int q = 0; q < kS; ++q) {
+          const float ta = __shfl_sync(kFullMask, pa[q], kWarpSize - 1);
+          const float tb = __shfl_sync(kFullMask, pb[q], kWarpSize - 1);
+          if (lane == 0 && n + q < n0 + count) {
+            run_b[n + q] = ta * run_b[n + q] + tb;
+            run_a[n + q] *= ta;
+          }
         }
       }
       __syncthreads();
@@ -408,9 +426,13 @@ static __global__ void scan_fwd_split_carry(ScanParams p) {
 }
 
 // Forward pass (3): outputs, chunk_states and the last state.
+// Two blocks of 8 warps per SM: the register cap (128) costs no spills at up to 4 items per lane.
+constexpr int kMinBlocksPerSM = 2;
+
 template <typename bc_t, bool kMulti, int kItems>
-__global__ void scan_fwd_main(ScanParams p) {
+__global__ void __launch_bounds__(kMaxWarpsPerBlock * kWarpSize, kMinBlocksPerSM) scan_fwd_main(ScanParams p) {
   using L = TileLayout<kItems>;
+  constexpr int kS = kForwardStates;
   extern __shared__ float shared[];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int b = blockIdx.z, seq = blockIdx.y * p.warps_per_block + warp, split = blockIdx.x;
@@ -435,47 +457,65 @@ __global__ void scan_fwd_main(ScanParams p) {
     stage_positions<kMulti>(p, s.direction, c, chunk_len, sh.pos_B, sh.pos_C, sh.pos_native);
     for (int n = lane; n < N; n += kWarpSize) states[static_cast<int64_t>(c) * N + n] = carry[n];
     it.load(p, s, c, lane, bias);
-    float y[kItems];
+    float y[kItems], xu[kItems];
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) y[i] = 0.f;
+    for (int i = 0; i < kItems; ++i) {
+      y[i] = 0.f;
+      xu[i] = it.delta[i] * it.u[i];
+    }
     __syncthreads();
     for (int n0 = 0; n0 < N; n0 += kStateTile) {
       const int count = min(kStateTile, N - n0);
       stage_tile<bc_t, kItems>(B, p.B_state_stride, sh.pos_B, chunk_len, n0, count, sh.tile_B);
       stage_tile<bc_t, kItems>(C, p.C_state_stride, sh.pos_C, chunk_len, n0, count, sh.tile_C);
       __syncthreads();
-      for (int n = n0; n < n0 + count; ++n) {
-        const float A2 = A[n] * kLog2e;
-        const float* row_B = sh.tile_B + (n - n0) * L::kRow;
-        const float* row_C = sh.tile_C + (n - n0) * L::kRow;
-        float a[kItems], x[kItems], cv[kItems];
-        float pa = 1.f, pb = 0.f;
+      for (int n = n0; n < n0 + count; n += kS) {
+        float a[kS][kItems], x[kS][kItems], cv[kS][kItems];
+        float pa[kS], pb[kS];
 #pragma unroll
-        for (int i = 0; i < kItems; ++i) {
-          const bool valid = it.native[i] >= 0;
-          const float Bv = valid ? row_B[L::lane_slot(lane, i)] : 0.f;
-          cv[i] = valid ? row_C[L::lane_slot(lane, i)] : 0.f;
-          a[i] = exp2f(it.delta[i] * A2);
-          x[i] = it.delta[i] * it.u[i] * Bv;
-          pb = a[i] * pb + x[i];
-          pa *= a[i];
-        }
-        warp_scan_forward(pa, pb, lane);
-        float ea = __shfl_up_sync(kFullMask, pa, 1);
-        float eb = __shfl_up_sync(kFullMask, pb, 1);
-        if (lane == 0) {
-          ea = 1.f;
-          eb = 0.f;
-        }
-        float h = ea * carry[n] + eb;
+        for (int q = 0; q < kS; ++q) {
+          const bool state_ok = n + q < n0 + count;
+          const float A2 = state_ok ? A[n + q] * kLog2e : 0.f;
+          const float* row_B = sh.tile_B + (n + q - n0) * L::kRow;
+          const float* row_C = sh.tile_C + (n + q - n0) * L::kRow;
+          pa[q] = 1.f;
+          pb[q] = 0.f;
 #pragma unroll
-        for (int i = 0; i < kItems; ++i) {
-          h = a[i] * h + x[i];
-          y[i] += cv[i] * h;
+          for (int i = 0; i < kItems; ++i) {
+            const bool valid = state_ok && it.native[i] >= 0;
+            const float Bv = valid ? row_B[L::lane_slot(lane, i)] : 0.f;
+            cv[q][i] = valid ? row_C[L::lane_slot(lane, i)] : 0.f;
+            a[q][i] = exp2f(it.delta[i] * A2);
+            x[q][i] = xu[i] * Bv;
+            pb[q] = a[q][i] * pb[q] + x[q][i];
+            pa[q] *= a[q][i];
+          }
         }
-        const float h_end = __shfl_sync(kFullMask, h, kWarpSize - 1);
+        warp_scan_forward_multi<kS>(pa, pb, lane);
+        float h_end[kS];
+#pragma unroll
+        for (int q = 0; q < kS; ++q) {
+          float ea = __shfl_up_sync(kFullMask, pa[q], 1);
+          float eb = __shfl_up_sync(kFullMask, pb[q], 1);
+          if (lane == 0) {
+            ea = 1.f;
+            eb = 0.f;
+          }
+          const float h0 = n + q < n0 + count ? carry[n + q] : 0.f;
+          float h = ea * h0 + eb;
+#pragma unroll
+          for (int i = 0; i < kItems; ++i) {
+            h = a[q][i] * h + x[q][i];
+            y[i] += cv[q][i] * h;
+          }
+          h_end[q] = __shfl_sync(kFullMask, h, kWarpSize - 1);
+        }
         __syncwarp();
-        if (lane == 0) carry[n] = h_end;
+        if (lane == 0) {
+#pragma unroll
+          for (int q = 0; q < kS; ++q)
+            if (n + q < n0 + count) carry[n + q] = h_end[q];
+        }
       }
       __syncthreads();
     }
@@ -533,6 +573,7 @@ __device__ __forceinline__ void load_output_grads(const ScanParams& p, const Seq
 template <typename bc_t, bool kMulti, int kItems>
 __global__ void scan_bwd_split_aggregate(ScanParams p) {
   using L = TileLayout<kItems>;
+  constexpr int kS = kForwardStates;
   extern __shared__ float shared[];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int b = blockIdx.z, seq = blockIdx.y * p.warps_per_block + warp, split = blockIdx.x;
@@ -563,24 +604,33 @@ __global__ void scan_bwd_split_aggregate(ScanParams p) {
       const int count = min(kStateTile, N - n0);
       stage_tile<bc_t, kItems>(C, p.C_state_stride, sh.pos_C, chunk_len, n0, count, sh.tile_B);
       __syncthreads();
-      for (int n = n0; n < n0 + count; ++n) {
-        const float A2 = A[n] * kLog2e;
-        const float* row_C = sh.tile_B + (n - n0) * L::kRow;
-        float pa = 1.f, pb = 0.f;
+      for (int n = n0; n < n0 + count; n += kS) {
+        float pa[kS], pb[kS];
 #pragma unroll
-        for (int i = kItems - 1; i >= 0; --i) {
-          const float cv = it.native[i] >= 0 ? row_C[L::lane_slot(lane, i)] : 0.f;
-          const float a = exp2f(it.delta[i] * A2);
-          pb = a * (pb + dy[i] * cv);
-          pa *= a;
+        for (int q = 0; q < kS; ++q) {
+          const bool state_ok = n + q < n0 + count;
+          const float A2 = state_ok ? A[n + q] * kLog2e : 0.f;
+          const float* row_C = sh.tile_B + (n + q - n0) * L::kRow;
+          pa[q] = 1.f;
+          pb[q] = 0.f;
+#pragma unroll
+          for (int i = kItems - 1; i >= 0; --i) {
+            const float cv = (state_ok && it.native[i] >= 0) ? row_C[L::lane_slot(lane, i)] : 0.f;
+            const float a = exp2f(it.delta[i] * A2);
+            pb[q] = a * (pb[q] + dy[i] * cv);
+            pa[q] *= a;
+          }
         }
-        warp_scan_reverse(pa, pb, lane);
-        const float ta = __shfl_sync(kFullMask, pa, 0);
-        const float tb = __shfl_sync(kFullMask, pb, 0);
-        if (lane == 0) {
-          // This chunk lies left of the chunks already composed: run = chunk o run.
-          run_b[n] = ta * run_b[n] + tb;
-          run_a[n] *= ta;
+        warp_scan_reverse_multi<kS>(pa, pb, lane);
+#pragma unroll
+        for (int q = 0; q < kS; ++q) {
+          const float ta = __shfl_sync(kFullMask, pa[q], 0);
+          const float tb = __shfl_sync(kFullMask, pb[q], 0);
+          if (lane == 0 && n + q < n0 + count) {
+            // This chunk lies left of the chunks already composed: run = chunk o run.
+            run_b[n + q] = ta * run_b[n + q] + tb;
+            run_a[n + q] *= ta;
+          }
         }
       }
       __syncthreads();
@@ -611,10 +661,11 @@ static __global__ void scan_bwd_split_carry(ScanParams p) {
 
 // Backward pass (3): every gradient. Chunks are walked right to left; inside a chunk the forward
 // states are rebuilt from chunk_states, then the adjoint runs back over the lanes. dB and dC sum
-// over the block's channels through shared memory, double-buffered per state.
+// over the block's channels through shared memory, double-buffered per group of kS states.
 template <typename bc_t, bool kMulti, int kItems>
-__global__ void scan_bwd_main(ScanParams p) {
+__global__ void __launch_bounds__(kMaxWarpsPerBlock * kWarpSize, kMinBlocksPerSM) scan_bwd_main(ScanParams p) {
   using L = TileLayout<kItems>;
+  constexpr int kS = kBackwardStates;
   extern __shared__ float shared[];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int warps = p.warps_per_block;
@@ -646,6 +697,8 @@ __global__ void scan_bwd_main(ScanParams p) {
       p.grad_bc_mode == kGradBCPartials
           ? ((static_cast<int64_t>(b) * p.num_bc_groups + group) * blocks_per_group + block_in_group) * N
           : (static_cast<int64_t>(b) * p.num_bc_groups + group) * N;
+  // reduce: [buffer][dB, dC][warp][state of the group] rows
+  const int reduce_rows_per_buffer = 2 * warps * kS;
 
   ChunkItems<kMulti, kItems> it;
   float dy[kItems], dout[kItems], zv[kItems];
@@ -656,9 +709,12 @@ __global__ void scan_bwd_main(ScanParams p) {
     stage_positions<kMulti>(p, s.direction, c, chunk_len, sh.pos_B, sh.pos_C, sh.pos_native);
     it.load(p, s, c, lane, bias);
     load_output_grads<kMulti, kItems>(p, s, it, dy, dout, zv);
-    float du[kItems], ddelta[kItems], y[kItems];
+    float du[kItems], ddelta[kItems], y[kItems], xu[kItems];
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) du[i] = ddelta[i] = y[i] = 0.f;
+    for (int i = 0; i < kItems; ++i) {
+      du[i] = ddelta[i] = y[i] = 0.f;
+      xu[i] = it.delta[i] * it.u[i];
+    }
     __syncthreads();
 
     for (int n0 = 0; n0 < N; n0 += kStateTile) {
@@ -666,84 +722,109 @@ __global__ void scan_bwd_main(ScanParams p) {
       stage_tile<bc_t, kItems>(B, p.B_state_stride, sh.pos_B, chunk_len, n0, count, sh.tile_B);
       stage_tile<bc_t, kItems>(C, p.C_state_stride, sh.pos_C, chunk_len, n0, count, sh.tile_C);
       __syncthreads();
-      for (int n = n0; n < n0 + count; ++n) {
-        const float An = A[n];
-        const float A2 = An * kLog2e;
-        const float* row_B = sh.tile_B + (n - n0) * L::kRow;
-        const float* row_C = sh.tile_C + (n - n0) * L::kRow;
-        float a[kItems], bv[kItems], cv[kItems], h_prev[kItems];
-        float pa = 1.f, pb = 0.f;
+      for (int n = n0; n < n0 + count; n += kS) {
+        float a[kS][kItems], bv[kS][kItems], cv[kS][kItems], h_prev[kS][kItems];
+        float pa[kS], pb[kS], An[kS];
 #pragma unroll
-        for (int i = 0; i < kItems; ++i) {
-          const bool valid = it.native[i] >= 0;
-          bv[i] = valid ? row_B[L::lane_slot(lane, i)] : 0.f;
-          cv[i] = valid ? row_C[L::lane_slot(lane, i)] : 0.f;
-          a[i] = exp2f(it.delta[i] * A2);
-          pb = a[i] * pb + it.delta[i] * it.u[i] * bv[i];
-          pa *= a[i];
-        }
-        warp_scan_forward(pa, pb, lane);
-        float ea = __shfl_up_sync(kFullMask, pa, 1);
-        float eb = __shfl_up_sync(kFullMask, pb, 1);
-        if (lane == 0) {
-          ea = 1.f;
-          eb = 0.f;
-        }
-        float h = ea * states[static_cast<int64_t>(c) * N + n] + eb;
+        for (int q = 0; q < kS; ++q) {
+          const bool state_ok = n + q < n0 + count;
+          An[q] = state_ok ? A[n + q] : 0.f;
+          const float A2 = An[q] * kLog2e;
+          const float* row_B = sh.tile_B + (n + q - n0) * L::kRow;
+          const float* row_C = sh.tile_C + (n + q - n0) * L::kRow;
+          pa[q] = 1.f;
+          pb[q] = 0.f;
 #pragma unroll
-        for (int i = 0; i < kItems; ++i) {
-          h_prev[i] = h;
-          h = a[i] * h + it.delta[i] * it.u[i] * bv[i];
-          if (!kMulti) y[i] += cv[i] * h;
+          for (int i = 0; i < kItems; ++i) {
+            const bool valid = state_ok && it.native[i] >= 0;
+            bv[q][i] = valid ? row_B[L::lane_slot(lane, i)] : 0.f;
+            cv[q][i] = valid ? row_C[L::lane_slot(lane, i)] : 0.f;
+            a[q][i] = exp2f(it.delta[i] * A2);
+            pb[q] = a[q][i] * pb[q] + xu[i] * bv[q][i];
+            pa[q] *= a[q][i];
+          }
+        }
+        warp_scan_forward_multi<kS>(pa, pb, lane);
+#pragma unroll
+        for (int q = 0; q < kS; ++q) {
+          float ea = __shfl_up_sync(kFullMask, pa[q], 1);
+          float eb = __shfl_up_sync(kFullMask, pb[q], 1);
+          if (lane == 0) {
+            ea = 1.f;
+            eb = 0.f;
+          }
+          const float h0 = n + q < n0 + count ? states[static_cast<int64_t>(c) * N + n + q] : 0.f;
+          float h = ea * h0 + eb;
+#pragma unroll
+          for (int i = 0; i < kItems; ++i) {
+            h_prev[q][i] = h;
+            h = a[q][i] * h + xu[i] * bv[q][i];
+            if (!kMulti) y[i] += cv[q][i] * h;
+          }
         }
 
-        float ra = 1.f, rb = 0.f;
+        float ra[kS], rb[kS];
 #pragma unroll
-        for (int i = kItems - 1; i >= 0; --i) {
-          rb = a[i] * (rb + dy[i] * cv[i]);
-          ra *= a[i];
-        }
-        warp_scan_reverse(ra, rb, lane);
-        float xa = __shfl_down_sync(kFullMask, ra, 1);
-        float xb = __shfl_down_sync(kFullMask, rb, 1);
-        if (lane == kWarpSize - 1) {
-          xa = 1.f;
-          xb = 0.f;
-        }
-        float o = xa * carry[n] + xb;
-        float dA = 0.f;
-        float* red_B = sh.reduce + ((buffer * 2 + 0) * warps + warp) * L::kRow;
-        float* red_C = sh.reduce + ((buffer * 2 + 1) * warps + warp) * L::kRow;
+        for (int q = 0; q < kS; ++q) {
+          ra[q] = 1.f;
+          rb[q] = 0.f;
 #pragma unroll
-        for (int i = kItems - 1; i >= 0; --i) {
-          const float g = dy[i] * cv[i] + o;
-          const float decayed_prev = a[i] * h_prev[i];
-          const float h_i = decayed_prev + it.delta[i] * it.u[i] * bv[i];
-          const float g_delta = g * it.delta[i];
-          red_B[L::lane_slot(lane, i)] = g_delta * it.u[i];
-          red_C[L::lane_slot(lane, i)] = dy[i] * h_i;
-          du[i] += g_delta * bv[i];
-          ddelta[i] += g * (it.u[i] * bv[i] + An * decayed_prev);
-          dA += g_delta * decayed_prev;
-          o = a[i] * g;
+          for (int i = kItems - 1; i >= 0; --i) {
+            rb[q] = a[q][i] * (rb[q] + dy[i] * cv[q][i]);
+            ra[q] *= a[q][i];
+          }
         }
-        const float o_first = __shfl_sync(kFullMask, o, 0);
+        warp_scan_reverse_multi<kS>(ra, rb, lane);
+        float o_first[kS];
+        float* reduce = sh.reduce + buffer * reduce_rows_per_buffer * L::kRow;
+#pragma unroll
+        for (int q = 0; q < kS; ++q) {
+          float xa = __shfl_down_sync(kFullMask, ra[q], 1);
+          float xb = __shfl_down_sync(kFullMask, rb[q], 1);
+          if (lane == kWarpSize - 1) {
+            xa = 1.f;
+            xb = 0.f;
+          }
+          const float o_in = n + q < n0 + count ? carry[n + q] : 0.f;
+          float o = xa * o_in + xb;
+          float dA = 0.f;
+          float* red_B = reduce + ((0 * warps + warp) * kS + q) * L::kRow;
+          float* red_C = reduce + ((1 * warps + warp) * kS + q) * L::kRow;
+#pragma unroll
+          for (int i = kItems - 1; i >= 0; --i) {
+            const float g = dy[i] * cv[q][i] + o;
+            const float decayed_prev = a[q][i] * h_prev[q][i];
+            const float h_i = decayed_prev + xu[i] * bv[q][i];
+            const float g_delta = g * it.delta[i];
+            red_B[L::lane_slot(lane, i)] = g_delta * it.u[i];
+            red_C[L::lane_slot(lane, i)] = dy[i] * h_i;
+            du[i] += g_delta * bv[q][i];
+            ddelta[i] += g * (it.u[i] * bv[q][i] + An[q] * decayed_prev);
+            dA += g_delta * decayed_prev;
+            o = a[q][i] * g;
+          }
+          o_first[q] = __shfl_sync(kFullMask, o, 0);
+          dA = warp_sum(dA);
+          if (lane == 0 && n + q < n0 + count) p.dA_partial[(seq_index * p.num_chunks + c) * N + n + q] = dA;
+        }
         __syncwarp();
-        if (lane == 0) carry[n] = o_first;
-        dA = warp_sum(dA);
-        if (lane == 0) p.dA_partial[(seq_index * p.num_chunks + c) * N + n] = dA;
+        if (lane == 0) {
+#pragma unroll
+          for (int q = 0; q < kS; ++q)
+            if (n + q < n0 + count) carry[n + q] = o_first[q];
+        }
 
-        __syncthreads();  // this state's dB / dC rows are complete
-        const float* rows_B = sh.reduce + (buffer * 2 + 0) * warps * L::kRow;
-        const float* rows_C = sh.reduce + (buffer * 2 + 1) * warps * L::kRow;
-        for (int j = threadIdx.x; j < chunk_len; j += blockDim.x) {
+        __syncthreads();  // this group's dB / dC rows are complete
+        const int states_here = min(kS, n0 + count - n);
+        for (int e = threadIdx.x; e < states_here * chunk_len; e += blockDim.x) {
+          const int q = e / chunk_len, j = e - q * chunk_len;
           const int slot = L::slot(j);
           float sum_B = 0.f, sum_C = 0.f;
           for (int w = 0; w < warps; ++w) {
-            sum_B += rows_B[w * L::kRow + slot];
-            sum_C += rows_C[w * L::kRow + slot];
+            sum_B += reduce[((0 * warps + w) * kS + q) * L::kRow + slot];
+            sum_C += reduce[((1 * warps + w) * kS + q) * L::kRow + slot];
           }
-          const int64_t index = (bc_plane + n) * p.length + sh.pos_native[j];
+          const int64_t index = (bc_plane + n + q) * p.length + sh.pos_native[j];
           if (p.grad_bc_mode == kGradBCDirect) {
             static_cast<bc_t*>(p.dB)[index] = from_float<bc_t>(sum_B);
             static_cast<bc_t*>(p.dC)[index] = from_float<bc_t>(sum_C);
@@ -755,7 +836,7 @@ __global__ void scan_bwd_main(ScanParams p) {
             static_cast<float*>(p.dC)[index] = sum_C;
           }
         }
-        // Double buffering: the next state writes the other buffer, and the one after waits at
+        // Double buffering: the next group writes the other buffer, and the one after waits at
         // the barrier above until every thread has read this one.
         buffer ^= 1;
       }
@@ -845,8 +926,9 @@ int launch_backward(const ScanParams& p, cudaStream_t stream) {
     if (err != 0) return err;
     scan_bwd_split_carry<<<carry_blocks(p), kCarryBlock, 0, stream>>>(p);
   }
-  // reduce rows: two buffers x (dB, dC) x warps
-  const size_t shared = chunk_shared_words<kItems>(warps, p.dstate, 2, 4 * warps) * sizeof(float);
+  // reduce rows: two buffers x (dB, dC) x warps x states of a group
+  const size_t shared =
+      chunk_shared_words<kItems>(warps, p.dstate, 2, 4 * warps * kBackwardStates) * sizeof(float);
   return launch_with_shared(scan_bwd_main<bc_t, kMulti, kItems>, grid, block, shared, stream, p);
 }
 

@@ -19,9 +19,12 @@ namespace {
 using cuda::ScanParams;
 
 constexpr int64_t kMultiaxialDirections = 4;
-// Splitting a sequence costs one extra read of its inputs (the split aggregate pass), so splits
-// are used only until this many warps per multiprocessor are busy.
-constexpr int64_t kTargetWarpsPerSM = 32;
+// Splitting a sequence costs one extra pass over its inputs (the split aggregate), so a call with
+// enough sequences to give every SM kMinWarpsPerSMWithoutSplits warps runs unsplit; otherwise
+// sequences are cut into enough splits for kTargetWarpsPerSM warps per SM (more splits cost only
+// a longer serial carry over splits, a few floats each).
+constexpr int64_t kMinWarpsPerSMWithoutSplits = 8;
+constexpr int64_t kTargetWarpsPerSM = 64;
 
 bool is_float_dtype(const at::Tensor& t) {
   const auto s = t.scalar_type();
@@ -86,9 +89,9 @@ int warps_per_block_for(int64_t channels_per_group) {
 void choose_splits(ScanParams& p, int device) {
   const int64_t sequences = static_cast<int64_t>(p.batch) * p.num_seqs;
   const int64_t sms = std::max(1, cuda::device_multiprocessor_count(device));
-  const int64_t wanted = sms * kTargetWarpsPerSM;
   int64_t splits = 1;
-  if (sequences < wanted) splits = std::min<int64_t>(p.num_chunks, ceil_div(wanted, sequences));
+  if (sequences < sms * kMinWarpsPerSMWithoutSplits)
+    splits = std::min<int64_t>(p.num_chunks, ceil_div(sms * kTargetWarpsPerSM, sequences));
   p.chunks_per_split = static_cast<int>(ceil_div(p.num_chunks, splits));
   p.num_splits = static_cast<int>(ceil_div(p.num_chunks, p.chunks_per_split));
 }

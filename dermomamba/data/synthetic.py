@@ -24,8 +24,11 @@ any size. What is rendered, and why:
 
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
@@ -43,6 +46,8 @@ _SKIN_TONES = np.array([[238, 206, 186], [226, 184, 160], [205, 160, 128], [176,
 _PIGMENTS = np.array([[176, 118, 80], [130, 80, 50], [88, 52, 34], [52, 34, 30], [104, 98, 120]],
                      dtype=np.float64)
 _HARMONICS = np.arange(2, 8)
+# Bump when render_lesion's output changes, so cached renderings of the old generator are not reused.
+GENERATOR_VERSION = 2
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
@@ -198,6 +203,8 @@ class SyntheticLesionDataset(torch.utils.data.Dataset):
         img_size: (height, width) of every sample.
         seed: stream seed; sample ``i`` is ``render_lesion(seed, offset + i, img_size)``.
         offset: first index of the stream (gives disjoint train/val/test sets from one seed).
+        cache_dir: None renders on every access; a folder renders every sample once (``workers`` processes) into
+            memory-mapped arrays there, reused by later data sets of the same seed, offset, length and size.
     Items are dicts: ``image`` (3, H, W) uint8, ``mask`` (1, H, W) uint8 in {0, 1}, ``id`` (str),
     ``index`` (int), ``original_size`` (2,) int64 = (H, W) — the same keys as the folder data sets.
 
@@ -206,13 +213,57 @@ class SyntheticLesionDataset(torch.utils.data.Dataset):
         ('synthetic_0000000', torch.Size([3, 64, 96]))
     """
 
-    def __init__(self, num_samples: int, img_size: tuple[int, int] = (192, 256), seed: int = 0, offset: int = 0):
+    def __init__(self, num_samples: int, img_size: tuple[int, int] = (192, 256), seed: int = 0, offset: int = 0,
+                 cache_dir: str | os.PathLike | None = None, workers: int = 4):
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
         self.num_samples = int(num_samples)
         self.img_size = (int(img_size[0]), int(img_size[1]))
         self.seed = int(seed)
         self.offset = int(offset)
+        self.cache_path = None
+        self._arrays = None
+        if cache_dir is not None and self.num_samples > 0:
+            # Rendering costs tens of milliseconds per 192x256 sample: a GPU epoch would wait for it.
+            self.cache_path = self._render_cache(os.path.expanduser(os.fspath(cache_dir)), workers)
+
+    def _render_cache(self, cache_dir: str, workers: int) -> str:
+        key = hashlib.sha1(f"synthetic|{GENERATOR_VERSION}|{self.seed}|{self.offset}|{self.num_samples}|"
+                           f"{self.img_size}".encode()).hexdigest()[:20]
+        target = os.path.join(cache_dir, f"synthetic-{key}")
+        if os.path.isfile(os.path.join(target, "masks.npy")):
+            return target
+        os.makedirs(cache_dir, exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix=".building-", dir=cache_dir)
+        try:
+            height, width = self.img_size
+            images = np.lib.format.open_memmap(os.path.join(scratch, "images.npy"), "w+", np.uint8,
+                                               (self.num_samples, height, width, 3))
+            masks = np.zeros((self.num_samples, height, width), np.uint8)
+            indices = range(self.offset, self.offset + self.num_samples)
+            with ProcessPoolExecutor(max(1, workers)) as pool:
+                rendered = pool.map(render_lesion, [self.seed] * self.num_samples, indices,
+                                    [self.img_size] * self.num_samples, chunksize=16)
+                for i, (image, mask) in enumerate(rendered):
+                    images[i], masks[i] = image, mask
+            images.flush()
+            del images
+            # masks.npy last: its presence marks a complete cache.
+            np.save(os.path.join(scratch, "masks.npy"), masks)
+            try:
+                os.replace(scratch, target)
+            except OSError:
+                if not os.path.isfile(os.path.join(target, "masks.npy")):
+                    raise
+        finally:
+            if os.path.isdir(scratch):
+                shutil.rmtree(scratch, ignore_errors=True)
+        return target
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_arrays"] = None  # memory maps are reopened in each worker process
+        return state
 
     def __len__(self) -> int:
         return self.num_samples
@@ -227,7 +278,13 @@ class SyntheticLesionDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"index {i} out of range for {self.num_samples} samples")
-        image, mask = render_lesion(self.seed, self.offset + i, self.img_size)
+        if self.cache_path is not None:
+            if self._arrays is None:
+                self._arrays = tuple(np.load(os.path.join(self.cache_path, name), mmap_mode="r")
+                                     for name in ("images.npy", "masks.npy"))
+            image, mask = np.array(self._arrays[0][i]), np.array(self._arrays[1][i])
+        else:
+            image, mask = render_lesion(self.seed, self.offset + i, self.img_size)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "mask": torch.from_numpy(mask[None]),
@@ -235,12 +292,6 @@ class SyntheticLesionDataset(torch.utils.data.Dataset):
             "index": i,
             "original_size": torch.tensor(self.img_size, dtype=torch.int64),
         }
-
-
-@dataclass(frozen=True)
-class _LayoutNames:
-    image_dir: str
-    mask_dir: str
 
 
 def write_synthetic_dataset(root: str | os.PathLike, num_samples: int, layout: str = "folder",

@@ -1,7 +1,7 @@
 """DermoMamba (Hoang et al., 2025): a U-shaped skin-lesion segmentation network built on VMamba's SS2D.
 
-This module rebuilds the published network module for module, from our written specification of
-it (docs: ``published-network.md``), so that
+This module rebuilds the published network (github.com/hnkhai25/DermoMamba) module for module, from
+our written specification of it, so that
 
 * parameter and buffer names and shapes are the published ones (its checkpoints load with
   ``strict=True``), and at 192x256 the network has the published 4,953,425 parameters;
@@ -26,7 +26,6 @@ Layout of the network (B batch, H x W input, widths c0..c5 = 16, 32, 64, 128, 25
 
 from __future__ import annotations
 
-import inspect
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -264,13 +263,6 @@ class DecoderBlock(nn.Module):
         return self.bn(self.act(self.pw2(self.pw(x))))
 
 
-def _cbam(channels: int, backend: Optional[str]) -> nn.Module:
-    # CBAM gains a backend argument when its fused kernels land; until then it has one implementation.
-    if "backend" in inspect.signature(CBAM).parameters:
-        return CBAM(channels, CBAM_REDUCTION, backend=backend)
-    return CBAM(channels, CBAM_REDUCTION)
-
-
 class DermoMamba(HubMixin, nn.Module):
     """The DermoMamba segmentation network, faithful to the published code.
 
@@ -337,11 +329,11 @@ class DermoMamba(HubMixin, nn.Module):
         self.e3 = EncoderBlock(c2, c3, d_state, backend)
         self.e4 = EncoderBlock(c3, c4, d_state, backend)
         self.e5 = EncoderBlock(c4, c5, d_state, backend)
-        self.s1 = _cbam(c1, backend)
-        self.s2 = _cbam(c2, backend)
-        self.s3 = _cbam(c3, backend)
-        self.s4 = _cbam(c4, backend)
-        self.s5 = _cbam(c5, backend)
+        self.s1 = CBAM(c1, CBAM_REDUCTION, backend=backend)
+        self.s2 = CBAM(c2, CBAM_REDUCTION, backend=backend)
+        self.s3 = CBAM(c3, CBAM_REDUCTION, backend=backend)
+        self.s4 = CBAM(c4, CBAM_REDUCTION, backend=backend)
+        self.s5 = CBAM(c5, CBAM_REDUCTION, backend=backend)
         self.b1 = SweepMamba(c5, bottleneck, ratio=sweep_ratio, d_state=d_state, backend=backend)
         self.b2 = PCAM(c5)
         self.d5 = DecoderBlock(c5, c4)

@@ -92,10 +92,15 @@ def cbam(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, running_
     args = (x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, running_mean, running_var, training,
             momentum, eps)
     if torch.compiler.is_compiling():
-        # OpDispatcher.__call__ logs, which torch.compile(fullgraph=True) cannot trace: resolve the same
-        # way (same errors), then call the implementation directly.
-        return _IMPLEMENTATIONS[cbam_dispatcher.resolve(backend, x.device)](*args)
+        # torch.compile(fullgraph=True) can trace neither OpDispatcher.__call__'s logging nor the
+        # availability checks (importlib): resolve once at trace time, the same way, as a constant.
+        return _IMPLEMENTATIONS[_resolve_while_compiling(backend, x.device)](*args)
     return cbam_dispatcher(backend, x.device, *args)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_while_compiling(backend, device):
+    return cbam_dispatcher.resolve(backend, device)
 
 
 @cbam_dispatcher.register("reference", always)
@@ -116,9 +121,7 @@ def _cbam_triton(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, 
     out, _, _, _, stats = torch.ops.dermomamba_cbam.cbam_forward(
         x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, running_mean, running_var, training, eps)
     if training and running_mean is not None:
-        with torch.no_grad():
-            running_mean.lerp_(stats[2:3].to(running_mean.dtype), momentum)
-            running_var.lerp_(stats[3:4].to(running_var.dtype), momentum)
+        torch.ops.dermomamba_cbam.update_running_stats(running_mean, running_var, stats, momentum)
     return out
 
 

@@ -39,9 +39,14 @@ MAX_BLOCK_P = 128
 MIN_BLOCK_P = 32
 # Programs wanted per SM before pixel tiles stop shrinking.
 PROGRAMS_PER_SM = 2
+# Pixel-major tiles (NCHW): 16-byte loads, 32 threads a warp, up to 4 warps, 32 values of a tensor per thread.
+VECTOR_BYTES = 16
+THREADS_PER_WARP = 32
+MAX_WARPS_PIXEL_MAJOR = 4
+VALUES_PER_THREAD = 32
 # Pixels per program of the 7x7 conv (forward and backward); each step covers a (pixels x taps) tile.
 CONV_BLOCK = 1024
-CONV_TILE_ELEMENTS = 4096
+CONV_TILE_ELEMENTS = 2048
 REDUCE_BLOCK = 1024
 # Per-pixel map rows: forward (max, mean, 1/ties of the max, conv output z), backward (d spatial
 # logit, d max-map / ties, d mean-map / C).
@@ -207,12 +212,13 @@ def _spatial_conv_kernel(pix_ptr, w_ptr, part_ptr, n_ctiles, H, W, HW, KSIZE: tl
         mask = offs < HW
         h = offs // W
         w = offs % W
-        hh = h[:, None] + tap_dy[None, :]
-        ww = w[:, None] + tap_dx[None, :]
-        ok = mask[:, None] & tap_ok[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        # (taps x pixels): neighbouring lanes read neighbouring pixels of one tap, coalesced
+        hh = tap_dy[:, None] + h[None, :]
+        ww = tap_dx[:, None] + w[None, :]
+        ok = tap_ok[:, None] & mask[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
         src = hh * W + ww
-        acc = tl.sum(tl.load(base + PIX_MAX * HW + src, mask=ok, other=0.0) * w_max[None, :]
-                     + tl.load(base + PIX_MEAN * HW + src, mask=ok, other=0.0) * w_mean[None, :], axis=1)
+        acc = tl.sum(tl.load(base + PIX_MAX * HW + src, mask=ok, other=0.0) * w_max[:, None]
+                     + tl.load(base + PIX_MEAN * HW + src, mask=ok, other=0.0) * w_mean[:, None], axis=0)
         tl.store(base + PIX_Z * HW + offs, acc, mask=mask)
         n_i = tl.sum(tl.where(mask, 1.0, 0.0))
         s_i = tl.sum(tl.where(mask, acc, 0.0))
@@ -361,35 +367,38 @@ def _spatial_conv_bwd_kernel(pix_ptr, bpix_ptr, stats_ptr, coef_ptr, w_ptr, pdw_
     tap, tap_dy, tap_dx, tap_ok = _conv_taps(KSIZE, TAPS)
     w_max = tl.load(w_ptr + tap, mask=tap_ok, other=0.0).to(tl.float32)
     w_mean = tl.load(w_ptr + KSIZE * KSIZE + tap, mask=tap_ok, other=0.0).to(tl.float32)
-    dw_max = tl.zeros([TAPS], tl.float32)
-    dw_mean = tl.zeros([TAPS], tl.float32)
+    # weight-gradient products accumulate per (tap, lane) and are reduced once, after the loop
+    dw_max = tl.zeros([TAPS, SUB], tl.float32)
+    dw_mean = tl.zeros([TAPS, SUB], tl.float32)
     for p0 in range(t * BLOCK, tl.minimum(t * BLOCK + BLOCK, HW), SUB):
         offs = p0 + tl.arange(0, SUB)
         mask = offs < HW
         h = offs // W
         w = offs % W
         dz_own = _dz_at(bbase + BPIX_DS * HW, base + PIX_Z * HW, offs, mask, mean, invstd, coef_a, coef_b, coef_c)
-        # input gradient: the output pixels that read this pixel, one per tap
-        h_out = h[:, None] - tap_dy[None, :]
-        w_out = w[:, None] - tap_dx[None, :]
-        ok_out = mask[:, None] & tap_ok[None, :] & (h_out >= 0) & (h_out < H) & (w_out >= 0) & (w_out < W)
+        # input gradient: the output pixels that read this pixel, one per tap (taps x pixels tiles)
+        h_out = h[None, :] - tap_dy[:, None]
+        w_out = w[None, :] - tap_dx[:, None]
+        ok_out = tap_ok[:, None] & mask[None, :] & (h_out >= 0) & (h_out < H) & (w_out >= 0) & (w_out < W)
         dz_n = _dz_at(bbase + BPIX_DS * HW, base + PIX_Z * HW, h_out * W + w_out, ok_out, mean, invstd, coef_a,
                       coef_b, coef_c)
-        d_max = tl.sum(dz_n * w_max[None, :], axis=1)
-        d_mean = tl.sum(dz_n * w_mean[None, :], axis=1)
+        d_max = tl.sum(dz_n * w_max[:, None], axis=0)
+        d_mean = tl.sum(dz_n * w_mean[:, None], axis=0)
         inv_ties = tl.load(base + PIX_INV_TIES * HW + offs, mask=mask, other=0.0)
         tl.store(bbase + BPIX_DMAX * HW + offs, d_max * inv_ties, mask=mask)
         tl.store(bbase + BPIX_DMEAN * HW + offs, d_mean / C, mask=mask)
         # weight gradient: this pixel's dz times what it read through each tap
-        h_in = h[:, None] + tap_dy[None, :]
-        w_in = w[:, None] + tap_dx[None, :]
-        ok_in = mask[:, None] & tap_ok[None, :] & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
+        h_in = h[None, :] + tap_dy[:, None]
+        w_in = w[None, :] + tap_dx[:, None]
+        ok_in = tap_ok[:, None] & mask[None, :] & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
         src = h_in * W + w_in
-        dw_max += tl.sum(dz_own[:, None] * tl.load(base + PIX_MAX * HW + src, mask=ok_in, other=0.0), axis=0)
-        dw_mean += tl.sum(dz_own[:, None] * tl.load(base + PIX_MEAN * HW + src, mask=ok_in, other=0.0), axis=0)
-    part = pdw_ptr + (b * n_ctiles + t) * (2 * KSIZE * KSIZE)
-    tl.store(part + tap, dw_max, mask=tap_ok)
-    tl.store(part + KSIZE * KSIZE + tap, dw_mean, mask=tap_ok)
+        dw_max += dz_own[None, :] * tl.load(base + PIX_MAX * HW + src, mask=ok_in, other=0.0)
+        dw_mean += dz_own[None, :] * tl.load(base + PIX_MEAN * HW + src, mask=ok_in, other=0.0)
+    # (weights x programs) layout: the final sum over programs reads contiguous rows
+    part = pdw_ptr + (b * n_ctiles + t)
+    n_parts = n_ctiles * tl.num_programs(1)
+    tl.store(part + tap * n_parts, tl.sum(dw_max, axis=1), mask=tap_ok)
+    tl.store(part + (KSIZE * KSIZE + tap) * n_parts, tl.sum(dw_mean, axis=1), mask=tap_ok)
 
 
 @triton.jit
@@ -532,6 +541,15 @@ def _bwd_apply_kernel(g_ptr, x_ptr, dx_ptr, cs_ptr, chan_ptr, dchan_ptr, pix_ptr
              mask=mask)
 
 
+@triton.jit
+def _running_stats_kernel(rm_ptr, rv_ptr, stats_ptr, momentum):
+    # fp32 arithmetic and one rounding to the buffers' dtype, as BatchNorm does
+    rm = tl.load(rm_ptr).to(tl.float32)
+    rv = tl.load(rv_ptr).to(tl.float32)
+    tl.store(rm_ptr, ((1.0 - momentum) * rm + momentum * tl.load(stats_ptr + 2)).to(rm_ptr.dtype.element_ty))
+    tl.store(rv_ptr, ((1.0 - momentum) * rv + momentum * tl.load(stats_ptr + 3)).to(rv_ptr.dtype.element_ty))
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
@@ -557,18 +575,38 @@ def _pow2(n):
 
 
 class _Tiling:
-    """Block sizes for the (channel block x pixel block) tiles of the passes over x."""
+    """Block sizes for the (channel block x pixel block) tiles of the passes over x.
 
-    def __init__(self, B, C, HW, device):
-        block_p = min(_pow2(HW), MAX_BLOCK_P)
+    Pixels contiguous (NCHW): each warp spans 32 x VEC pixels of a tile and every thread holds all
+    BLOCK_C channels of its pixels, so the per-pixel reductions over C stay in registers (no shared
+    memory, no barriers); 16-byte loads. Otherwise (channels-last): tiles of up to TILE_ELEMENTS
+    with the pixel block shrunk until the grid fills the GPU.
+    """
+
+    def __init__(self, B, C, HW, device, element_size, pixels_contiguous):
         wanted = _programs_wanted(device)
+        if pixels_contiguous:
+            vec = VECTOR_BYTES // element_size
+            warps = MAX_WARPS_PIXEL_MAJOR
+            while warps > 1 and B * triton.cdiv(HW, THREADS_PER_WARP * vec * warps) < wanted:
+                warps //= 2
+            if B * triton.cdiv(HW, THREADS_PER_WARP * vec * warps) >= wanted // 2:
+                self.block_p = THREADS_PER_WARP * vec * warps
+                self.block_c = min(_pow2(C), max(1, VALUES_PER_THREAD // vec))
+                self.num_warps = warps
+                self._finish(C, HW)
+                return
+        block_p = min(_pow2(HW), MAX_BLOCK_P)
         while block_p > MIN_BLOCK_P and B * triton.cdiv(HW, block_p) < wanted:
             block_p //= 2
         self.block_p = block_p
         self.block_c = min(_pow2(C), max(1, TILE_ELEMENTS // block_p))
-        self.n_ptiles = triton.cdiv(HW, block_p)
-        self.n_ctiles = triton.cdiv(C, self.block_c)
         self.num_warps = 8 if self.block_c * block_p >= TILE_ELEMENTS else 4
+        self._finish(C, HW)
+
+    def _finish(self, C, HW):
+        self.n_ptiles = triton.cdiv(HW, self.block_p)
+        self.n_ctiles = triton.cdiv(C, self.block_c)
 
 
 def _gate_blocks(C, hidden):
@@ -606,7 +644,7 @@ def forward(x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, us
     ksize = conv_w.shape[-1]
     w1, b1, w2, b2, conv_w = (t.contiguous() for t in (w1, b1, w2, b2, conv_w))
     out, cs, chan, pix, stats = forward_buffers(x, hidden, poison)
-    tiling = _Tiling(B, C, HW, x.device)
+    tiling = _Tiling(B, C, HW, x.device, x.element_size(), x.stride(3) == 1 and x.stride(1) != 1)
     bp, bc, npt, warps = tiling.block_p, tiling.block_c, tiling.n_ptiles, tiling.num_warps
     sxb, sxc, sxp = _pixel_strides(x)
     sob, soc, sop = _pixel_strides(out)
@@ -642,7 +680,7 @@ def backward(grad_out, x, w1, b1, w2, conv_w, bn_w, bn_b, cs, chan, pix, stats, 
     hidden = w1.shape[0]
     ksize = conv_w.shape[-1]
     w1, b1, w2, conv_w = (t.contiguous() for t in (w1, b1, w2, conv_w))
-    tiling = _Tiling(B, C, HW, x.device)
+    tiling = _Tiling(B, C, HW, x.device, x.element_size(), x.stride(3) == 1 and x.stride(1) != 1)
     bp, bc, npt, warps = tiling.block_p, tiling.block_c, tiling.n_ptiles, tiling.num_warps
     sxb, sxc, sxp = _pixel_strides(x)
     sgb, sgc, sgp = _pixel_strides(grad_out)
@@ -664,7 +702,7 @@ def backward(grad_out, x, w1, b1, w2, conv_w, bn_w, bn_b, cs, chan, pix, stats, 
     _bn_bwd_stats_kernel[(1,)](pbn, B * npt, stats, bn_w, coef, dbn_w, dbn_b, B * HW, USE_BATCH=use_batch_stats,
                                BLOCK=min(_pow2(B * npt), REDUCE_BLOCK), num_warps=4)
     n_conv = triton.cdiv(HW, CONV_BLOCK)
-    pdw = new(B * n_conv, 2 * ksize * ksize)
+    pdw = new(2 * ksize * ksize, B * n_conv)
     taps = _pow2(ksize * ksize)
     _spatial_conv_bwd_kernel[(n_conv, B)](pix, bpix, stats, coef, conv_w, pdw, C, H, W, HW, n_conv, KSIZE=ksize,
                                           TAPS=taps, BLOCK=CONV_BLOCK, SUB=_conv_sub(taps), num_warps=4)
@@ -687,5 +725,9 @@ def backward(grad_out, x, w1, b1, w2, conv_w, bn_w, bn_b, cs, chan, pix, stats, 
     _bwd_apply_kernel[(npt, B, tiling.n_ctiles)](grad_out, x, dx, cs, chan, dchan, pix, bpix, stats, bn_w, bn_b, C, HW,
                                                  sgb, sgc, sgp, sxb, sxc, sxp, sdb, sdc, sdp, BLOCK_C=bc, BLOCK_P=bp,
                                                  num_warps=warps)
-    dconv = pdw.sum(0).view(1, 2, ksize, ksize)
+    dconv = pdw.sum(1).view(1, 2, ksize, ksize)
     return dx, dw1, db1, dw2, db2, dconv, dbn_w, dbn_b
+
+
+def update_running_stats(running_mean, running_var, stats, momentum):
+    _running_stats_kernel[(1,)](running_mean, running_var, stats, float(momentum), num_warps=1)

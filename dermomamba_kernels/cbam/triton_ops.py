@@ -6,7 +6,8 @@ Its extra outputs are the small maps the backward reads (no copy of x):
   cs (B, C) channel scale; chan (B, 3, C) avg, max and 1/ties of the max over HW;
   pix (B, 4, HW) max, mean and 1/ties of the max over C of x * cs, and the conv output;
   stats (4,) mean and 1/std that normalised, batch mean, unbiased batch variance (fp32).
-``cbam_backward`` returns the gradients of x and of the seven parameters.
+``cbam_backward`` returns the gradients of x and of the seven parameters; ``update_running_stats``
+applies BatchNorm's momentum update to the running buffers in place (no autograd: buffers).
 
 Both run wherever Triton does: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
 """
@@ -63,10 +64,23 @@ def _cbam_backward_fake(grad_out, x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_
                                                         for p in params)
 
 
+@torch.library.custom_op(f"{NAMESPACE}::update_running_stats", mutates_args=("running_mean", "running_var"))
+def update_running_stats(running_mean: Tensor, running_var: Tensor, stats: Tensor, momentum: float) -> None:
+    """BatchNorm's running-stat update from ``cbam_forward``'s stats (batch mean, unbiased variance)."""
+    kernels.update_running_stats(running_mean, running_var, stats, momentum)
+
+
+@update_running_stats.register_fake
+def _update_running_stats_fake(running_mean, running_var, stats, momentum):
+    return None
+
+
 def _setup_context(ctx, inputs, output):
     x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, _, _, use_batch_stats, _ = inputs
     _, cs, chan, pix, stats = output
     ctx.use_batch_stats = use_batch_stats
+    # the saved maps and statistics get no gradient: no zero-filled tensors for them
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, cs, chan, pix, stats)
 
 

@@ -50,13 +50,14 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
             M = M.unsqueeze(1)
         return M.repeat_interleave(dim // M.shape[1], dim=1)
 
-    B_full, C_full = per_channel(B), per_channel(C)
+    # Split the time axis once: indexing [..., t] inside the loop would make every step's backward
+    # scatter into a whole-sequence gradient (quadratic in L).
+    steps = zip(delta.unbind(-1), u.unbind(-1), per_channel(B).unbind(-1), per_channel(C).unbind(-1))
     state = u.new_zeros(batch, dim, dstate)
     ys = []
-    for t in range(length):
-        decay = torch.exp(delta[:, :, t, None] * A)
-        state = decay * state + (delta[:, :, t] * u[:, :, t])[..., None] * B_full[..., t]
-        ys.append((state * C_full[..., t]).sum(-1))
+    for delta_t, u_t, B_t, C_t in steps:
+        state = torch.exp(delta_t[..., None] * A) * state + (delta_t * u_t)[..., None] * B_t
+        ys.append((state * C_t).sum(-1))
     out = torch.stack(ys, dim=-1)
     if D is not None:
         out = out + u * D.float()[:, None]

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_kernel_dtypes
 from . import ops
 from .ops import multiaxial_scan_bwd, multiaxial_scan_fwd, selective_scan_bwd, selective_scan_fwd
 
-__all__ = ["selective_scan_triton", "multiaxial_triton", "multiaxial_projections", "selective_scan_fwd",
+__all__ = ["ops", "selective_scan_triton", "multiaxial_triton", "multiaxial_projections", "selective_scan_fwd",
            "selective_scan_bwd", "multiaxial_scan_fwd", "multiaxial_scan_bwd"]
 
 
@@ -39,6 +40,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         >>> selective_scan_triton(u, delta, A, B, B.clone(), delta_softplus=True).shape
         torch.Size([2, 64, 300])
     """
+    check_kernel_dtypes("triton", u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
     dtype = u.dtype
     args = [_interpreter_safe(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
     out, last_state, _ = torch.ops.dermomamba_triton.selective_scan_fwd(*args, bool(delta_softplus),
@@ -51,26 +53,26 @@ def multiaxial_projections(x, x_proj_weight, dt_projs_weight):
     """SS2D's projections in the native (h, w) layout: no per-direction copy of x is made.
 
     Shapes: x (batch, D, H, W) any strides; x_proj_weight (4, R + 2N, D); dt_projs_weight (4, D, R).
-    Returns delta (batch, 4, D, H, W) and B, C (batch, 4, N, H, W) views, in x's dtype. The
-    projections act per pixel, so direction k's values at (h, w) are those its scan order visits there.
+    Returns delta (batch, 4, D, H, W) and BC (batch, 4, 2N, H, W) (B's N rows, then C's), in x's
+    dtype. The projections act per pixel, so direction k's values at (h, w) are those its scan order
+    visits there. The dt rows and the B, C rows are two products rather than slices of one, so their
+    gradients need no full-size zero-filled slice buffers.
 
     Example:
-        >>> delta, B, C = multiaxial_projections(torch.randn(2, 8, 6, 10), torch.randn(4, 33, 8),
-        ...                                      torch.randn(4, 8, 1))
-        >>> delta.shape, B.shape
-        (torch.Size([2, 4, 8, 6, 10]), torch.Size([2, 4, 16, 6, 10]))
+        >>> delta, BC = multiaxial_projections(torch.randn(2, 8, 6, 10), torch.randn(4, 33, 8),
+        ...                                    torch.randn(4, 8, 1))
+        >>> delta.shape, BC.shape
+        (torch.Size([2, 4, 8, 6, 10]), torch.Size([2, 4, 32, 6, 10]))
     """
     batch, dim, height, width = x.shape
     num_dirs, proj_rows, _ = x_proj_weight.shape
     dt_rank = dt_projs_weight.shape[2]
-    dstate = (proj_rows - dt_rank) // 2
     pixels = x.reshape(batch, dim, height * width)
-    x_dbl = torch.matmul(x_proj_weight.reshape(num_dirs * proj_rows, dim), pixels)
-    x_dbl = x_dbl.view(batch, num_dirs, proj_rows, height * width)
-    delta = torch.matmul(dt_projs_weight, x_dbl[:, :, :dt_rank])
-    x_dbl = x_dbl.view(batch, num_dirs, proj_rows, height, width)
-    return (delta.view(batch, num_dirs, dim, height, width), x_dbl[:, :, dt_rank:dt_rank + dstate],
-            x_dbl[:, :, dt_rank + dstate:])
+    dts = torch.matmul(x_proj_weight[:, :dt_rank].reshape(num_dirs * dt_rank, dim), pixels)
+    delta = torch.matmul(dt_projs_weight, dts.view(batch, num_dirs, dt_rank, height * width))
+    BC = torch.matmul(x_proj_weight[:, dt_rank:].reshape(num_dirs * (proj_rows - dt_rank), dim), pixels)
+    return (delta.view(batch, num_dirs, dim, height, width),
+            BC.view(batch, num_dirs, proj_rows - dt_rank, height, width))
 
 
 def multiaxial_triton(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, deterministic=False):
@@ -87,9 +89,11 @@ def multiaxial_triton(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, 
         >>> y.shape, y.dtype
         (torch.Size([2, 8, 6, 10]), torch.float32)
     """
+    check_kernel_dtypes("triton", x=x, x_proj_weight=x_proj_weight, dt_projs_weight=dt_projs_weight,
+                        dt_projs_bias=dt_projs_bias, A_logs=A_logs, Ds=Ds)
     x, x_proj_weight, dt_projs_weight = (_interpreter_safe(t) for t in (x, x_proj_weight, dt_projs_weight))
-    delta, B, C = multiaxial_projections(x, x_proj_weight, dt_projs_weight)
+    delta, BC = multiaxial_projections(x, x_proj_weight, dt_projs_weight)
     A = -torch.exp(A_logs.float())
     y, _, _ = torch.ops.dermomamba_triton.multiaxial_scan_fwd(
-        x, delta, A, B, C, Ds.float(), dt_projs_bias.float().reshape(-1), True, bool(deterministic))
+        x, delta, A, BC, Ds.float(), dt_projs_bias.float().reshape(-1), True, bool(deterministic))
     return y

@@ -305,6 +305,187 @@ def bwd_chunk_summary_kernel(
 
 
 @triton.jit
+def _bwd_one_direction(
+        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, dout_ptr, enter_ptr, genter_ptr,
+        du_ptr, ddt_ptr, dB_ptr, dC_ptr, dz_ptr, dA_part, dB_part, dC_part, dD_part, dbias_part,
+        pid_t, b, pid_d, r, DK, DPB, DPG_B, DPG_C, NSTATE, NLINES, LEN, NSEG, NCH, NTILES,
+        su_b, su_d, su_line, su_pos,
+        sdt_b, sdt_r, sdt_d, sdt_line, sdt_pos,
+        sB_b, sB_r, sB_g, sB_n, sB_line, sB_pos,
+        sC_b, sC_r, sC_g, sC_n, sC_line, sC_pos,
+        sz_b, sz_d, sz_line, sz_pos,
+        so_b, so_d, so_line, so_pos,
+        sdu_b, sdu_r, sdu_d, sdu_line, sdu_pos,
+        sddt_b, sddt_r, sddt_d, sddt_line, sddt_pos,
+        sdB_p, sdB_b, sdB_r, sdB_g, sdB_n, sdB_line, sdB_pos,
+        sdC_p, sdC_b, sdC_r, sdC_g, sdC_n, sdC_line, sdC_pos,
+        NP: tl.constexpr, LINES: tl.constexpr, BJ: tl.constexpr, NDIR: tl.constexpr, REV: tl.constexpr,
+        AGAINST: tl.constexpr, B_CONST: tl.constexpr, C_CONST: tl.constexpr, HAS_D: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr):
+    d0 = pid_d * DPB
+    lines, pos, seg, mask, lines_1d, chunk_1d = _tile(pid_t, NSEG, NLINES, LEN, LINES, BJ)
+    nn = tl.arange(0, NP)
+    mask_n = nn < NSTATE
+    mask3 = mask_n[:, None, None] & mask[None, :, :]
+    line_ok = lines_1d < NLINES
+    part = b * NTILES + pid_t
+    seg_start = seg * BJ
+    if not B_CONST:
+        Bt = _load_state_tile(B_ptr, b * sB_b + r * sB_r + (d0 // DPG_B) * sB_g, sB_n, sB_line, sB_pos, nn, lines,
+                              pos, mask3)
+        dB = tl.zeros([NP, LINES, BJ], dtype=tl.float32)
+    if not C_CONST:
+        Ct = _load_state_tile(C_ptr, b * sC_b + r * sC_r + (d0 // DPG_C) * sC_g, sC_n, sC_line, sC_pos, nn, lines,
+                              pos, mask3)
+        dC = tl.zeros([NP, LINES, BJ], dtype=tl.float32)
+    # delta of the next position in scan order, inside this chunk (a_{t+1} of the gradient recurrence).
+    if REV:
+        pos_next = pos - 1
+        next_ok = mask & (pos_next >= seg_start)
+    else:
+        pos_next = pos + 1
+        next_ok = mask & (pos_next < LEN) & (pos_next < seg_start + BJ)
+    for j in range(DPB):
+        d = d0 + j
+        ch = r * DK + d
+        u = tl.load(u_ptr + b * su_b + d * su_d + lines * su_line + pos * su_pos, mask=mask, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + b * so_b + d * so_d + lines * so_line + pos * so_pos, mask=mask,
+                       other=0.0).to(tl.float32)
+        dy = dout
+        if HAS_Z:
+            z = tl.load(z_ptr + b * sz_b + d * sz_d + lines * sz_line + pos * sz_pos, mask=mask,
+                        other=0.0).to(tl.float32)
+            sig_z = _sigmoid(z)
+            dy = dout * z * sig_z
+        if B_CONST:
+            Bt = tl.load(B_ptr + ch * sB_g + nn * sB_n, mask=mask_n, other=0.0).to(tl.float32)[:, None, None]
+        if C_CONST:
+            Ct = tl.load(C_ptr + ch * sC_g + nn * sC_n, mask=mask_n, other=0.0).to(tl.float32)[:, None, None]
+        bias = 0.0
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + ch)
+        dt_base = dt_ptr + b * sdt_b + r * sdt_r + d * sdt_d
+        raw, dt = _load_delta(dt_base, lines * sdt_line + pos * sdt_pos, mask, bias, HAS_BIAS, SOFTPLUS)
+        _, dt_next = _load_delta(dt_base, lines * sdt_line + pos_next * sdt_pos, next_ok, bias, HAS_BIAS, SOFTPLUS)
+        A = tl.load(A_ptr + ch * NP + nn)[:, None, None]
+        seq = (b * NDIR + r) * DK + d
+        chunk_offs = (seq * NCH + chunk_1d[None, :]) * NP + nn[:, None]
+        h_in = tl.load(enter_ptr + chunk_offs, mask=line_ok[None, :], other=0.0)
+        g_in = tl.load(genter_ptr + chunk_offs, mask=line_ok[None, :], other=0.0)
+        dtu = dt * u
+        bterm = dtu[None, :, :] * Bt
+        acc_a, acc_b = tl.associative_scan((tl.exp(dt[None, :, :] * A), bterm), 2, _linear_combine, reverse=REV)
+        h = acc_a * h_in[:, :, None] + acc_b
+        if HAS_Z:
+            y = tl.sum(h * Ct, axis=0)
+            if HAS_D:
+                y += tl.load(D_ptr + ch) * u
+            dz = dout * y * sig_z * (1.0 + z * (1.0 - sig_z))
+            tl.store(dz_ptr + b * sz_b + d * sz_d + lines * sz_line + pos * sz_pos, dz.to(dz_ptr.dtype.element_ty),
+                     mask=mask)
+        # The gradient runs against the scan order (AGAINST == not REV).
+        acc_p, acc_g = tl.associative_scan((tl.exp(dt_next[None, :, :] * A), Ct * dy[None, :, :]), 2,
+                                           _linear_combine, reverse=AGAINST)
+        g = acc_g + acc_p * g_in[:, :, None]
+        h_minus_b = h - bterm
+        gB = tl.sum(g * Bt, axis=0)
+        ddt = tl.sum(g * A * h_minus_b, axis=0) + u * gB
+        du = dt * gB
+        tl.store(dA_part + (part * NDIR * DK + ch) * NP + nn,
+                 tl.sum(tl.sum(g * dt[None, :, :] * h_minus_b, axis=2), axis=1))
+        grad_b = g * dtu[None, :, :]
+        grad_c = h * dy[None, :, :]
+        if B_CONST:
+            tl.store(dB_part + (part * NDIR * DK + ch) * NP + nn, tl.sum(tl.sum(grad_b, axis=2), axis=1))
+        else:
+            dB += grad_b
+        if C_CONST:
+            tl.store(dC_part + (part * NDIR * DK + ch) * NP + nn, tl.sum(tl.sum(grad_c, axis=2), axis=1))
+        else:
+            dC += grad_c
+        if HAS_D:
+            du += tl.load(D_ptr + ch) * dy
+            tl.store(dD_part + part * NDIR * DK + ch, tl.sum(tl.sum(dy * u, axis=1), axis=0))
+        if SOFTPLUS:
+            ddt = ddt * _sigmoid(raw)
+        ddt = tl.where(mask, ddt, 0.0)
+        tl.store(ddt_ptr + b * sddt_b + r * sddt_r + d * sddt_d + lines * sddt_line + pos * sddt_pos,
+                 ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            tl.store(dbias_part + part * NDIR * DK + ch, tl.sum(tl.sum(ddt, axis=1), axis=0))
+        tl.store(du_ptr + b * sdu_b + r * sdu_r + d * sdu_d + lines * sdu_line + pos * sdu_pos,
+                 du.to(du_ptr.dtype.element_ty), mask=mask)
+    # Channel blocks of one group write separate partial slices (summed by the caller).
+    if not B_CONST:
+        offs = (pid_d % (DPG_B // DPB)) * sdB_p + b * sdB_b + r * sdB_r + (d0 // DPG_B) * sdB_g
+        tl.store(dB_ptr + offs + nn[:, None, None] * sdB_n + (lines * sdB_line + pos * sdB_pos)[None, :, :], dB,
+                 mask=mask3)
+    if not C_CONST:
+        offs = (pid_d % (DPG_C // DPB)) * sdC_p + b * sdC_b + r * sdC_r + (d0 // DPG_C) * sdC_g
+        tl.store(dC_ptr + offs + nn[:, None, None] * sdC_n + (lines * sdC_line + pos * sdC_pos)[None, :, :], dC,
+                 mask=mask3)
+
+
+@triton.jit
+def bwd_grads_split_kernel(
+        u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, dout_ptr, enter_ptr, genter_ptr,
+        du_ptr, ddt_ptr, dB_ptr, dC_ptr, dz_ptr, dA_part, dB_part, dC_part, dD_part, dbias_part,
+        DK, DPB, DPG_B, DPG_C, NSTATE, NLINES, LEN, NSEG, NCH, NTILES,
+        su_b, su_d, su_line, su_pos,
+        sdt_b, sdt_r, sdt_d, sdt_line, sdt_pos,
+        sB_b, sB_r, sB_g, sB_n, sB_line, sB_pos,
+        sC_b, sC_r, sC_g, sC_n, sC_line, sC_pos,
+        sz_b, sz_d, sz_line, sz_pos,
+        so_b, so_d, so_line, so_pos,
+        sdu_b, sdu_r, sdu_d, sdu_line, sdu_pos,
+        sddt_b, sddt_r, sddt_d, sddt_line, sddt_pos,
+        sdB_p, sdB_b, sdB_r, sdB_g, sdB_n, sdB_line, sdB_pos,
+        sdC_p, sdC_b, sdC_r, sdC_g, sdC_n, sdC_line, sdC_pos,
+        NP: tl.constexpr, LINES: tl.constexpr, BJ: tl.constexpr, NDIR: tl.constexpr,
+        B_CONST: tl.constexpr, C_CONST: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """bwd_grads_kernel with one direction per program (grid axis 2 = channel block x NDIR), a tuning
+    alternative (DERMOMAMBA_TRITON_BWD_SPLIT=1): a program holds one direction's B, C and their
+    gradient tiles (about 180 instead of 250 registers at 8 warps on sm_90) and there are twice as many
+    programs, at the price of a per-direction du buffer that the caller sums.
+
+    With h_t = a_t h_{t-1} + b_t, a_t = exp(delta_t A), b_t = delta_t u_t B_t and y_t = C_t . h_t:
+      g_t = C_t dy_t + a_{t+1} g_{t+1};   a_t h_{t-1} = h_t - b_t (no division, no shifted state);
+      ddelta_t = sum_n g (A (h - b) + B u);  du_t = delta_t sum_n g B;  dA = sum_t g delta (h - b);
+      dB_t = g delta u;  dC_t = dy h.
+    du is written per direction (stride sdu_r); the caller sums the directions.
+    """
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    pid_dr = tl.program_id(2)
+    pid_d = pid_dr // NDIR
+    r = pid_dr % NDIR
+    if r == 0:
+        _bwd_one_direction(
+            u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, dout_ptr, enter_ptr, genter_ptr,
+            du_ptr, ddt_ptr, dB_ptr, dC_ptr, dz_ptr, dA_part, dB_part, dC_part, dD_part, dbias_part,
+            pid_t, b, pid_d, 0, DK, DPB, DPG_B, DPG_C, NSTATE, NLINES, LEN, NSEG, NCH, NTILES,
+            su_b, su_d, su_line, su_pos, sdt_b, sdt_r, sdt_d, sdt_line, sdt_pos,
+            sB_b, sB_r, sB_g, sB_n, sB_line, sB_pos, sC_b, sC_r, sC_g, sC_n, sC_line, sC_pos,
+            sz_b, sz_d, sz_line, sz_pos, so_b, so_d, so_line, so_pos, sdu_b, sdu_r, sdu_d, sdu_line, sdu_pos,
+            sddt_b, sddt_r, sddt_d, sddt_line, sddt_pos, sdB_p, sdB_b, sdB_r, sdB_g, sdB_n, sdB_line, sdB_pos,
+            sdC_p, sdC_b, sdC_r, sdC_g, sdC_n, sdC_line, sdC_pos,
+            NP, LINES, BJ, NDIR, False, True, B_CONST, C_CONST, HAS_D, HAS_BIAS, HAS_Z, SOFTPLUS)
+    else:
+        _bwd_one_direction(
+            u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, dout_ptr, enter_ptr, genter_ptr,
+            du_ptr, ddt_ptr, dB_ptr, dC_ptr, dz_ptr, dA_part, dB_part, dC_part, dD_part, dbias_part,
+            pid_t, b, pid_d, 1, DK, DPB, DPG_B, DPG_C, NSTATE, NLINES, LEN, NSEG, NCH, NTILES,
+            su_b, su_d, su_line, su_pos, sdt_b, sdt_r, sdt_d, sdt_line, sdt_pos,
+            sB_b, sB_r, sB_g, sB_n, sB_line, sB_pos, sC_b, sC_r, sC_g, sC_n, sC_line, sC_pos,
+            sz_b, sz_d, sz_line, sz_pos, so_b, so_d, so_line, so_pos, sdu_b, sdu_r, sdu_d, sdu_line, sdu_pos,
+            sddt_b, sddt_r, sddt_d, sddt_line, sddt_pos, sdB_p, sdB_b, sdB_r, sdB_g, sdB_n, sdB_line, sdB_pos,
+            sdC_p, sdC_b, sdC_r, sdC_g, sdC_n, sdC_line, sdC_pos,
+            NP, LINES, BJ, NDIR, True, False, B_CONST, C_CONST, HAS_D, HAS_BIAS, HAS_Z, SOFTPLUS)
+
+
+@triton.jit
 def bwd_grads_kernel(
         u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, dout_ptr, enter_ptr, genter_ptr,
         du_ptr, ddt_ptr, dB_ptr, dC_ptr, dz_ptr, dA_part, dB_part, dC_part, dD_part, dbias_part,
@@ -323,7 +504,8 @@ def bwd_grads_kernel(
         B_CONST: tl.constexpr, C_CONST: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr):
     """Pass 3 of the backward: rebuild h inside the chunk, scan the state gradient g against the scan
-    order, and form every gradient.
+    order, and form every gradient. Both directions of a pair run in one program: du of the pair adds
+    up in registers and is written once (ACCUMULATE adds it to what is already there).
 
     With h_t = a_t h_{t-1} + b_t, a_t = exp(delta_t A), b_t = delta_t u_t B_t and y_t = C_t . h_t:
       g_t = C_t dy_t + a_{t+1} g_{t+1};   a_t h_{t-1} = h_t - b_t (no division, no shifted state);

@@ -7,6 +7,12 @@ Ops (fresh outputs, fake implementations, autograd through the matching ``*_bwd`
 The kernels' geometry (see kernels.py) is chosen here: for the multiaxial scan the two row-major
 directions (k = 0 forward, k = 2 reversed) run in one launch and the two column-major ones (k = 1, 3) in
 a second one that adds into the first one's output, so y and dx are each written without atomics.
+Every reduction over batch and chunks goes through per-program partial buffers summed by torch, so
+forward and backward are deterministic; ``deterministic`` is accepted for the common interface.
+
+Tuning knobs (environment, read at import; module attributes, read per call): GPU_TILE
+(DERMOMAMBA_TRITON_TILE), COLUMN_LINES, GPU_WARPS, GPU_BWD_WARPS, SPLIT_BACKWARD
+(DERMOMAMBA_TRITON_BWD_SPLIT). benchmarks/bench_triton_scan.py times them.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ CARRY_STATES = 4
 GPU_WARPS = int(os.environ.get("DERMOMAMBA_TRITON_WARPS", "4"))
 GPU_BWD_WARPS = int(os.environ.get("DERMOMAMBA_TRITON_BWD_WARPS", "8"))
 NUM_DIRECTIONS = 4
+# Backward with one direction per program (kernels.bwd_grads_split_kernel) instead of both directions
+# of a pair per program: a tuning alternative, timed by benchmarks/bench_triton_scan.py --alt-backward.
+SPLIT_BACKWARD = os.environ.get("DERMOMAMBA_TRITON_BWD_SPLIT", "0") == "1"
 POISON_ENV_VAR = "DERMOMAMBA_POISON_OUTPUTS"
 
 
@@ -119,6 +128,15 @@ def _state_group(npad: int) -> int:
     return min(npad, CARRY_STATES)
 
 
+def _carry(buffers, batch: int, dim: int, nchunks: int, npad: int, ndir: int, flip: bool, write_final: bool,
+           opts: dict) -> None:
+    """Pass 2: (dsum, loc, A_pad, enter, final) -> the carry entering every chunk (see chunk_carry_kernel)."""
+    group = _state_group(npad)
+    kernels.chunk_carry_kernel[(batch * dim, npad // group)](
+        *buffers, dim, nchunks, NP=npad, NG=group, CB=_carry_block(nchunks), NDIR=ndir, FLIP=flip,
+        WRITE_FINAL=write_final, **opts)
+
+
 # ----------------------------------------------------------------------------------------------
 # 1-D selective scan
 # ----------------------------------------------------------------------------------------------
@@ -175,9 +193,8 @@ def _ss_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         u, delta, A_pad, B_t, bias, dsum, loc, dim, dpb, dpg_b, nstate, 1, length, geo.nseg, geo.nchunks,
         *su, *sdt, *sB, NP=npad, LINES=geo.lines, BJ=geo.seg_len, NDIR=1, B_CONST=b_const,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, **opts)
-    kernels.chunk_carry_kernel[(batch * dim, npad // _state_group(npad))](
-        dsum, loc, A_pad, enter, final, dim, geo.nchunks, NP=npad, NG=_state_group(npad), CB=_carry_block(geo.nchunks), NDIR=1,
-        FLIP=False, WRITE_FINAL=True, **opts)
+    _carry((dsum, loc, A_pad, enter, final), batch, dim, geo.nchunks, npad, ndir=1, flip=False,
+           write_final=True, opts=opts)
     kernels.fwd_output_kernel[grid](
         u, delta, A_pad, B_t, C_t, Dv, bias, zz, enter, out, dim, dpb, dpg_b, dpg_c, nstate, 1, length, geo.nseg,
         geo.nchunks, *su, *sdt, *sB, *sC, *sz, out.stride(0), out.stride(1), 0, out.stride(2),
@@ -189,7 +206,8 @@ def _ss_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
 def _reduce_state_grad(part: Tensor, M: Tensor, constant: bool, nstate: int) -> Tensor:
     if constant:
         return part.sum(0)[:, :nstate].to(M.dtype)
-    return part.sum(0).reshape(M.shape).to(M.dtype)
+    total = part[0] if part.shape[0] == 1 else part.sum(0)
+    return total.reshape(M.shape).to(M.dtype)
 
 
 def _ss_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_states):
@@ -221,9 +239,8 @@ def _ss_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chun
         delta, A_pad, C_t, bias, zz, dout, gdsum, gloc, dim, dpb, dpg_c, nstate, 1, length, geo.nseg, geo.nchunks,
         *sdt, *sC, *sz, *so, NP=npad, LINES=geo.lines, BJ=geo.seg_len, NDIR=1, C_CONST=c_const,
         HAS_BIAS=has_bias, HAS_Z=z is not None, SOFTPLUS=delta_softplus, **opts)
-    kernels.chunk_carry_kernel[(batch * dim, npad // _state_group(npad))](
-        gdsum, gloc, A_pad, genter, genter, dim, geo.nchunks, NP=npad, NG=_state_group(npad), CB=_carry_block(geo.nchunks), NDIR=1,
-        FLIP=True, WRITE_FINAL=False, **opts)
+    _carry((gdsum, gloc, A_pad, genter, genter), batch, dim, geo.nchunks, npad, ndir=1, flip=True,
+           write_final=False, opts=opts)
     du = _alloc((batch, dim, length), u.dtype, device)
     ddelta = _alloc((batch, dim, length), delta.dtype, device)
     dz = _alloc(zz.shape, zz.dtype, device) if z is not None else du
@@ -244,14 +261,20 @@ def _ss_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chun
     dA_part = _alloc((nparts, dim, npad), f32, device)
     dD_part = _alloc((nparts, dim), f32, device) if D is not None else dA_part
     dbias_part = _alloc((nparts, dim), f32, device) if has_bias else dA_part
-    kernels.bwd_grads_kernel[grid](
-        u, delta, A_pad, B_t, C_t, Dv, bias, zz, dout, chunk_states, genter,
-        du, ddelta, dB_buf, dC_buf, dz, dA_part, dB_buf, dC_buf, dD_part, dbias_part,
-        dim, dpb, dpg_b, dpg_c, nstate, 1, length, geo.nseg, geo.nchunks, geo.ntiles,
-        *su, *sdt, *sB, *sC, *sz, *so, du.stride(0), du.stride(1), 0, du.stride(2),
-        ddelta.stride(0), 0, ddelta.stride(1), 0, ddelta.stride(2), *sdB, *sdC,
-        NP=npad, LINES=geo.lines, BJ=geo.seg_len, NDIR=1, B_CONST=b_const, C_CONST=c_const, HAS_D=D is not None,
-        HAS_BIAS=has_bias, HAS_Z=z is not None, SOFTPLUS=delta_softplus, ACCUMULATE=False, **opts)
+    common = (u, delta, A_pad, B_t, C_t, Dv, bias, zz, dout, chunk_states, genter,
+              du, ddelta, dB_buf, dC_buf, dz, dA_part, dB_buf, dC_buf, dD_part, dbias_part,
+              dim, dpb, dpg_b, dpg_c, nstate, 1, length, geo.nseg, geo.nchunks, geo.ntiles)
+    flags = dict(NP=npad, LINES=geo.lines, BJ=geo.seg_len, NDIR=1, B_CONST=b_const, C_CONST=c_const,
+                 HAS_D=D is not None, HAS_BIAS=has_bias, HAS_Z=z is not None, SOFTPLUS=delta_softplus, **opts)
+    sddt = (ddelta.stride(0), 0, ddelta.stride(1), 0, ddelta.stride(2))
+    if SPLIT_BACKWARD:
+        kernels.bwd_grads_split_kernel[grid](
+            *common, su[0], su[2], su[3], su[4], *sdt, *sB, *sC, *sz, *so,
+            du.stride(0), 0, du.stride(1), 0, du.stride(2), *sddt, *sdB, *sdC, **flags)
+    else:
+        kernels.bwd_grads_kernel[grid](
+            *common, *su, *sdt, *sB, *sC, *sz, *so, du.stride(0), du.stride(1), 0, du.stride(2), *sddt, *sdB, *sdC,
+            ACCUMULATE=False, **flags)
     dA = dA_part.sum(0)[:, :nstate].to(A.dtype)
     dB = _reduce_state_grad(dB_buf, B, b_const, nstate)
     dC = _reduce_state_grad(dC_buf, C, c_const, nstate)
@@ -290,9 +313,10 @@ def _multiaxial_channel_blocks(geo: Geometry, batch: int, dim: int) -> int:
     return _channels_per_program(dim, geo.ntiles * batch)
 
 
-def _multiaxial_forward(x, delta, A, B, C, D, delta_bias, delta_softplus):
+def _multiaxial_forward(x, delta, A, BC, D, delta_bias, delta_softplus):
     batch, dim, height, width = x.shape
     nstate = A.shape[1]
+    B, C = BC[:, :, :nstate], BC[:, :, nstate:]
     npad = max(2, _next_pow2(nstate))
     device = x.device
     f32 = torch.float32
@@ -323,9 +347,8 @@ def _multiaxial_forward(x, delta, A, B, C, D, delta_bias, delta_softplus):
             xo, dto, A_pad, Bo, bias, dsum, loc, dim, dpb, dim, nstate, geo.nlines, geo.length, geo.nseg,
             geo.nchunks, *su, *dto.stride(), *sB, NP=npad, LINES=geo.lines, BJ=geo.seg_len, NDIR=2,
             B_CONST=False, HAS_BIAS=True, SOFTPLUS=delta_softplus, **opts)
-        kernels.chunk_carry_kernel[(batch * dim, npad // _state_group(npad))](
-            dsum, loc, A_pad, enter, enter, dim, geo.nchunks, NP=npad, NG=_state_group(npad), CB=_carry_block(geo.nchunks), NDIR=2,
-            FLIP=False, WRITE_FINAL=False, **opts)
+        _carry((dsum, loc, A_pad, enter, enter), batch, dim, geo.nchunks, npad, ndir=2, flip=False,
+               write_final=False, opts=opts)
         kernels.fwd_output_kernel[grid](
             xo, dto, A_pad, Bo, Co, Dv, bias, xo, enter, yo, dim, dpb, dim, dim, nstate, geo.nlines, geo.length,
             geo.nseg, geo.nchunks, *su, *dto.stride(), *sB, *sC, 0, 0, 0, 0, *yo.stride(),
@@ -335,16 +358,20 @@ def _multiaxial_forward(x, delta, A, B, C, D, delta_bias, delta_softplus):
     return y, states[0], states[1]
 
 
-def _multiaxial_backward(dy, x, delta, A, B, C, D, delta_bias, delta_softplus, states_rows, states_cols):
+def _multiaxial_backward(dy, x, delta, A, BC, D, delta_bias, delta_softplus, states_rows, states_cols):
     batch, dim, height, width = x.shape
     nstate = A.shape[1]
+    B, C = BC[:, :, :nstate], BC[:, :, nstate:]
     npad = max(2, _next_pow2(nstate))
     device = x.device
     f32 = torch.float32
     A4 = A.reshape(NUM_DIRECTIONS, dim, nstate)
     D4 = D.reshape(NUM_DIRECTIONS, dim)
     bias4 = delta_bias.reshape(NUM_DIRECTIONS, dim)
-    dx = _alloc((batch, dim, height, width), f32, device)
+    if not SPLIT_BACKWARD:  # the pair kernels add the column orders' dx to the row orders'
+        dx_pair = _alloc((batch, dim, height, width), f32, device)
+    else:  # one slice per direction (programs of one direction never share them); summed below
+        dx_dirs = _alloc((batch, NUM_DIRECTIONS, dim, height, width), f32, device)
     ddelta = _alloc(tuple(delta.shape), delta.dtype, device)
     dA = torch.empty(NUM_DIRECTIONS, dim, nstate, dtype=f32, device=device)
     dD = torch.empty(NUM_DIRECTIONS, dim, dtype=f32, device=device)
@@ -353,11 +380,11 @@ def _multiaxial_backward(dy, x, delta, A, B, C, D, delta_bias, delta_softplus, s
     geos = _orientations(height, width, device)
     dpbs = [_multiaxial_channel_blocks(g, batch, dim) for g in geos]
     nblocks = max(dim // k for k in dpbs)
-    dB_buf = _alloc((nblocks,) + tuple(B.shape), f32, device)
-    dC_buf = _alloc((nblocks,) + tuple(C.shape), f32, device)
+    # dB and dC land in one buffer shaped like BC, so the projection's gradient needs no concatenation.
+    dBC_buf = _alloc((nblocks,) + tuple(BC.shape), f32, device)
     if any(dim // k != nblocks for k in dpbs):  # slices one orientation leaves unwritten must add nothing
-        dB_buf.zero_()
-        dC_buf.zero_()
+        dBC_buf.zero_()
+    dB_buf, dC_buf = dBC_buf[:, :, :, :nstate], dBC_buf[:, :, :, nstate:]
     for o, (geo, enter) in enumerate(zip(geos, (states_rows, states_cols))):
         dpb = dpbs[o]
         grid = (geo.ntiles, batch, dim // dpb)
@@ -374,7 +401,6 @@ def _multiaxial_backward(dy, x, delta, A, B, C, D, delta_bias, delta_softplus, s
         sC = (Co.stride(0), Co.stride(1), 0, Co.stride(2), Co.stride(3), Co.stride(4))
         dyo = _plane(dy, o)
         so = tuple(dyo.stride())
-        dxo = _plane(dx, o)
         ddto = _oriented(ddelta, 1, o)
         dBo = _oriented(dB_buf, 2, o)
         dCo = _oriented(dC_buf, 2, o)
@@ -387,25 +413,34 @@ def _multiaxial_backward(dy, x, delta, A, B, C, D, delta_bias, delta_softplus, s
             dto, A_pad, Co, bias, xo, dyo, gdsum, gloc, dim, dpb, dim, nstate, geo.nlines, geo.length, geo.nseg,
             geo.nchunks, *dto.stride(), *sC, 0, 0, 0, 0, *so, NP=npad, LINES=geo.lines, BJ=geo.seg_len, NDIR=2,
             C_CONST=False, HAS_BIAS=True, HAS_Z=False, SOFTPLUS=delta_softplus, **opts)
-        kernels.chunk_carry_kernel[(batch * dim, npad // _state_group(npad))](
-            gdsum, gloc, A_pad, genter, genter, dim, geo.nchunks, NP=npad, NG=_state_group(npad), CB=_carry_block(geo.nchunks), NDIR=2,
-            FLIP=True, WRITE_FINAL=False, **opts)
+        _carry((gdsum, gloc, A_pad, genter, genter), batch, dim, geo.nchunks, npad, ndir=2, flip=True,
+               write_final=False, opts=opts)
         dA_part = _alloc((nparts, 2 * dim, npad), f32, device)
         dD_part = _alloc((nparts, 2 * dim), f32, device)
         dbias_part = _alloc((nparts, 2 * dim), f32, device)
-        kernels.bwd_grads_kernel[grid](
-            xo, dto, A_pad, Bo, Co, Dv, bias, xo, dyo, enter, genter,
-            dxo, ddto, dBo, dCo, dxo, dA_part, dA_part, dA_part, dD_part, dbias_part,
-            dim, dpb, dim, dim, nstate, geo.nlines, geo.length, geo.nseg, geo.nchunks, geo.ntiles,
-            *su, *dto.stride(), *sB, *sC, 0, 0, 0, 0, *so, *dxo.stride(), *ddto.stride(), *sdB, *sdC,
-            NP=npad, LINES=geo.lines, BJ=geo.seg_len, NDIR=2, B_CONST=False, C_CONST=False, HAS_D=True,
-            HAS_BIAS=True, HAS_Z=False, SOFTPLUS=delta_softplus, ACCUMULATE=o == 1, **opts)
+        common = (xo, dto, A_pad, Bo, Co, Dv, bias, xo, dyo, enter, genter)
+        sizes = (dim, dpb, dim, dim, nstate, geo.nlines, geo.length, geo.nseg, geo.nchunks, geo.ntiles)
+        flags = dict(NP=npad, LINES=geo.lines, BJ=geo.seg_len, NDIR=2, B_CONST=False, C_CONST=False, HAS_D=True,
+                     HAS_BIAS=True, HAS_Z=False, SOFTPLUS=delta_softplus, **opts)
+        if not SPLIT_BACKWARD:
+            dxo = _plane(dx_pair, o)
+            kernels.bwd_grads_kernel[grid](
+                *common, dxo, ddto, dBo, dCo, dxo, dA_part, dA_part, dA_part, dD_part, dbias_part, *sizes,
+                *su, *dto.stride(), *sB, *sC, 0, 0, 0, 0, *so, *dxo.stride(), *ddto.stride(), *sdB, *sdC,
+                ACCUMULATE=o == 1, **flags)
+        else:
+            dxo = _oriented(dx_dirs, 1, o)
+            kernels.bwd_grads_split_kernel[(geo.ntiles, batch, 2 * (dim // dpb))](
+                *common, dxo, ddto, dBo, dCo, dxo, dA_part, dA_part, dA_part, dD_part, dbias_part, *sizes,
+                su[0], su[2], su[3], su[4], *dto.stride(), *sB, *sC, 0, 0, 0, 0, *so, *dxo.stride(), *ddto.stride(),
+                *sdB, *sdC, **flags)
         dA[o::2] = dA_part.sum(0).view(2, dim, npad)[..., :nstate]
         dD[o::2] = dD_part.sum(0).view(2, dim)
         dbias[o::2] = dbias_part.sum(0).view(2, dim)
-    return (dx.to(x.dtype), ddelta, dA.reshape(A.shape).to(A.dtype), dB_buf.sum(0).to(B.dtype),
-            dC_buf.sum(0).to(C.dtype), dD.reshape(D.shape).to(D.dtype), dbias.reshape(delta_bias.shape).to(
-                delta_bias.dtype))
+    dx = dx_dirs.sum(1) if SPLIT_BACKWARD else dx_pair
+    dBC = dBC_buf[0] if nblocks == 1 else dBC_buf.sum(0)
+    return (dx.to(x.dtype), ddelta, dA.reshape(A.shape).to(A.dtype), dBC.to(BC.dtype), dD.reshape(D.shape).to(D.dtype),
+            dbias.reshape(delta_bias.shape).to(delta_bias.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,14 +503,18 @@ selective_scan_fwd.register_autograd(_ss_autograd_backward, setup_context=_ss_se
 
 
 @torch.library.custom_op("dermomamba_triton::multiaxial_scan_fwd", mutates_args=())
-def multiaxial_scan_fwd(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor,
+def multiaxial_scan_fwd(x: Tensor, delta: Tensor, A: Tensor, BC: Tensor, D: Tensor, delta_bias: Tensor,
                         delta_softplus: bool, deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """SS2D scan core: (y (batch, D, H, W) fp32, row-order chunk states, column-order chunk states)."""
-    return _multiaxial_forward(x, delta, A, B, C, D, delta_bias, delta_softplus)
+    """SS2D scan core: (y (batch, D, H, W) fp32, row-order chunk states, column-order chunk states).
+
+    x (batch, D, H, W) any strides; delta (batch, 4, D, H, W) and BC (batch, 4, 2N, H, W) (B's rows, then
+    C's) in the native (h, w) layout, any strides; A (4 D, N); D, delta_bias (4 D,).
+    """
+    return _multiaxial_forward(x, delta, A, BC, D, delta_bias, delta_softplus)
 
 
 @multiaxial_scan_fwd.register_fake
-def _(x, delta, A, B, C, D, delta_bias, delta_softplus, deterministic):
+def _(x, delta, A, BC, D, delta_bias, delta_softplus, deterministic):
     batch, dim, height, width = x.shape
     npad = max(2, _next_pow2(int(A.shape[1])))
     rows, cols = _orientations(int(height), int(width), x.device)
@@ -485,30 +524,30 @@ def _(x, delta, A, B, C, D, delta_bias, delta_softplus, deterministic):
 
 
 @torch.library.custom_op("dermomamba_triton::multiaxial_scan_bwd", mutates_args=())
-def multiaxial_scan_bwd(dy: Tensor, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+def multiaxial_scan_bwd(dy: Tensor, x: Tensor, delta: Tensor, A: Tensor, BC: Tensor, D: Tensor,
                         delta_bias: Tensor, delta_softplus: bool, states_rows: Tensor, states_cols: Tensor,
-                        deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dx, ddelta, dA, dB, dC, dD, ddelta_bias); always deterministic (no float atomics)."""
-    return _multiaxial_backward(dy, x, delta, A, B, C, D, delta_bias, delta_softplus, states_rows, states_cols)
+                        deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dx, ddelta, dA, dBC, dD, ddelta_bias); always deterministic (no float atomics)."""
+    return _multiaxial_backward(dy, x, delta, A, BC, D, delta_bias, delta_softplus, states_rows, states_cols)
 
 
 @multiaxial_scan_bwd.register_fake
-def _(dy, x, delta, A, B, C, D, delta_bias, delta_softplus, states_rows, states_cols, deterministic):
-    return (x.new_empty(x.shape), delta.new_empty(delta.shape), A.new_empty(A.shape), B.new_empty(B.shape),
-            C.new_empty(C.shape), D.new_empty(D.shape), delta_bias.new_empty(delta_bias.shape))
+def _(dy, x, delta, A, BC, D, delta_bias, delta_softplus, states_rows, states_cols, deterministic):
+    return (x.new_empty(x.shape), delta.new_empty(delta.shape), A.new_empty(A.shape), BC.new_empty(BC.shape),
+            D.new_empty(D.shape), delta_bias.new_empty(delta_bias.shape))
 
 
 def _ma_setup_context(ctx, inputs, output):
-    x, delta, A, B, C, D, delta_bias, delta_softplus, deterministic = inputs
-    ctx.save_for_backward(x, delta, A, B, C, D, delta_bias, output[1], output[2])
+    x, delta, A, BC, D, delta_bias, delta_softplus, deterministic = inputs
+    ctx.save_for_backward(x, delta, A, BC, D, delta_bias, output[1], output[2])
     ctx.delta_softplus = delta_softplus
     ctx.deterministic = deterministic
 
 
 def _ma_autograd_backward(ctx, dy, dstates_rows, dstates_cols):
-    x, delta, A, B, C, D, delta_bias, states_rows, states_cols = ctx.saved_tensors
+    x, delta, A, BC, D, delta_bias, states_rows, states_cols = ctx.saved_tensors
     grads = torch.ops.dermomamba_triton.multiaxial_scan_bwd(
-        dy, x, delta, A, B, C, D, delta_bias, ctx.delta_softplus, states_rows, states_cols, ctx.deterministic)
+        dy, x, delta, A, BC, D, delta_bias, ctx.delta_softplus, states_rows, states_cols, ctx.deterministic)
     return tuple(grads) + (None, None)
 
 
