@@ -78,7 +78,7 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) loop reference")
-    parser.add_argument("--reference-backward-max-length", type=int, default=4096,
+    parser.add_argument("--reference-backward-max-length", type=int, default=1024,
                         help="skip the reference's forward+backward above this H*W: its autograd graph indexes "
                              "B and C per position, and each select's backward writes a full (batch, 4*dim, N, L) "
                              "zero tensor, so its backward costs O(L^2) memory traffic")

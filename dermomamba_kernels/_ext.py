@@ -31,6 +31,10 @@ def extension_error() -> str:
     return _error or ""
 
 
+# Asked once: calling the op from a dispatch check inside torch.compile would break the graph.
+_COMPILED_WITH_CUDA = _C is not None and bool(torch.ops.dermomamba.compiled_with_cuda())
+
+
 def compiled_with_cuda() -> bool:
     """True when ``_C`` holds CUDA kernels (it was built by nvcc against a CUDA build of torch)."""
-    return _C is not None and bool(torch.ops.dermomamba.compiled_with_cuda())
+    return _COMPILED_WITH_CUDA

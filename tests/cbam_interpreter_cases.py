@@ -132,3 +132,16 @@ def test_float64_is_refused_by_triton():
     case = Case(1, 16, 3, 3, device="cpu")
     with pytest.raises(TypeError, match="x: dtype torch.float64"):
         cbam(case.x, *case.params, training=True, backend="triton")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_multi_tile_paths(seed, monkeypatch, channels_last):
+    """Several pixel tiles, conv programs and conv sub-steps per image, at interpreter-sized inputs."""
+    from dermomamba_kernels.cbam import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "MAX_WARPS_PIXEL_MAJOR", 1)
+    monkeypatch.setattr(triton_kernels, "MAX_BLOCK_P", 64)
+    monkeypatch.setattr(triton_kernels, "CONV_BLOCK", 64)
+    if hasattr(triton_kernels, "CONV_SUB"):
+        monkeypatch.setattr(triton_kernels, "CONV_SUB", 32)
+    print(check_parity(Case(2, 16, 9, 23, device="cpu"), "triton", torch.float32, True, channels_last=channels_last))

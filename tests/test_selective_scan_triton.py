@@ -112,6 +112,28 @@ def test_multiaxial_matches_cuda_backend(seed, shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_selective_scan_matches_cuda_backend(seed, dtype):
+    from dermomamba_kernels import selective_scan_fn, unavailable_reasons
+
+    reason = unavailable_reasons("selective_scan", "cuda").get("cuda")
+    if reason is not None:
+        pytest.skip(f"CUDA backend unavailable: {reason}")
+    inputs = scan_inputs(2, 256, 2048, 16, "cuda")
+    low = ("u", "delta", "z", "B", "C")
+    leaves = {n: t.to(dtype if n in low else torch.float32).requires_grad_() for n, t in inputs.items()}
+    grad = torch.randn(2, 256, 2048, device="cuda", dtype=dtype)
+    results = {}
+    for backend in ("triton", "cuda"):
+        out = selective_scan_fn(**leaves, delta_softplus=True, backend=backend)
+        results[backend] = (out,) + torch.autograd.grad(out, list(leaves.values()), grad)
+    # Both accumulate in fp32; they differ by summation order and by the final rounding to dtype.
+    limit = 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    for name, a, b in zip(("out",) + tuple("d" + n for n in leaves), results["triton"], results["cuda"]):
+        assert rel_err(a, b) < limit, f"{name}: triton vs cuda relative difference {rel_err(a, b):.3g}"
+
+
+@pytest.mark.gpu
 def test_backward_bit_identical_gpu(seed):
     args = _multiaxial_args(8, 96, 128, batch=4, dtype=torch.float32)
     grad = torch.randn(args[0].shape, device="cuda")

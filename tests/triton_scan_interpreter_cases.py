@@ -157,3 +157,11 @@ def test_split_backward(seed, monkeypatch):
     print(check_multiaxial(triton_scan.multiaxial_triton, multiaxial_inputs(1, 2, 5, 3, 2, "cpu"), torch.float32))
     inputs = scan_inputs(1, 2, 21, 3, "cpu", c_layout="constant")
     print(check_selective_scan(triton_scan.selective_scan_triton, inputs, torch.float32))
+
+
+def test_degenerate_sizes(seed):
+    """Single-row and single-column planes, and a sequence of one position."""
+    for height, width in ((1, 5), (4, 1)):
+        print(check_multiaxial(triton_scan.multiaxial_triton, multiaxial_inputs(1, 2, height, width, 2, "cpu"),
+                               torch.float32))
+    print(check_selective_scan(triton_scan.selective_scan_triton, scan_inputs(1, 2, 1, 2, "cpu"), torch.float32))
