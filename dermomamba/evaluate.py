@@ -17,7 +17,6 @@ import csv
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -25,9 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .data.folders import (DataError, SegmentationDataset, _is_image, _mask_id, detect_layout, discover,
-                           read_mask)
-from .metrics import PER_IMAGE_METRICS, RATIO_METRICS, SegmentationMetricAccumulator
+from .data.folders import (DataError, SegmentationDataset, discover, is_image_name, open_image, read_mask,
+                           strip_mask_suffix)
+from .metrics import PER_IMAGE_METRICS, SegmentationMetricAccumulator
 
 __all__ = ["evaluate_dataset", "evaluate_checkpoint", "evaluate_folders", "write_report", "format_table"]
 
@@ -222,8 +221,8 @@ def _mask_files(folder: str) -> dict[str, str]:
     found: dict[str, str] = {}
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if os.path.isfile(path) and _is_image(name):
-            key = _mask_id(Path(name).stem)
+        if os.path.isfile(path) and is_image_name(name):
+            key = strip_mask_suffix(Path(name).stem)
             if key in found:
                 raise DataError(f"two masks have the id {key!r}: {found[key]} and {path}")
             found[key] = path
@@ -231,8 +230,7 @@ def _mask_files(folder: str) -> dict[str, str]:
 
 
 def _read_grey(path: str) -> np.ndarray:
-    from .data.folders import _open
-    return np.array(_open(path).convert("L"))  # a writable copy, as torch.from_numpy wants
+    return np.array(open_image(path).convert("L"))  # a writable copy, as torch.from_numpy wants
 
 
 def evaluate_folders(predictions: str, truth: str, *, layout: str = "auto", subset: str = "Training",

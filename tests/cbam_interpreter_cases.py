@@ -70,6 +70,19 @@ def test_strided_views(seed):
         torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_expanded_grad_out(seed):
+    """out.sum().backward() hands the op a grad_out with all strides 0."""
+    case = Case(2, 16, 5, 6, device="cpu")
+    grads = []
+    for backend in ("triton", "reference"):
+        x = case.x.float().requires_grad_(True)
+        params = [p.float().requires_grad_(True) for p in case.params]
+        cbam(x, *params, training=True, backend=backend).sum().backward()
+        grads.append([x.grad] + [p.grad for p in params])
+    for fused, ref in zip(*grads):
+        torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_ties_split_like_amax(seed):
     """Quantised x: many tied maxima over HW and over C; gradients split evenly like torch.amax."""
     case = Case(2, 32, 6, 6, device="cpu")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from dermomamba.cli import main
 from dermomamba.config import DEMO_OVERRIDES, TrainConfig, resolve_config
-from dermomamba.data import SegmentationDataset, discover, read_image, write_synthetic_dataset
+from dermomamba.data import SegmentationDataset, discover, write_synthetic_dataset
 from dermomamba.train import TRAIN_STATE_JSON, TRAIN_STATE_TENSORS
 
 import dermomamba
@@ -356,3 +356,20 @@ def test_split_choices(tmp_path, monkeypatch):
     saved.write_text(json.dumps({"train": ids[:5], "val": ids[5:7], "test": []}))
     datasets, split = build_datasets(TrainConfig(data=str(tmp_path / "isic"), split=str(saved), cache_dir=None))
     assert [s.id for s in datasets["train"]] == ids[:5] and len(datasets["test"]) == 0
+
+
+def test_prediction_folder_scores_like_the_official_isic_scorer(trained, data_root, tmp_path):
+    scoring = pytest.importorskip("isic_challenge_scoring")
+    import pathlib
+
+    out = tmp_path / "pred"
+    assert run(["predict", "-c", trained, data_root / "isic" / "ISIC2018_Task1-2_Training_Input", "-o", out,
+                "--workers", 0, "--no-progress"]) == 0
+    truth = data_root / "isic" / "ISIC2018_Task1_Training_GroundTruth"
+    assert run(["evaluate", "--predictions", out, "--truth", truth, "-o", tmp_path / "ours", "--no-progress",
+                "--no-hd95"]) == 0
+    ours = json.load(open(tmp_path / "ours" / "metrics.json"))["summary"]
+    official = scoring.SegmentationScore.from_dir(pathlib.Path(truth), pathlib.Path(out)).macro_average
+    assert ours["num_images"] == 8
+    for name in ("accuracy", "sensitivity", "specificity", "jaccard", "threshold_jaccard", "dice"):
+        assert ours[f"{name}_per_image"] == pytest.approx(float(official[name]), abs=1e-9), name

@@ -615,10 +615,16 @@ std::pair<ItemsFn, ItemsFn> select_variant() {
   TORCH_CHECK(false, kIsaEnvVar, "=", requested, " is not one of auto, baseline, avx2, avx512");
 }
 
+// Waking another thread costs tens of microseconds (far more on a busy machine); below about this
+// many state updates per task, fewer threads finish sooner.
+constexpr int64_t kMinStateUpdatesPerTask = 1 << 18;
+
 void run_parallel(const ScanArgs& a, bool backward) {
   const auto variant = select_variant();
   const ItemsFn fn = backward ? variant.second : variant.first;
-  at::parallel_for(0, a.num_items(), 1, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+  const int64_t updates_per_item = std::max<int64_t>(1, a.channels_per_slice * a.length * a.dstate);
+  const int64_t grain = std::max<int64_t>(1, kMinStateUpdatesPerTask / updates_per_item);
+  at::parallel_for(0, a.num_items(), grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -31,7 +31,8 @@ from PIL import Image
 __all__ = [
     "DataError", "Sample", "IMAGE_EXTENSIONS", "LAYOUTS", "MASK_THRESHOLD",
     "find_isic2018", "find_ph2", "find_image_mask_pairs", "detect_layout", "discover", "list_images",
-    "read_image", "read_mask", "resize_image", "resize_mask", "SegmentationDataset", "build_cache",
+    "read_image", "read_mask", "resize_image", "resize_mask", "SegmentationDataset", "build_cache", "open_image",
+    "is_image_name", "strip_mask_suffix",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -56,7 +57,8 @@ class Sample:
     mask: Optional[str] = None
 
 
-def _is_image(name: str) -> bool:
+def is_image_name(name: str) -> bool:
+    """Whether a file name has an image extension (case-insensitive): ``is_image_name("a.JPG") -> True``."""
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
@@ -126,12 +128,12 @@ def find_isic2018(root: str | os.PathLike, subset: str = "Training", require_mas
     images, masks = {}, {}
     for file_name in _files(image_dir):
         match = image_pattern.fullmatch(file_name)
-        if match and _is_image(file_name):
+        if match and is_image_name(file_name):
             _add_unique(images, match.group(1).upper(), os.path.join(image_dir, file_name))
     if mask_dir is not None:
         for file_name in _files(mask_dir):
             match = mask_pattern.fullmatch(file_name)
-            if match and _is_image(file_name):
+            if match and is_image_name(file_name):
                 _add_unique(masks, match.group(1).upper(), os.path.join(mask_dir, file_name))
     if not images:
         raise DataError(f"no ISIC_<7 digits> images in {image_dir}")
@@ -157,12 +159,12 @@ def find_ph2(root: str | os.PathLike, require_masks: bool = True) -> list[Sample
         image_dir = os.path.join(case_dir, f"{case}_Dermoscopic_Image")
         lesion_dir = os.path.join(case_dir, f"{case}_lesion")
         if os.path.isdir(image_dir):
-            found = [n for n in _files(image_dir) if _is_image(n) and Path(n).stem.lower() == case.lower()]
+            found = [n for n in _files(image_dir) if is_image_name(n) and Path(n).stem.lower() == case.lower()]
             if not found:
                 raise DataError(f"no image {case}.bmp in {image_dir}")
             images[case] = os.path.join(image_dir, found[0])
         if os.path.isdir(lesion_dir):
-            found = [n for n in _files(lesion_dir) if _is_image(n) and Path(n).stem.lower() == f"{case}_lesion".lower()]
+            found = [n for n in _files(lesion_dir) if is_image_name(n) and Path(n).stem.lower() == f"{case}_lesion".lower()]
             if found:
                 masks[case] = os.path.join(lesion_dir, found[0])
     if not images and not masks:
@@ -170,7 +172,8 @@ def find_ph2(root: str | os.PathLike, require_masks: bool = True) -> list[Sample
     return _pair_up(images, masks, require_masks)
 
 
-def _mask_id(stem: str) -> str:
+def strip_mask_suffix(stem: str) -> str:
+    """The image id of a mask file stem: ``strip_mask_suffix("ISIC_0000000_Segmentation") -> "ISIC_0000000"``."""
     lowered = stem.lower()
     for suffix in MASK_SUFFIXES:
         if suffix and lowered.endswith(suffix):
@@ -202,17 +205,17 @@ def find_image_mask_pairs(image_dir: str | os.PathLike, mask_dir: str | os.PathL
         raise DataError(f"no masks/ folder next to {image_dir}")
     images, masks = {}, {}
     for name in _files(image_dir):
-        if _is_image(name):
+        if is_image_name(name):
             _add_unique(images, Path(name).stem, os.path.join(image_dir, name))
     if mask_dir is not None:
         if not os.path.isdir(mask_dir):
             raise DataError(f"mask folder not found: {mask_dir}")
         by_lower = {key.lower(): key for key in images}
         for name in _files(mask_dir):
-            if _is_image(name):
+            if is_image_name(name):
                 stem = Path(name).stem
                 # An exact stem match wins over suffix stripping (an image may itself be called "x_mask").
-                key = by_lower.get(stem.lower()) or by_lower.get(_mask_id(stem).lower()) or _mask_id(stem)
+                key = by_lower.get(stem.lower()) or by_lower.get(strip_mask_suffix(stem).lower()) or strip_mask_suffix(stem)
                 _add_unique(masks, key, os.path.join(mask_dir, name))
     return _pair_up(images, masks, require_masks)
 
@@ -256,10 +259,10 @@ def list_images(paths: Sequence[str | os.PathLike]) -> list[Sample]:
         path = os.path.expanduser(os.fspath(path))
         if os.path.isdir(path):
             for name in _files(path):
-                if _is_image(name):
+                if is_image_name(name):
                     _add_unique(found, Path(name).stem, os.path.join(path, name))
         elif os.path.isfile(path):
-            if not _is_image(path):
+            if not is_image_name(path):
                 raise DataError(f"not an image file (extension not in {IMAGE_EXTENSIONS}): {path}")
             _add_unique(found, Path(path).stem, path)
         else:
@@ -269,7 +272,8 @@ def list_images(paths: Sequence[str | os.PathLike]) -> list[Sample]:
     return [Sample(key, found[key]) for key in sorted(found)]
 
 
-def _open(path: str) -> Image.Image:
+def open_image(path: str) -> Image.Image:
+    """The decoded PIL image of ``path``; DataError naming the file if it is missing, corrupt or truncated."""
     try:
         image = Image.open(path)
         image.load()  # PIL decodes lazily: force it so a truncated file fails here, naming the file.
@@ -282,12 +286,12 @@ def _open(path: str) -> Image.Image:
 
 def read_image(path: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB of an image file; DataError naming the file if it cannot be decoded."""
-    return np.asarray(_open(path).convert("RGB"))
+    return np.asarray(open_image(path).convert("RGB"))
 
 
 def read_mask(path: str) -> np.ndarray:
     """(H, W) uint8 in {0, 1}: grey level > 128 is lesion (3-channel masks are converted to grey first)."""
-    mask = _open(path)
+    mask = open_image(path)
     if mask.mode in ("I", "I;16", "F"):
         array = np.asarray(mask, dtype=np.float64)
         array = array * (255.0 / max(array.max(), 1.0)) if array.max() > 255 else array

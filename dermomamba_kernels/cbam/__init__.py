@@ -25,7 +25,8 @@ def _check_inputs(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias,
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x: expected a (B, C, H, W) tensor, got {_describe(x)}")
     if x.dtype not in REFERENCE_DTYPES:
-        raise TypeError(f"x: dtype {x.dtype} is not a floating type CBAM takes ({', '.join(map(str, REFERENCE_DTYPES))})")
+        raise TypeError(f"x: dtype {x.dtype} is not a floating type CBAM takes "
+                        f"({', '.join(map(str, REFERENCE_DTYPES))})")
     B, C, H, W = x.shape
     if B == 0 or C == 0 or H == 0 or W == 0:
         raise ValueError(f"x: every dimension must be non-empty, got shape {tuple(x.shape)}")

@@ -60,7 +60,7 @@ def cbam_backward(grad_out: Tensor, x: Tensor, mlp1_w: Tensor, mlp1_b: Tensor, m
 def _cbam_backward_fake(grad_out, x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, cs, chan, pix,
                         stats, use_batch_stats):
     params = (mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias)
-    return (torch.empty_like(_pixel_flat(x)),) + tuple(torch.empty(p.shape, dtype=p.dtype, device=p.device)
+    return (kernels.empty_like_pixels(_pixel_flat(x)),) + tuple(torch.empty(p.shape, dtype=p.dtype, device=p.device)
                                                         for p in params)
 
 
