@@ -1,6 +1,6 @@
 // Op schemas of torch.ops.dermomamba, defined once. Kernels register per dispatch key in
 // csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cpp (CUDA); fake (meta) implementations and autograd are
-// registered from Python (dermomamba_kernels/selective_scan/ops.py), so every op works under
+// registered from Python (dermomamba_kernels/selective_scan/extension.py), so every op works under
 // torch.compile(fullgraph=True).
 //
 // Conventions shared by all scan kernels (see dermomamba_kernels/selective_scan/naive.py for the

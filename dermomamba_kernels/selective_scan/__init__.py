@@ -106,6 +106,13 @@ for _backend, _check in (("cpu", cpu_extension), ("cuda", cuda_extension)):
     selective_scan_dispatcher.register(_backend, _check)(_extension_selective_scan)
     multiaxial_dispatcher.register(_backend, _check)(_extension_multiaxial)
 
+# With the extension loaded, register the fakes and autograd of torch.ops.dermomamba.* now, so that
+# direct users of the ops (torch.compile, opcheck) see them without a public call first.
+from .. import _ext as _extension_state  # noqa: E402
+
+if _extension_state.extension_loaded():
+    from . import extension  # noqa: E402,F401
+
 __all__ = [
     "selective_scan_fn",
     "selective_scan_ref",
