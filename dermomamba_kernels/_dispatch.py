@@ -88,13 +88,21 @@ class OpDispatcher:
         return backend
 
     def __call__(self, backend: Optional[str], device: torch.device, *args, **kwargs):
-        chosen = self.resolve(backend, device)
-        # Logging and bookkeeping are host-side effects that dynamo cannot trace: keep them out of
-        # compiled graphs so that models using these ops compile with fullgraph=True.
-        if not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            # Dynamo can trace neither the availability checks (imports, importlib lookups) nor the
+            # logging: under torch.compile the choice is made once, at trace time, as a constant,
+            # so that models using these ops compile with fullgraph=True.
+            chosen = _resolve_as_constant(self.op_name, backend, device)
+        else:
+            chosen = self.resolve(backend, device)
             self.last_backend = chosen
             logger.debug("%s -> %s backend on %s", self.op_name, chosen, device)
         return self._impls[chosen][0](*args, **kwargs)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_as_constant(op_name: str, backend: Optional[str], device: torch.device) -> str:
+    return _DISPATCHERS[op_name].resolve(backend, device)
 
 
 def last_backend(op_name: str) -> Optional[str]:
@@ -119,6 +127,11 @@ def unavailable_reasons(op_name: str, device="cpu") -> Dict[str, str]:
 
 def always(device: torch.device) -> Optional[str]:
     return None
+
+
+def cpu_tensors(device: torch.device) -> Optional[str]:
+    """For ops whose CPU path is vectorised PyTorch (no compiled kernel needed)."""
+    return None if device.type == "cpu" else f"the CPU path takes CPU tensors, got {device}"
 
 
 def cpu_extension(device: torch.device) -> Optional[str]:

@@ -18,6 +18,17 @@ from scan_oracles import closed_form_multiaxial, closed_form_scan, direction_ind
 # The kernels accumulate in fp32 in another order than the reference (chunked scans, tree sums):
 # that alone moves fp32 results by ~1e-6 relative where the fp32 reference can be luckier.
 FP32_NOISE = 1e-5
+# A gradient of a few elements rounded once to a low precision (dt_projs_weight at D = 2 has 8) can be
+# off by half an ulp where the reference's rounding happened to land closer: that one rounding is the
+# floor there (measured: fp16/bf16 errors of 5e-4..2e-2 on both sides, ratios up to 1.6 in 12 draws).
+FEW_ELEMENTS = 16
+
+
+def tolerance(reference_error, dtype, numel):
+    floor = FP32_NOISE
+    if numel < FEW_ELEMENTS:
+        floor = max(floor, torch.finfo(dtype).eps / 2)
+    return 2.0 * reference_error + floor
 SCAN_INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 MULTIAXIAL_INPUT_NAMES = ("x", "x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds")
 
@@ -108,7 +119,7 @@ def scan_inputs(batch, dim, length, dstate, device, b_layout="variable", c_layou
 
 
 def _run(fn, inputs, grad_out, dtype, low_precision_names, **kwargs):
-    """Output and gradients (as float64) of fn on the inputs cast to dtype (fp32 for the others)."""
+    """Output and gradients of fn on the inputs cast to dtype (fp32 for the others), in their own dtypes."""
     leaves = {}
     for name, t in inputs.items():
         if t is None:
@@ -119,10 +130,11 @@ def _run(fn, inputs, grad_out, dtype, low_precision_names, **kwargs):
     out = result[0] if isinstance(result, tuple) else result
     names = list(leaves)
     grads = torch.autograd.grad(out, [leaves[n] for n in names], grad_out.to(out.dtype))
-    values = {"out": out.detach().double()}
+    # each value keeps the dtype it was computed in, for the tolerance
+    values = {"out": out.detach()}
     if isinstance(result, tuple):
-        values["last_state"] = result[1].detach().double()
-    values.update({"d" + n: g.double() for n, g in zip(names, grads)})
+        values["last_state"] = result[1].detach()
+    values.update({"d" + n: g for n, g in zip(names, grads)})
     return values
 
 
@@ -149,7 +161,7 @@ def compare(backend_values, reference_values, oracle_values):
         assert torch.isfinite(value).all(), f"{name}: non-finite values (unwritten output?)"
         err = rel_err(value, oracle)
         ref_err = rel_err(reference_values[name], oracle)
-        tol = 2.0 * ref_err + FP32_NOISE
+        tol = tolerance(ref_err, value.dtype, value.numel())
         report[name] = (err, ref_err, tol)
         if not err <= tol:
             failures.append(f"{name}: error {err:.3g} > tolerance {tol:.3g} (reference error {ref_err:.3g})")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _dispatch
-from .._dispatch import OpDispatcher, always
+from .._dispatch import OpDispatcher, always, cpu_tensors
 from .reference import cbam_ref
 
 cbam_dispatcher = OpDispatcher("cbam")
@@ -79,7 +79,8 @@ def cbam(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, running_
     mlp1_w (C // r, C); mlp1_b (C // r,); mlp2_w (C, C // r); mlp2_b (C,); conv_w (1, 2, k, k), k odd;
     bn_weight, bn_bias, running_mean, running_var (1,). Output: x's shape, dtype and memory format.
 
-    ``backend``: "auto" (default, or ``DERMOMAMBA_BACKEND``), "triton" or "reference".
+    ``backend``: "auto" (default, or ``DERMOMAMBA_BACKEND``), "triton", "cpu" (the reference's
+    vectorised arithmetic on CPU tensors) or "reference".
 
     Example:
         >>> x = torch.randn(2, 32, 6, 10)
@@ -92,18 +93,12 @@ def cbam(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, running_
     _check_inputs(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, running_mean, running_var, training)
     args = (x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, running_mean, running_var, training,
             momentum, eps)
-    if torch.compiler.is_compiling():
-        # torch.compile(fullgraph=True) can trace neither OpDispatcher.__call__'s logging nor the
-        # availability checks (importlib): resolve once at trace time, the same way, as a constant.
-        return _IMPLEMENTATIONS[_resolve_while_compiling(backend, x.device)](*args)
     return cbam_dispatcher(backend, x.device, *args)
 
 
-@torch.compiler.assume_constant_result
-def _resolve_while_compiling(backend, device):
-    return cbam_dispatcher.resolve(backend, device)
-
-
+# On the CPU the reference's vectorised PyTorch arithmetic is the fast path: a few passes over x,
+# each a single ATen kernel.
+@cbam_dispatcher.register("cpu", cpu_tensors)
 @cbam_dispatcher.register("reference", always)
 def _cbam_reference(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, running_mean, running_var,
                     training, momentum, eps):
@@ -125,7 +120,5 @@ def _cbam_triton(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, 
         torch.ops.dermomamba_cbam.update_running_stats(running_mean, running_var, stats, momentum)
     return out
 
-
-_IMPLEMENTATIONS = {"reference": _cbam_reference, "triton": _cbam_triton}
 
 __all__ = ["cbam", "cbam_ref", "cbam_dispatcher"]

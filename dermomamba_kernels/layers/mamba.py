@@ -8,23 +8,19 @@ backend of :func:`dermomamba_kernels.selective_scan_fn`, the CPU included.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..selective_scan import selective_scan_fn
+from .ss2d import initial_dt_bias, resolve_dt_rank
 
 
 def init_dt_projection(dt_proj: nn.Linear, dt_rank: int, dt_init="random", dt_scale=1.0, dt_min=0.001,
                        dt_max=0.1, dt_init_floor=1e-4):
-    """Mamba's initialisation of the delta projection.
-
-    Weight: uniform in +-dt_scale / sqrt(dt_rank) ("random") or that constant ("constant"). Bias: the
-    inverse softplus of dt drawn log-uniformly in [dt_min, dt_max] (clamped at dt_init_floor), so that
-    softplus(bias) starts at that dt.
-    """
+    """Mamba's initialisation of the delta projection: weight uniform in +-dt_scale / sqrt(dt_rank)
+    ("random") or that constant ("constant"); bias from :func:`initial_dt_bias`."""
     std = dt_rank ** -0.5 * dt_scale
     with torch.no_grad():
         if dt_init == "constant":
@@ -33,9 +29,7 @@ def init_dt_projection(dt_proj: nn.Linear, dt_rank: int, dt_init="random", dt_sc
             nn.init.uniform_(dt_proj.weight, -std, std)
         else:
             raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
-        dt = torch.exp(torch.rand(dt_proj.out_features) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=dt_init_floor)
-        dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        dt_proj.bias.copy_(initial_dt_bias(dt_proj.out_features, dt_min, dt_max, dt_init_floor))
 
 
 class Mamba(nn.Module):
@@ -62,7 +56,7 @@ class Mamba(nn.Module):
         self.d_conv = d_conv
         self.expand = expand
         self.d_inner = int(expand * d_model)
-        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.dt_rank = resolve_dt_rank(dt_rank, d_model)
         self.use_fast_path = use_fast_path  # kept for signature compatibility; every path here is fused
         self.layer_idx = layer_idx
         self.backend = backend
