@@ -17,6 +17,10 @@ _EXPORTS = {
     "GuideFusionLoss": "dermomamba.loss",
     "cost_report": "dermomamba.flops",
     "metrics": "dermomamba.metrics",
+    "data": "dermomamba.data",
+    "TrainConfig": "dermomamba.config",
+    "SyntheticLesionDataset": "dermomamba.data",
+    "PublishedAugmentation": "dermomamba.data",
 }
 
 

@@ -276,6 +276,17 @@ def test_demo_train_with_no_data(tmp_path, monkeypatch):
     assert len(os.listdir(tmp_path / "demo" / "predictions" / "overlays")) == 2
 
 
+def test_synthetic_data_with_the_full_recipe_uses_a_cache(tmp_path):
+    # "--data synthetic" keeps the recipe's defaults (only what is given here changes) and renders once.
+    assert run(["train", "--data", "synthetic", *FAST, "--synthetic-train", 4, "--synthetic-val", 2,
+                "--synthetic-test", 0, "--epochs", 1, "--cache-dir", tmp_path / "cache", "-o", tmp_path / "run",
+                "--no-tensorboard"]) == 0
+    assert sorted(n.split("-")[0] for n in os.listdir(tmp_path / "cache")) == ["synthetic", "synthetic"]
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "data: synthetic" in config and "lr_patience: 5" in config and "predict_samples: 0" in config
+    assert not os.path.exists(tmp_path / "run" / "test_metrics.json")  # no test images asked for
+
+
 @pytest.mark.slow
 def test_full_demo_command(tmp_path, monkeypatch, request):
     """The README's first command exactly (one to four minutes on a 2-core CPU, depending on its load).
