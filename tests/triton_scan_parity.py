@@ -18,12 +18,13 @@ from scan_oracles import closed_form_multiaxial, closed_form_scan, direction_ind
 # The kernels accumulate in fp32 in another order than the reference (chunked scans, tree sums):
 # that alone moves fp32 results by ~1e-6 relative where the fp32 reference can be luckier.
 FP32_NOISE = 1e-5
-# A quantity of a few elements (dt_projs_weight, dt_projs_bias at D = 2 have 8) is a noisy statistic of
-# the inputs' rounding to the precision under test: the reference's error can be lucky by cancellation
-# (seen: bf16 ddt_projs_bias, reference 9.7e-4, kernel 3.6e-3; fp16/bf16 ratios up to 1.6 in 12 other
-# draws). One unit roundoff of that precision, the accuracy of anything computed from those inputs, is
-# the floor there.
-FEW_ELEMENTS = 16
+# A quantity of few elements (dx at 1x2x5x3 has 30, dt_projs_weight and dt_projs_bias at D = 2 have 8)
+# gives a noisy relative error: it is a statistic of the inputs' rounding to the precision under test,
+# and the reference can be lucky by cancellation. Measured over 25 fp16 and 25 bf16 draws at 5x3:
+# kernel / reference error ratios have medians 0.72..1.00 (the kernel sums directions in fp32) but
+# tails up to 2.7 (dx, fp16). One unit roundoff of that precision, the accuracy of anything computed
+# from those inputs, is the floor there.
+FEW_ELEMENTS = 64
 
 
 def tolerance(reference_error, precision, numel):
