@@ -95,13 +95,17 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         >>> resolve_device("auto")          # device(type='cpu') on a machine without a GPU
     """
     if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={name!r}: CUDA is not available on this machine")
-        if device.index is None:
+        if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name!r}: process LOCAL_RANK={local_rank} needs GPU {device.index}, but "
+                         f"{torch.cuda.device_count()} is visible; start at most that many processes per node "
+                         "or pass --device cpu")
     return device
 
 

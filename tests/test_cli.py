@@ -27,7 +27,9 @@ PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(dermomamba.__fi
 # Small and fast: the tiny model at 32x64, 8 images of assorted sizes, 2 training steps per epoch.
 IMG = ["--img-size", "32", "64"]
 SIZES = [(41, 57), (30, 66), (64, 48), (35, 35)]
-FAST = ["--model", "dermomamba_tiny", *IMG, "--batch-size", "2", "--eval-batch-size", "4", "--workers", "0",
+# The CPU on every machine, GPU machines included: these tests pin down behaviour (exact resume, gloo DDP)
+# that only the CPU's deterministic kernels guarantee bit for bit.
+FAST = ["--device", "cpu", "--model", "dermomamba_tiny", *IMG, "--batch-size", "2", "--eval-batch-size", "4", "--workers", "0",
         "--no-progress", "--lr", "1e-3", "--split", "random", "--val-fraction", "0.25", "--test-fraction", "0.25"]
 
 
