@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 
 import torch
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from common import git_commit  # noqa: E402
 from dermomamba_kernels.layers import CBAM  # noqa: E402
 
 BATCH = 16
@@ -137,14 +137,6 @@ def copy_bandwidth(do_bench):
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True).stdout.strip() or os.environ.get("DERMOMAMBA_COMMIT", "unknown")
-    except OSError:
-        return os.environ.get("DERMOMAMBA_COMMIT", "unknown")
 
 
 def main():

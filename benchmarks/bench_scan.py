@@ -26,7 +26,6 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 
 import torch
@@ -37,25 +36,10 @@ sys.path.insert(0, REPO_ROOT)
 import dermomamba_kernels as dk  # noqa: E402
 from dermomamba_kernels.selective_scan import extension  # noqa: E402  (fakes + autograd of the ops)
 
-BATCH = 16
-DSTATE = 16
-NUM_DIRECTIONS = 4
-# (d_model, H, W) of DermoMamba's SS2D calls at a 192x256 input.
-SHAPES = [(4, 192, 256), (8, 96, 128), (16, 48, 64), (32, 24, 32), (64, 12, 16), (64, 6, 8), (6, 8, 64), (8, 64, 6)]
+from common import (BATCH, DSTATE, NUM_DIRECTIONS, SHAPES, copy_bandwidth_gbs,  # noqa: E402
+                    git_commit, import_mamba_ssm, published_core)
+
 MAMBA_TEST_SHAPES = [(2, dim, length) for dim in (64, 1024) for length in (128, 512, 2048, 4096)]
-MAMBA_SSM_DIRS = (os.path.join(REPO_ROOT, ".bench-deps", "prebuilt"),
-                  os.path.join(REPO_ROOT, ".bench-deps", "mamba_ssm-2.3.2.post1"))
-
-
-def import_mamba_ssm():
-    for path in MAMBA_SSM_DIRS:
-        if os.path.isdir(path) and path not in sys.path:
-            sys.path.insert(0, path)
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        return selective_scan_fn, None
-    except Exception as exc:  # noqa: BLE001 - any failure means "baseline not available", said in the output
-        return None, f"{type(exc).__name__}: {exc}"
 
 
 def time_ms(fn, quick=False):
@@ -66,38 +50,7 @@ def time_ms(fn, quick=False):
     return do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
-def copy_bandwidth_gbs(quick=False):
-    src = torch.empty(256 * 2 ** 20, dtype=torch.float32, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), quick)
-    return 2 * src.numel() * 4 / ms / 1e6
-
-
 # ---- the published SS2D core around a 1-D scan ----
-
-def published_core(scan_fn):
-    """VMamba v0 forward_corev0 as the published DermoMamba code runs it, around `scan_fn`."""
-
-    def run(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds):
-        batch, dim, height, width = x.shape
-        length = height * width
-        rank = dt_projs_weight.shape[2]
-        pair = torch.stack([x.reshape(batch, dim, length), x.transpose(2, 3).contiguous().reshape(batch, dim, length)],
-                           dim=1)
-        xs = torch.cat([pair, pair.flip(-1)], dim=1)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)
-        dts, Bs, Cs = torch.split(x_dbl, [rank, DSTATE, DSTATE], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight)
-        out = scan_fn(xs.float().reshape(batch, -1, length), dts.contiguous().float().reshape(batch, -1, length),
-                      -torch.exp(A_logs.float()), Bs.float(), Cs.float(), Ds.float(),
-                      delta_bias=dt_projs_bias.float().reshape(-1), delta_softplus=True)
-        out = out.reshape(batch, NUM_DIRECTIONS, dim, length)
-        back = out[:, 2:4].flip(-1)
-        cols = (out[:, 1] + back[:, 1]).reshape(batch, dim, width, height).transpose(2, 3)
-        return (out[:, 0] + back[:, 0]).reshape(batch, dim, height, width) + cols
-
-    return run
-
 
 def make_ss2d_inputs(d_model, height, width, dtype=torch.float32):
     dim = 2 * d_model
@@ -169,13 +122,6 @@ def projections_native(x, params):
             dt_projs_bias.float().reshape(-1))
 
 
-def git_commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, text=True).strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
 def fmt(v, digits=3):
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -193,7 +139,7 @@ def main():
 
     mamba_fn, mamba_err = import_mamba_ssm()
     device_name = torch.cuda.get_device_name()
-    copy_gbs = copy_bandwidth_gbs(args.quick)
+    copy_gbs = copy_bandwidth_gbs(lambda fn: time_ms(fn, args.quick))
     chunk = extension.chunk_size_for(torch.device("cuda"))
     header = (f"GPU {device_name}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {git_commit()}; "
               f"torch {torch.__version__}; device-to-device copy {copy_gbs:.0f} GB/s; chunk_size {chunk}; "

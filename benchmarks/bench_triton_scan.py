@@ -25,7 +25,6 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 
 import torch
@@ -37,49 +36,10 @@ from dermomamba_kernels import multiaxial_selective_scan, unavailable_reasons  #
 from dermomamba_kernels.selective_scan import triton as triton_scan  # noqa: E402
 from dermomamba_kernels.selective_scan.triton import ops  # noqa: E402
 
-BATCH = 16
-DSTATE = 16
-NUM_DIRECTIONS = 4
-# (d_model, H, W) of DermoMamba's SS2D calls at a 192x256 input.
-SHAPES = [(4, 192, 256), (8, 96, 128), (16, 48, 64), (32, 24, 32), (64, 12, 16), (64, 6, 8), (6, 8, 64), (8, 64, 6)]
-MAMBA_SSM_DIRS = (os.path.join(REPO_ROOT, ".bench-deps", "prebuilt"),
-                  os.path.join(REPO_ROOT, ".bench-deps", "mamba_ssm-2.3.2.post1"))
+from common import (BATCH, DSTATE, NUM_DIRECTIONS, SHAPES, copy_bandwidth_gbs,  # noqa: E402
+                    git_commit, import_mamba_ssm)
+from common import published_core as published_path  # noqa: E402
 
-
-def import_mamba_ssm():
-    for path in MAMBA_SSM_DIRS:
-        if os.path.isdir(path) and path not in sys.path:
-            sys.path.insert(0, path)
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        return selective_scan_fn, None
-    except Exception as exc:  # noqa: BLE001 - any failure means "baseline not available", said in the output
-        return None, f"{type(exc).__name__}: {exc}"
-
-
-def published_path(scan_fn):
-    """The published SS2D core (VMamba v0 style): copies, einsums, a 1-D scan of 4*D channels, merge."""
-
-    def run(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds):
-        batch, dim, height, width = x.shape
-        length = height * width
-        rank = dt_projs_weight.shape[2]
-        rows = x.reshape(batch, dim, length)
-        cols = x.transpose(2, 3).contiguous().reshape(batch, dim, length)
-        pair = torch.stack([rows, cols], dim=1)
-        xs = torch.cat([pair, pair.flip(-1)], dim=1)  # (batch, 4, dim, L), materialised
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)
-        dts, Bs, Cs = torch.split(x_dbl, [rank, DSTATE, DSTATE], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight)
-        out = scan_fn(xs.float().reshape(batch, -1, length), dts.contiguous().float().reshape(batch, -1, length),
-                      -torch.exp(A_logs.float()), Bs.float(), Cs.float(), Ds.float(),
-                      delta_bias=dt_projs_bias.float().reshape(-1), delta_softplus=True)
-        out = out.reshape(batch, NUM_DIRECTIONS, dim, length)
-        back = out[:, 2:4].flip(-1)
-        cols_sum = (out[:, 1] + back[:, 1]).reshape(batch, dim, width, height).transpose(2, 3)
-        return (out[:, 0] + back[:, 0]).reshape(batch, dim, height, width) + cols_sum
-
-    return run
 
 
 def alternative_backward(op):
@@ -127,13 +87,6 @@ def fwd_and_fwd_bwd(op, args, quick=False):
     return time_ms(fwd, **kw), time_ms(fwd_bwd, **kw)
 
 
-def copy_bandwidth_gbs():
-    src = torch.empty(256 * 2 ** 20, dtype=torch.float32, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src))
-    return 2 * src.numel() * 4 / ms / 1e6
-
-
 def scan_core(args):
     """(ms, bytes) of the Triton multiaxial scan forward on precomputed projections."""
     x, xw, dw, db, A_logs, Ds = [a.detach() for a in args]
@@ -144,14 +97,6 @@ def scan_core(args):
     batch, dim, height, width = x.shape
     per_pixel = dim + NUM_DIRECTIONS * dim + 2 * NUM_DIRECTIONS * DSTATE + dim  # x, delta, B, C in; y out
     return ms, batch * height * width * per_pixel * 4
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def main():
@@ -203,7 +148,7 @@ def main():
     }
     import triton
     info["triton"] = triton.__version__
-    info["copy_bandwidth_GBs"] = copy_bandwidth_gbs()
+    info["copy_bandwidth_GBs"] = copy_bandwidth_gbs(time_ms)
     print(json.dumps(info, indent=1), flush=True)
 
     paths = {"triton": lambda *a: multiaxial_selective_scan(*a, backend="triton")}

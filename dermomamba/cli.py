@@ -236,6 +236,8 @@ def _run_info(args) -> int:
 def _run_benchmark(args) -> int:
     import torch
 
+    from .benchmark import (device_description, make_forward, make_train_step, median, random_batch,
+                            time_ms)
     from .loss import GuideFusionLoss
     from .models import create_model
     from .train import resolve_device
@@ -243,59 +245,28 @@ def _run_benchmark(args) -> int:
     device = resolve_device(args.device)
     kwargs = {"backend": args.backend} if args.backend else {}
     model = create_model(args.model, img_size=tuple(args.img_size), **kwargs).to(device)
-    images = torch.rand(args.batch_size, 3, *args.img_size, device=device)
-    masks = (torch.rand(args.batch_size, 1, *args.img_size, device=device) > 0.5).float()
-    criterion = GuideFusionLoss("published")
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    use_amp = device.type == "cuda" and args.precision != "fp32"
-    dtype = torch.float16 if args.precision == "fp16" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and args.precision == "fp16")
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def forward():
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=use_amp):
-            model(images)
-
-    def train_step():
-        with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
-            logits = model(images)
-        loss = criterion(logits.float(), masks)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    images, masks = random_batch(args.batch_size, tuple(args.img_size), device)
+    # Autocast only exists here on CUDA; on the CPU every precision runs (and is reported as) fp32.
+    precision = args.precision if device.type == "cuda" else "fp32"
+    steps = {"forward": make_forward(model, images, precision),
+             "train_step": make_train_step(model, images, masks, GuideFusionLoss("published"), precision)}
 
     results = {"model": args.model, "img_size": list(args.img_size), "batch_size": args.batch_size,
-               "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-                                        f" ({torch.get_num_threads()} threads)"),
-               "precision": args.precision if use_amp else "fp32", "torch": torch.__version__}
-    for name, step, train_mode in (("forward", forward, False), ("train_step", train_step, True)):
-        model.train(train_mode)
-        for _ in range(args.warmup):
-            step()
-        sync()
-        times = []
-        for _ in range(args.steps):
-            started = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - started)
-        times.sort()
-        median = times[len(times) // 2]
-        results[f"{name}_ms_median"] = median * 1000
-        results[f"{name}_ms_min"] = times[0] * 1000
-        results[f"{name}_images_per_second"] = args.batch_size / median
+               "device": device_description(device), "precision": precision, "torch": torch.__version__}
+    for name, step in steps.items():
+        times = sorted(time_ms(step, device, warmup=args.warmup, repeats=args.steps))
+        results[f"{name}_ms_median"] = median(times)
+        results[f"{name}_ms_min"] = times[0]
+        results[f"{name}_images_per_second"] = args.batch_size / (median(times) / 1000)
     if args.json:
         print(json.dumps(results, indent=1))
     else:
         print(f"{args.model} {args.img_size[0]}x{args.img_size[1]} batch {args.batch_size} on {results['device']}, "
               f"{results['precision']}, median of {args.steps} after {args.warmup} warm-up:")
-        for name in ("forward", "train_step"):
+        for name in steps:
             print(f"  {name:<11} {results[f'{name}_ms_median']:9.1f} ms  (min {results[f'{name}_ms_min']:.1f} ms)  "
                   f"{results[f'{name}_images_per_second']:8.1f} images/s")
+        print("(ours against the published code path: python benchmarks/bench_model.py)")
     return 0
 
 
