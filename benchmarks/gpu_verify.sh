@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine call that verifies a tree before an issue is resolved: build the extension, run
 # the WHOLE test suite (GPU tests included, several workers), then the quick model benchmark.
-# Logs land in $OUT. Usage (device tool): run(command="bash benchmarks/gpu_verify.sh")
+# Logs land in $OUT. Usage (device tool): run(command="DERMOMAMBA_COMMIT=<sha> bash benchmarks/gpu_verify.sh")
+# (the device copy has no .git: the benchmarks stamp their tables with DERMOMAMBA_COMMIT).
 #   TEST_ARGS  extra pytest arguments (e.g. -k to narrow)      TEST_TIMEOUT  seconds, default 330
 #   BENCH=0    skip the model benchmark
 set -uo pipefail
