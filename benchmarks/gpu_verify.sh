@@ -5,6 +5,9 @@
 # (the device copy has no .git: the benchmarks stamp their tables with DERMOMAMBA_COMMIT).
 #   TEST_ARGS  extra pytest arguments (e.g. -k to narrow)      TEST_TIMEOUT  seconds, default 330
 #   BENCH=0    skip the model benchmark
+#   BENCH_MODEL=1  also run benchmarks/bench_model.py (issue 9: ours vs the published code path; carry
+#                  .bench-deps/mamba_ssm-2.3.2.post1 and .bench-deps/prebuilt so that mamba-ssm imports)
+#   BENCH_MODEL_ARGS  extra bench_model.py arguments      BENCH_MODEL_TIMEOUT  seconds, default 420
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -40,5 +43,18 @@ if [ "${BENCH:-1}" = "1" ]; then
   stamp "model benchmark"
   timeout 120 python3 -m dermomamba.cli benchmark > "$OUT/model_bench.log" 2>&1
   echo "benchmark rc=$?"; tail -30 "$OUT/model_bench.log"
+fi
+if [ "${BENCH_MODEL:-0}" = "1" ]; then
+  stamp "whole-network benchmark, ours vs published (bench_model.py)"
+  PREBUILT=.bench-deps/prebuilt
+  # mamba-ssm's selective_scan_cuda travels gzipped in parts (see benchmarks/gpu_scan.sh, which builds it)
+  if ls "$PREBUILT"/selective_scan_cuda*.so.gz.part* >/dev/null 2>&1 && ! ls "$PREBUILT"/selective_scan_cuda*.so >/dev/null 2>&1; then
+    so_name=$(basename "$(ls "$PREBUILT"/selective_scan_cuda*.so.gz.part* | head -1)" | sed 's/\.gz\.part.*//')
+    cat "$PREBUILT/$so_name".gz.part* | gunzip > "$PREBUILT/$so_name"
+  fi
+  python3 -c "import sys; sys.path[:0] = ['benchmarks']; import common; print('mamba-ssm:', common.import_mamba_ssm()[1] or 'imports')"
+  timeout "${BENCH_MODEL_TIMEOUT:-420}" python3 benchmarks/bench_model.py --json "$OUT/bench_model.json" \
+    --markdown "$OUT/bench_model.md" --plot "$OUT/bench_model.png" ${BENCH_MODEL_ARGS:-} > "$OUT/bench_model.log" 2>&1
+  echo "bench_model rc=$?"; tail -40 "$OUT/bench_model.log"
 fi
 stamp "done"
