@@ -34,7 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
+# Appended, not prepended: an installed dermomamba (with its compiled _C) wins over the source tree.
+if REPO_ROOT not in sys.path:
+    sys.path.append(REPO_ROOT)
 
 from common import git_commit  # noqa: E402
 from dermomamba_kernels.layers import CBAM  # noqa: E402

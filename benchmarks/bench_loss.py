@@ -32,7 +32,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Appended, not prepended: an installed dermomamba (with its compiled _C) wins over the source tree.
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from dermomamba.loss import GuideFusionLoss  # noqa: E402
 from dermomamba_kernels import distance_transform_edt, last_backend  # noqa: E402

@@ -41,9 +41,11 @@ import torch.nn as nn
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-for _path in (REPO_ROOT, BENCH_DIR):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+# Appended, not prepended: an installed dermomamba (with its compiled _C) wins over the source tree.
+if REPO_ROOT not in sys.path:
+    sys.path.append(REPO_ROOT)
+if BENCH_DIR not in sys.path:
+    sys.path.insert(0, BENCH_DIR)
 
 import dermomamba_kernels as dk  # noqa: E402
 from bench_cbam import PublishedCBAM  # noqa: E402

@@ -31,7 +31,9 @@ import sys
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
+# Appended, not prepended: an installed dermomamba (with its compiled _C) wins over the source tree.
+if REPO_ROOT not in sys.path:
+    sys.path.append(REPO_ROOT)
 
 import dermomamba_kernels as dk  # noqa: E402
 from dermomamba_kernels.selective_scan import extension  # noqa: E402  (fakes + autograd of the ops)
