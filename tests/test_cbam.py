@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from cbam_parity import Case, check_parity
+from cbam_parity import NAMES, SUMMATION_ORDERS, Case, check_parity
 from dermomamba_kernels import BackendUnavailableError
 from dermomamba_kernels.cbam import cbam, cbam_ref
 from dermomamba_kernels.layers import CBAM
@@ -261,3 +261,13 @@ def test_gpu_autocast_layer(seed):
         err_k = ((k - e).norm() / e.norm()).item()
         err_r = ((r - e).norm() / e.norm()).item()
         assert err_k <= 2 * err_r + 1e-5, f"tensor {i}: fused {err_k:.3e} vs autocast reference {err_r:.3e}"
+
+
+@pytest.mark.parametrize("order", SUMMATION_ORDERS[1:], ids=["reverse-batch", "mirror-width", "both"])
+def test_summation_orders_are_exact_symmetries(seed, order):
+    """The parity tolerance takes the reference's error over these orders: each must be the same problem."""
+    case = Case(3, 16, 5, 9, device="cpu", ksize=7)
+    plain = case.run("reference", torch.float64, True)
+    moved = case.run("reference", torch.float64, True, variant=order)
+    for name, a, b in zip(NAMES, plain, moved):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
