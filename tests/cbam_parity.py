@@ -98,6 +98,13 @@ def relative_error(value, expected):
     return ((value - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
+def judge(name, value, reference, exact):
+    """value (a kernel's, any dtype) vs exact (fp64): error at most 2x the same-precision reference's + fp32 noise."""
+    err = relative_error(value.double(), exact)
+    ref_err = relative_error(reference.double(), exact)
+    assert err <= 2.0 * ref_err + FP32_NOISE, f"{name}: kernel error {err:.2e}, same-precision reference {ref_err:.2e}"
+
+
 def check_parity(case, backend, dtype, training, channels_last=False):
     """Asserts backend's error vs fp64 <= tolerance(error of the reference in ``dtype``). Returns the table."""
     exact = case.run("reference", torch.float64, training, inputs_dtype=dtype)
