@@ -44,9 +44,11 @@ VECTOR_BYTES = 16
 THREADS_PER_WARP = 32
 MAX_WARPS_PIXEL_MAJOR = 4
 VALUES_PER_THREAD = 32
-# Pixels per program of the 7x7 conv (forward and backward); each step covers a (pixels x taps) tile.
+# 7x7 conv (forward and backward): pixels per program, pixels per step (one per thread and warp
+# lane: 2 per thread with 4 warps), warps.
 CONV_BLOCK = 1024
-CONV_TILE_ELEMENTS = 2048
+CONV_SUB = 256
+CONV_WARPS = 4
 REDUCE_BLOCK = 1024
 # Per-pixel map rows: forward (max, mean, 1/ties of the max, conv output z), backward (d spatial
 # logit, d max-map / ties, d mean-map / C).
@@ -187,38 +189,43 @@ def _spatial_pool_kernel(x_ptr, cs_ptr, pix_ptr, C, HW, sxb, sxc, sxp, BLOCK_C: 
 
 
 @triton.jit
-def _conv_taps(KSIZE: tl.constexpr, TAPS: tl.constexpr):
-    """Tap index, its (row, column) offset and validity, for a KSIZE x KSIZE kernel padded to TAPS lanes."""
-    tap = tl.arange(0, TAPS)
-    return tap, tap // KSIZE - KSIZE // 2, tap % KSIZE - KSIZE // 2, tap < KSIZE * KSIZE
+def _conv_columns(KSIZE: tl.constexpr, KPAD: tl.constexpr):
+    """Column index of a kernel row padded to KPAD lanes, its offset and validity."""
+    kx = tl.arange(0, KPAD)
+    return kx, kx - KSIZE // 2, kx < KSIZE
 
 
 @triton.jit
-def _spatial_conv_kernel(pix_ptr, w_ptr, part_ptr, n_ctiles, H, W, HW, KSIZE: tl.constexpr, TAPS: tl.constexpr,
+def _spatial_conv_kernel(pix_ptr, w_ptr, part_ptr, n_ctiles, H, W, HW, KSIZE: tl.constexpr, KPAD: tl.constexpr,
                          BLOCK: tl.constexpr, SUB: tl.constexpr):
-    # one (pixels x taps) tile per step: a handful of vector operations instead of KSIZE^2 scalar ones
+    # kernel rows unrolled; the KPAD columns of a row are one (columns x pixels) tile whose column
+    # axis stays inside each thread, so the sum over a row needs no shuffles
     t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     base = pix_ptr + b * PIX_ROWS * HW
-    tap, tap_dy, tap_dx, tap_ok = _conv_taps(KSIZE, TAPS)
-    w_max = tl.load(w_ptr + tap, mask=tap_ok, other=0.0).to(tl.float32)
-    w_mean = tl.load(w_ptr + KSIZE * KSIZE + tap, mask=tap_ok, other=0.0).to(tl.float32)
+    kx, col_dx, col_ok = _conv_columns(KSIZE, KPAD)
     # running (count, sum, squared deviations about the running mean) of this program's outputs
     n_acc = 0.0
     s_acc = 0.0
     m2_acc = 0.0
-    for p0 in range(t * BLOCK, tl.minimum(t * BLOCK + BLOCK, HW), SUB):
+    stop = tl.minimum(t * BLOCK + BLOCK, HW)
+    for p0 in range(t * BLOCK, stop, SUB):
         offs = p0 + tl.arange(0, SUB)
-        mask = offs < HW
+        mask = offs < stop
         h = offs // W
         w = offs % W
-        # (taps x pixels): neighbouring lanes read neighbouring pixels of one tap, coalesced
-        hh = tap_dy[:, None] + h[None, :]
-        ww = tap_dx[:, None] + w[None, :]
-        ok = tap_ok[:, None] & mask[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        src = hh * W + ww
-        acc = tl.sum(tl.load(base + PIX_MAX * HW + src, mask=ok, other=0.0) * w_max[:, None]
-                     + tl.load(base + PIX_MEAN * HW + src, mask=ok, other=0.0) * w_mean[:, None], axis=0)
+        ww = w[None, :] + col_dx[:, None]
+        cols_in = col_ok[:, None] & mask[None, :] & (ww >= 0) & (ww < W)
+        acc = tl.zeros([SUB], tl.float32)
+        for ky in tl.static_range(KSIZE):
+            hh = h + (ky - KSIZE // 2)
+            ok = cols_in & ((hh >= 0) & (hh < H))[None, :]
+            # offs + shift rather than hh * W + ww: the pixel axis then reads as contiguous, and lanes run along it
+            src = offs[None, :] + ((ky - KSIZE // 2) * W + col_dx)[:, None]
+            w_max = tl.load(w_ptr + ky * KSIZE + kx, mask=col_ok, other=0.0).to(tl.float32)
+            w_mean = tl.load(w_ptr + KSIZE * KSIZE + ky * KSIZE + kx, mask=col_ok, other=0.0).to(tl.float32)
+            acc += tl.sum(tl.load(base + PIX_MAX * HW + src, mask=ok, other=0.0) * w_max[:, None]
+                          + tl.load(base + PIX_MEAN * HW + src, mask=ok, other=0.0) * w_mean[:, None], axis=0)
         tl.store(base + PIX_Z * HW + offs, acc, mask=mask)
         n_i = tl.sum(tl.where(mask, 1.0, 0.0))
         s_i = tl.sum(tl.where(mask, acc, 0.0))
@@ -354,7 +361,7 @@ def _dz_at(ds_base, z_base, src, ok, mean, invstd, coef_a, coef_b, coef_c):
 
 @triton.jit
 def _spatial_conv_bwd_kernel(pix_ptr, bpix_ptr, stats_ptr, coef_ptr, w_ptr, pdw_ptr, C, H, W, HW, n_ctiles,
-                             KSIZE: tl.constexpr, TAPS: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr):
+                             KSIZE: tl.constexpr, KPAD: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr):
     t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     base = pix_ptr + b * PIX_ROWS * HW
@@ -364,41 +371,53 @@ def _spatial_conv_bwd_kernel(pix_ptr, bpix_ptr, stats_ptr, coef_ptr, w_ptr, pdw_
     coef_a = tl.load(coef_ptr)
     coef_b = tl.load(coef_ptr + 1)
     coef_c = tl.load(coef_ptr + 2)
-    tap, tap_dy, tap_dx, tap_ok = _conv_taps(KSIZE, TAPS)
-    w_max = tl.load(w_ptr + tap, mask=tap_ok, other=0.0).to(tl.float32)
-    w_mean = tl.load(w_ptr + KSIZE * KSIZE + tap, mask=tap_ok, other=0.0).to(tl.float32)
-    # weight-gradient products accumulate per (tap, lane) and are reduced once, after the loop
-    dw_max = tl.zeros([TAPS, SUB], tl.float32)
-    dw_mean = tl.zeros([TAPS, SUB], tl.float32)
-    for p0 in range(t * BLOCK, tl.minimum(t * BLOCK + BLOCK, HW), SUB):
+    kx, col_dx, col_ok = _conv_columns(KSIZE, KPAD)
+    start = t * BLOCK
+    stop = tl.minimum(start + BLOCK, HW)
+    # input gradient: each pixel gathers dz of the output pixels that read it, row by kernel row
+    for p0 in range(start, stop, SUB):
         offs = p0 + tl.arange(0, SUB)
-        mask = offs < HW
+        mask = offs < stop
         h = offs // W
         w = offs % W
-        dz_own = _dz_at(bbase + BPIX_DS * HW, base + PIX_Z * HW, offs, mask, mean, invstd, coef_a, coef_b, coef_c)
-        # input gradient: the output pixels that read this pixel, one per tap (taps x pixels tiles)
-        h_out = h[None, :] - tap_dy[:, None]
-        w_out = w[None, :] - tap_dx[:, None]
-        ok_out = tap_ok[:, None] & mask[None, :] & (h_out >= 0) & (h_out < H) & (w_out >= 0) & (w_out < W)
-        dz_n = _dz_at(bbase + BPIX_DS * HW, base + PIX_Z * HW, h_out * W + w_out, ok_out, mean, invstd, coef_a,
-                      coef_b, coef_c)
-        d_max = tl.sum(dz_n * w_max[:, None], axis=0)
-        d_mean = tl.sum(dz_n * w_mean[:, None], axis=0)
+        w_out = w[None, :] - col_dx[:, None]
+        cols_in = col_ok[:, None] & mask[None, :] & (w_out >= 0) & (w_out < W)
+        d_max = tl.zeros([SUB], tl.float32)
+        d_mean = tl.zeros([SUB], tl.float32)
+        for ky in tl.static_range(KSIZE):
+            h_out = h - (ky - KSIZE // 2)
+            ok = cols_in & ((h_out >= 0) & (h_out < H))[None, :]
+            src = offs[None, :] - ((ky - KSIZE // 2) * W + col_dx)[:, None]
+            dz_n = _dz_at(bbase + BPIX_DS * HW, base + PIX_Z * HW, src, ok, mean, invstd, coef_a, coef_b, coef_c)
+            w_max = tl.load(w_ptr + ky * KSIZE + kx, mask=col_ok, other=0.0).to(tl.float32)
+            w_mean = tl.load(w_ptr + KSIZE * KSIZE + ky * KSIZE + kx, mask=col_ok, other=0.0).to(tl.float32)
+            d_max += tl.sum(dz_n * w_max[:, None], axis=0)
+            d_mean += tl.sum(dz_n * w_mean[:, None], axis=0)
         inv_ties = tl.load(base + PIX_INV_TIES * HW + offs, mask=mask, other=0.0)
         tl.store(bbase + BPIX_DMAX * HW + offs, d_max * inv_ties, mask=mask)
         tl.store(bbase + BPIX_DMEAN * HW + offs, d_mean / C, mask=mask)
-        # weight gradient: this pixel's dz times what it read through each tap
-        h_in = h[None, :] + tap_dy[:, None]
-        w_in = w[None, :] + tap_dx[:, None]
-        ok_in = tap_ok[:, None] & mask[None, :] & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
-        src = h_in * W + w_in
-        dw_max += dz_own[None, :] * tl.load(base + PIX_MAX * HW + src, mask=ok_in, other=0.0)
-        dw_mean += dz_own[None, :] * tl.load(base + PIX_MEAN * HW + src, mask=ok_in, other=0.0)
-    # (weights x programs) layout: the final sum over programs reads contiguous rows
+    # weight gradient: per kernel row, (columns x pixels) products accumulate over the program's
+    # pixels and are reduced once; (weights x programs) layout so the final sum reads rows
     part = pdw_ptr + (b * n_ctiles + t)
     n_parts = n_ctiles * tl.num_programs(1)
-    tl.store(part + tap * n_parts, tl.sum(dw_max, axis=1), mask=tap_ok)
-    tl.store(part + (KSIZE * KSIZE + tap) * n_parts, tl.sum(dw_mean, axis=1), mask=tap_ok)
+    for ky in tl.static_range(KSIZE):
+        acc_max = tl.zeros([KPAD, SUB], tl.float32)
+        acc_mean = tl.zeros([KPAD, SUB], tl.float32)
+        for p0 in range(start, stop, SUB):
+            offs = p0 + tl.arange(0, SUB)
+            mask = offs < stop
+            h = offs // W
+            w = offs % W
+            dz_own = _dz_at(bbase + BPIX_DS * HW, base + PIX_Z * HW, offs, mask, mean, invstd, coef_a, coef_b,
+                            coef_c)
+            h_in = h + (ky - KSIZE // 2)
+            w_in = w[None, :] + col_dx[:, None]
+            ok = col_ok[:, None] & (mask & (h_in >= 0) & (h_in < H))[None, :] & (w_in >= 0) & (w_in < W)
+            src = offs[None, :] + ((ky - KSIZE // 2) * W + col_dx)[:, None]
+            acc_max += dz_own[None, :] * tl.load(base + PIX_MAX * HW + src, mask=ok, other=0.0)
+            acc_mean += dz_own[None, :] * tl.load(base + PIX_MEAN * HW + src, mask=ok, other=0.0)
+        tl.store(part + (ky * KSIZE + kx) * n_parts, tl.sum(acc_max, axis=1), mask=col_ok)
+        tl.store(part + (KSIZE * KSIZE + ky * KSIZE + kx) * n_parts, tl.sum(acc_mean, axis=1), mask=col_ok)
 
 
 @triton.jit
@@ -579,10 +598,6 @@ def _programs_wanted(device):
     return PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _conv_sub(taps):
-    return max(1, CONV_TILE_ELEMENTS // taps)
-
-
 def _pow2(n):
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -682,9 +697,8 @@ def forward(x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, us
     _spatial_pool_kernel[(npt, B)](x, cs, pix, C, HW, sxb, sxc, sxp, BLOCK_C=bc, BLOCK_P=bp, num_warps=warps)
     n_conv = triton.cdiv(HW, CONV_BLOCK)
     conv_parts = new(B * n_conv * 3)
-    taps = _pow2(ksize * ksize)
-    _spatial_conv_kernel[(n_conv, B)](pix, conv_w, conv_parts, n_conv, H, W, HW, KSIZE=ksize, TAPS=taps,
-                                      BLOCK=CONV_BLOCK, SUB=_conv_sub(taps), num_warps=4)
+    _spatial_conv_kernel[(n_conv, B)](pix, conv_w, conv_parts, n_conv, H, W, HW, KSIZE=ksize, KPAD=_pow2(ksize),
+                                      BLOCK=CONV_BLOCK, SUB=CONV_SUB, num_warps=CONV_WARPS)
     rm = running_mean if running_mean is not None else stats
     rv = running_var if running_var is not None else stats
     _bn_stats_kernel[(1,)](conv_parts, B * n_conv, rm, rv, stats, B * HW, eps, USE_BATCH=use_batch_stats,
@@ -723,9 +737,8 @@ def backward(grad_out, x, w1, b1, w2, conv_w, bn_w, bn_b, cs, chan, pix, stats, 
                                BLOCK=min(_pow2(B * npt), REDUCE_BLOCK), num_warps=4)
     n_conv = triton.cdiv(HW, CONV_BLOCK)
     pdw = new(2 * ksize * ksize, B * n_conv)
-    taps = _pow2(ksize * ksize)
     _spatial_conv_bwd_kernel[(n_conv, B)](pix, bpix, stats, coef, conv_w, pdw, C, H, W, HW, n_conv, KSIZE=ksize,
-                                          TAPS=taps, BLOCK=CONV_BLOCK, SUB=_conv_sub(taps), num_warps=4)
+                                          KPAD=_pow2(ksize), BLOCK=CONV_BLOCK, SUB=CONV_SUB, num_warps=CONV_WARPS)
     _bwd_channel_kernel[(npt, B)](x, cs, pix, bpix, pdcs, C, HW, sxb, sxc, sxp, npt, BLOCK_C=bc, BLOCK_P=bp,
                                   num_warps=warps)
     gate_c, gate_h = _gate_blocks(C, hidden)
