@@ -17,8 +17,6 @@ STEPS=${STEPS:-"build mamba tests bench sanitize"}
 export PATH="$(dirname "$(python3 -c 'import sys;print(sys.executable)')"):$PATH"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD
-MAMBA_SRC=.bench-deps/mamba_ssm-2.3.2.post1
-PREBUILT=.bench-deps/prebuilt
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 stamp() { echo "[gpu_scan $(date -u +%H:%M:%S)] $*"; }
 
@@ -28,42 +26,8 @@ stamp() { echo "[gpu_scan $(date -u +%H:%M:%S)] $*"; }
 # --- mamba-ssm (background) ---
 mamba_pid=
 if has mamba; then
-  if ls "$PREBUILT"/selective_scan_cuda*.so.gz.part* >/dev/null 2>&1 && ! ls "$PREBUILT"/selective_scan_cuda*.so >/dev/null 2>&1; then
-    so_name=$(basename "$(ls "$PREBUILT"/selective_scan_cuda*.so.gz.part* | head -1)" | sed 's/\.gz\.part.*//')
-    cat "$PREBUILT/$so_name".gz.part* | gunzip > "$PREBUILT/$so_name"
-  fi
-  if ls "$PREBUILT"/selective_scan_cuda*.so >/dev/null 2>&1; then
-    stamp "mamba-ssm: reusing $(ls "$PREBUILT"/selective_scan_cuda*.so)" >> "$OUT/build.log"
-  elif [ -d "$MAMBA_SRC" ]; then
-    (
-      mkdir -p /tmp/mamba_build "$PREBUILT"
-      MAX_JOBS=16 python3 - <<'EOF'
-import glob, os, shutil, time
-from torch.utils.cpp_extension import load
-src = ".bench-deps/mamba_ssm-2.3.2.post1/csrc/selective_scan"
-start = time.time()
-load(name="selective_scan_cuda", sources=sorted(glob.glob(f"{src}/*.cpp") + glob.glob(f"{src}/*.cu")),
-     extra_include_paths=[os.path.abspath(src)],
-     extra_cuda_cflags=["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--expt-extended-lambda", "--use_fast_math",
-                        "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-                        "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-                        "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
-                        "-gencode", "arch=compute_90,code=sm_90"],
-     build_directory="/tmp/mamba_build", verbose=False)
-for so in glob.glob("/tmp/mamba_build/selective_scan_cuda*.so"):
-    shutil.copy(so, ".bench-deps/prebuilt/")
-print(f"mamba-ssm selective_scan_cuda built in {time.time() - start:.0f} s")
-EOF
-      so=$(ls "$PREBUILT"/selective_scan_cuda*.so 2>/dev/null | head -1)
-      if [ -n "$so" ]; then
-        strip --strip-debug "$so" 2>/dev/null
-        gzip -c "$so" | split -b 15m - "$OUT/$(basename "$so").gz.part"
-      fi
-    ) >> "$OUT/build.log" 2>&1 &
-    mamba_pid=$!
-  else
-    stamp "mamba-ssm: no sources at $MAMBA_SRC (carry it)" >> "$OUT/build.log"
-  fi
+  bash benchmarks/build_mamba_ssm.sh "$OUT/build.log" &
+  mamba_pid=$!
 fi
 
 # --- our extension ---
