@@ -9,7 +9,10 @@
 # (the device copy has no .git: the benchmarks stamp their tables with DERMOMAMBA_COMMIT).
 # STEPS (default "build tests quick"), any of:
 #   build    our extension (sm_90) + mamba-ssm's selective_scan_cuda in the background when a later step needs it
-#   tests    pytest tests (TEST_ARGS extra arguments, TEST_TIMEOUT seconds, default 330)
+#   tests    pytest tests (TEST_ARGS extra arguments, TEST_TIMEOUT seconds, default 330); the mamba-ssm
+#            parity file runs in its own step when "parity" is asked for
+#   parity   tests/test_mamba_ssm_parity.py with DERMOMAMBA_REQUIRE_MAMBA_SSM=1 (issue 8: fails, not skips,
+#            when mamba-ssm does not import)
 #   quick    `dermomamba benchmark` (the model's own quick benchmark)
 #   cbam     benchmarks/bench_cbam.py with CUDA graphs and the per-kernel profile (issue 5)
 #   layers   benchmarks/bench_layers.py, drop-in layers vs mamba-ssm (issue 8)
@@ -31,7 +34,7 @@ stamp() { echo "[gpu_verify $(date -u +%H:%M:%S)] $*"; }
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/env.log"
 
 mamba_pid=
-if has build && { has tests || has layers || has model || has scan; }; then
+if has build && { has tests || has parity || has layers || has model || has scan; }; then
   bash benchmarks/build_mamba_ssm.sh "$OUT/mamba_build.log" &
   mamba_pid=$!
 fi
@@ -61,14 +64,22 @@ ls .bench-deps/prebuilt/selective_scan_cuda* >/dev/null 2>&1 && wait_for_mamba
 if has tests; then
   stamp "tests"
   workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+  skip_parity=$(has parity && echo "--ignore=tests/test_mamba_ssm_parity.py" || echo "")
   timeout "${TEST_TIMEOUT:-330}" python3 -m pytest tests -q -rfE $workers -p no:cacheprovider --durations=15 \
-    ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
+    $skip_parity ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
   echo "pytest rc=$?"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
   tail -25 "$OUT/tests.log"
 fi
 
 wait_for_mamba
+if has parity; then
+  stamp "parity with mamba-ssm"
+  workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+  DERMOMAMBA_REQUIRE_MAMBA_SSM=1 timeout "${PARITY_TIMEOUT:-420}" python3 -m pytest tests/test_mamba_ssm_parity.py \
+    -q -rfEs $workers -p no:cacheprovider > "$OUT/parity.log" 2>&1
+  echo "parity rc=$?"; grep -E "^(FAILED|ERROR|SKIPPED)" "$OUT/parity.log" | head -30; tail -3 "$OUT/parity.log"
+fi
 bench() {  # bench <step> <default timeout> <command...>
   local step=$1 limit=$2; shift 2
   local var; var="$(echo "$step" | tr a-z A-Z)_TIMEOUT"
@@ -78,7 +89,8 @@ bench() {  # bench <step> <default timeout> <command...>
 }
 has quick && bench quick 120 python3 -m dermomamba.cli benchmark
 has cbam && bench cbam 240 python3 benchmarks/bench_cbam.py --json "$OUT/bench_cbam.json" --profile --graphs
-has layers && bench layers 300 python3 benchmarks/bench_layers.py --markdown "$OUT/bench_layers.md"
+has layers && bench layers 420 python3 benchmarks/bench_layers.py --baseline mamba --json "$OUT/bench_layers.json" \
+  --markdown "$OUT/bench_layers.md" ${BENCH_LAYERS_ARGS:-}
 has model && bench model 420 python3 benchmarks/bench_model.py --json "$OUT/bench_model.json" \
   --markdown "$OUT/bench_model.md" --plot "$OUT/bench_model.png" ${BENCH_MODEL_ARGS:-}
 has scan && bench scan 240 bash -c "python3 benchmarks/bench_scan.py && python3 benchmarks/bench_triton_scan.py"
