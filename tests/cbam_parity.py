@@ -72,14 +72,15 @@ class Case:
         def mirror_kernel(w):
             return w.flip(-1) if mirror_width else w
 
-        x = move(self.x.to(inputs_dtype).to(dtype))
+        # clone: with dtype == inputs_dtype == fp64 the casts return self.x itself, which must stay a plain leaf
+        x = move(self.x.to(inputs_dtype).to(dtype)).clone()
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
-        params = [p.to(inputs_dtype).to(dtype) for p in self.params]
+        params = [p.to(inputs_dtype).to(dtype).clone() for p in self.params]
         params[CONV_WEIGHT] = mirror_kernel(params[CONV_WEIGHT])
         params = [p.requires_grad_(True) for p in params]
-        running = [r.to(inputs_dtype).to(dtype) for r in self.running]
+        running = [r.to(inputs_dtype).to(dtype).clone() for r in self.running]
         out = cbam(x, *params, *running, training=training, momentum=0.1, eps=1e-5, backend=backend)
         assert out.shape == x.shape and out.dtype == x.dtype
         if channels_last:
