@@ -9,13 +9,15 @@ one GPU:
   compiled    ``torch.compile`` of that module (default mode, static shapes)
   reference   our reference layer (``CBAM(backend="reference")``: ``mean`` / ``amax`` pools)
   fused       ``CBAM(backend="triton")``: the fused Triton kernels
+  cuda        ``CBAM(backend="cuda")``: the fused CUDA C++ kernels (same pass structure; skipped with the
+              reason when the extension has no CUDA kernels, or with --no-cuda)
 
 and, for the fused op, the achieved bandwidth: the bytes the pass structure must move (forward:
 x read three times and out written once; backward: grad_out and x read twice... see
 benchmarks/notes/cbam.md) over time, against a device-to-device copy measured in the same run.
 
 Usage: python benchmarks/bench_cbam.py [--shapes 0,4] [--dtypes float32,float16] [--json out.json]
-       [--warm-only] [--no-compiled] [--graphs] [--profile]
+       [--warm-only] [--no-compiled] [--no-cuda] [--graphs] [--profile]
 
 Eager timings include the CPU's launch costs, which dominate every variant at the small shapes on
 a slow host; ``--graphs`` also times each step captured in a CUDA graph (GPU work alone).
@@ -148,6 +150,7 @@ def main():
     parser.add_argument("--json", default=None)
     parser.add_argument("--warm-only", action="store_true", help="run each variant once (fills compile caches)")
     parser.add_argument("--no-compiled", action="store_true")
+    parser.add_argument("--no-cuda", action="store_true", help="leave out the CUDA C++ kernels")
     parser.add_argument("--rep-ms", type=int, default=200)
     parser.add_argument("--profile", action="store_true", help="per-kernel GPU times of the fused op")
     parser.add_argument("--graphs", action="store_true", help="also time every variant captured in a CUDA graph")
@@ -163,6 +166,11 @@ def main():
         info["copy_bandwidth_GBps"] = copy_bandwidth(do_bench) / 1e9
         print(f"# {info['gpu']} torch {info['torch']} commit {info['commit']} {info['date']}; "
               f"copy bandwidth {info['copy_bandwidth_GBps']:.0f} GB/s (read + write)")
+    from dermomamba_kernels.cbam import cbam_dispatcher
+
+    cuda_reason = "--no-cuda" if args.no_cuda else cbam_dispatcher.unavailable_reason("cuda", torch.device("cuda"))
+    if cuda_reason is not None:
+        print(f"# no 'cuda' column: {cuda_reason}")
     rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
@@ -174,6 +182,9 @@ def main():
             reference.load_state_dict(fused.state_dict())
             published.load_state_dict(fused.state_dict())
             modules = {"published": published, "reference": reference, "fused": fused}
+            if cuda_reason is None:
+                modules["cuda"] = CBAM(C, backend="cuda").cuda()
+                modules["cuda"].load_state_dict(fused.state_dict())
             if not args.no_compiled:
                 # a fresh dynamo per shape: ten shapes x dtypes of one forward exceed its recompile limit, past
                 # which it silently runs eager (seen in the 2026-11-27 run for fp16 at the two smallest shapes)
@@ -203,34 +214,54 @@ def main():
                 if graph_times:
                     row["graph_fused_fraction_of_copy"] = (FUSED_PASSES * nbytes / (graph_times["fused"] * 1e-3)
                                                            / (info["copy_bandwidth_GBps"] * 1e9))
+                if "cuda" in times:
+                    row["cuda_GBps"] = FUSED_PASSES * nbytes / (times["cuda"] * 1e-3) / 1e9
+                    row["cuda_fraction_of_copy"] = row["cuda_GBps"] / info["copy_bandwidth_GBps"]
+                    row["cuda_speedup_vs_published"] = times["published"] / times["cuda"]
+                    row["cuda_speedup_vs_triton"] = times["fused"] / times["cuda"]
+                    if "compiled" in times:
+                        row["cuda_speedup_vs_compiled"] = times["compiled"] / times["cuda"]
+                    if graph_times:
+                        row["graph_cuda_fraction_of_copy"] = (FUSED_PASSES * nbytes / (graph_times["cuda"] * 1e-3)
+                                                              / (info["copy_bandwidth_GBps"] * 1e9))
                 print(json.dumps(row), flush=True)
             rows.append(row)
             if args.profile and not args.warm_only:
                 profile_kernels(fwd_bwd(fused, x, grad), f"fused {dtype_name} {BATCH}x{C}x{H}x{W}")
+                if "cuda" in modules:
+                    profile_kernels(fwd_bwd(modules["cuda"], x, grad), f"cuda {dtype_name} {BATCH}x{C}x{H}x{W}")
             del modules, x, grad
             torch.cuda.empty_cache()
     if args.warm_only:
         return
     print()
+    nan = float("nan")
     print(f"{'dtype':8s} {'shape':>18s} {'published':>10s} {'compiled':>9s} {'reference':>9s} {'fused':>8s} "
-          f"{'floor':>7s} {'x publ':>7s} {'x comp':>7s} {'x ref':>6s} {'%copy':>6s}   (ms, fwd+bwd)")
+          f"{'floor':>7s} {'x publ':>7s} {'x comp':>7s} {'x ref':>6s} {'%copy':>6s} {'cuda':>8s} {'x publ':>7s} "
+          f"{'x comp':>7s} {'x trit':>7s} {'%copy':>6s}   (ms, fwd+bwd; fused = Triton)")
     for r in rows:
         t = r["ms"]
         print(f"{r['dtype']:8s} {'x'.join(map(str, r['shape'])):>18s} {t['published']:10.3f} "
               f"{t.get('compiled', float('nan')):9.3f} {t['reference']:9.3f} {t['fused']:8.3f} {r['floor_ms']:7.3f} "
               f"{r['speedup_vs_published']:7.1f} {r.get('speedup_vs_compiled', float('nan')):7.2f} "
-              f"{r['speedup_vs_reference']:6.1f} {100 * r['fused_fraction_of_copy']:5.0f}%")
+              f"{r['speedup_vs_reference']:6.1f} {100 * r['fused_fraction_of_copy']:5.0f}% "
+              f"{t.get('cuda', nan):8.3f} {r.get('cuda_speedup_vs_published', nan):7.1f} "
+              f"{r.get('cuda_speedup_vs_compiled', nan):7.2f} {r.get('cuda_speedup_vs_triton', nan):7.2f} "
+              f"{100 * r.get('cuda_fraction_of_copy', nan):5.0f}%")
     if args.graphs:
         print(f"\nCUDA graphs (GPU time without launch costs), ms fwd+bwd")
         print(f"{'dtype':8s} {'shape':>18s} {'published':>10s} {'compiled':>9s} {'reference':>9s} {'fused':>8s} "
-              f"{'floor':>7s} {'x publ':>7s} {'x comp':>7s} {'x ref':>6s} {'%copy':>6s}")
+              f"{'floor':>7s} {'x publ':>7s} {'x comp':>7s} {'x ref':>6s} {'%copy':>6s} {'cuda':>8s} {'x publ':>7s} "
+              f"{'x comp':>7s} {'x trit':>7s} {'%copy':>6s}")
         for r in rows:
             t = r["graph_ms"]
             print(f"{r['dtype']:8s} {'x'.join(map(str, r['shape'])):>18s} {t['published']:10.3f} "
                   f"{t.get('compiled', float('nan')):9.3f} {t['reference']:9.3f} {t['fused']:8.3f} "
                   f"{r['floor_ms']:7.3f} {t['published'] / t['fused']:7.1f} "
                   f"{t.get('compiled', float('nan')) / t['fused']:7.2f} {t['reference'] / t['fused']:6.1f} "
-                  f"{100 * r['graph_fused_fraction_of_copy']:5.0f}%")
+                  f"{100 * r['graph_fused_fraction_of_copy']:5.0f}% {t.get('cuda', nan):8.3f} "
+                  f"{t['published'] / t.get('cuda', nan):7.1f} {t.get('compiled', nan) / t.get('cuda', nan):7.2f} "
+                  f"{t['fused'] / t.get('cuda', nan):7.2f} {100 * r.get('graph_cuda_fraction_of_copy', nan):5.0f}%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)

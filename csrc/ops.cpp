@@ -55,6 +55,30 @@ TORCH_LIBRARY(dermomamba, m) {
       "multiaxial_scan_bwd(Tensor dy, Tensor x, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, "
       "Tensor delta_bias, bool delta_softplus, Tensor chunk_states, int chunk_size, bool deterministic) "
       "-> (Tensor dx, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor ddelta_bias)");
+
+  // Fused CBAM (dermomamba_kernels/cbam; CUDA kernels only). x: (B, C, H, W) fp32/fp16/bf16 whose H
+  // and W flatten to one pixel axis (NCHW or channels-last; otherwise a contiguous copy is read);
+  // mlp1_w (hidden, C), mlp1_b (hidden,), mlp2_w (C, hidden), mlp2_b (C,), conv_w (1, 2, k, k) with
+  // k odd, bn_weight, bn_bias, running_mean, running_var (1,): any float dtype each. Functional:
+  // out (x's shape, dtype and memory format) and the maps the backward reads, all fp32 contiguous:
+  // cs (B, C) channel scale; chan (B, 3, C) avg, max and 1/ties of the max over HW; pix (B, 4, H*W)
+  // max, mean and 1/ties of the max over C of x * cs, and the conv output; stats (4,) mean and
+  // 1/std that normalised, batch mean, unbiased batch variance. use_batch_stats=False normalises
+  // with the running stats (required then). Gradients come in their parameters' dtypes and shapes.
+  m.def(
+      "cbam_fwd(Tensor x, Tensor mlp1_w, Tensor mlp1_b, Tensor mlp2_w, Tensor mlp2_b, Tensor conv_w, "
+      "Tensor bn_weight, Tensor bn_bias, Tensor? running_mean, Tensor? running_var, bool use_batch_stats, "
+      "float eps) -> (Tensor out, Tensor cs, Tensor chan, Tensor pix, Tensor stats)");
+  m.def(
+      "cbam_bwd(Tensor grad_out, Tensor x, Tensor mlp1_w, Tensor mlp1_b, Tensor mlp2_w, Tensor mlp2_b, "
+      "Tensor conv_w, Tensor bn_weight, Tensor bn_bias, Tensor cs, Tensor chan, Tensor pix, Tensor stats, "
+      "bool use_batch_stats) -> (Tensor dx, Tensor d_mlp1_w, Tensor d_mlp1_b, Tensor d_mlp2_w, Tensor d_mlp2_b, "
+      "Tensor d_conv_w, Tensor d_bn_weight, Tensor d_bn_bias)");
+  // BatchNorm's momentum update of the running buffers from cbam_fwd's stats, in place, in fp32
+  // rounded once to the buffers' dtype.
+  m.def(
+      "cbam_update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor stats, "
+      "float momentum) -> ()");
 }
 
 }  // namespace dermomamba

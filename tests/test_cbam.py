@@ -1,10 +1,11 @@
-"""CBAM: the op's reference, the layer, the dispatch point, bad input, and the fused Triton kernels.
+"""CBAM: the op's reference, the layer, the dispatch point, bad input, and the fused Triton and CUDA kernels.
 
 CPU (CI): reference vs the published module's arithmetic, errors, and the Triton kernels through
 the Triton interpreter (tests/cbam_interpreter_cases.py, run in a subprocess so that
 TRITON_INTERPRET never leaks into this process). GPU (marked gpu): full-size parity at the five
 skip shapes of the network, fp32/fp16/bf16, train and eval, channels-last, opcheck and
-torch.compile(fullgraph=True).
+torch.compile(fullgraph=True), for the Triton and the CUDA C++ kernels (test_cuda_*; their outputs
+and scratch start as NaN through DERMOMAMBA_CBAM_POISON).
 """
 
 import os
@@ -14,9 +15,10 @@ import sys
 import pytest
 import torch
 
-from cbam_parity import NAMES, SUMMATION_ORDERS, Case, check_parity
-from dermomamba_kernels import BackendUnavailableError
-from dermomamba_kernels.cbam import cbam, cbam_ref
+import dermomamba_kernels
+from cbam_parity import NAMES, SUMMATION_ORDERS, Case, check_parity, judge
+from dermomamba_kernels import BackendUnavailableError, available_backends, last_backend, unavailable_reasons
+from dermomamba_kernels.cbam import cbam, cbam_dispatcher, cbam_ref
 from dermomamba_kernels.layers import CBAM
 from dermomamba_kernels.layers.cbam import ChannelGate, SpatialGate
 
@@ -271,3 +273,272 @@ def test_summation_orders_are_exact_symmetries(seed, order):
     moved = case.run("reference", torch.float64, True, variant=order)
     for name, a, b in zip(NAMES, plain, moved):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# the CUDA C++ kernels (torch.ops.dermomamba.cbam_*): schemas and dispatch on CPU, parity on the GPU
+# ------------------------------------------------------------------------------------------------
+
+CUDA_OPS = {
+    "cbam_fwd": "cbam_fwd(Tensor x, Tensor mlp1_w, Tensor mlp1_b, Tensor mlp2_w, Tensor mlp2_b, Tensor conv_w, "
+                "Tensor bn_weight, Tensor bn_bias, Tensor? running_mean, Tensor? running_var, bool use_batch_stats, "
+                "float eps) -> (Tensor out, Tensor cs, Tensor chan, Tensor pix, Tensor stats)",
+    "cbam_bwd": "cbam_bwd(Tensor grad_out, Tensor x, Tensor mlp1_w, Tensor mlp1_b, Tensor mlp2_w, Tensor mlp2_b, "
+                "Tensor conv_w, Tensor bn_weight, Tensor bn_bias, Tensor cs, Tensor chan, Tensor pix, Tensor stats, "
+                "bool use_batch_stats) -> (Tensor dx, Tensor d_mlp1_w, Tensor d_mlp1_b, Tensor d_mlp2_w, "
+                "Tensor d_mlp2_b, Tensor d_conv_w, Tensor d_bn_weight, Tensor d_bn_bias)",
+    "cbam_update_running_stats": "cbam_update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, "
+                                 "Tensor stats, float momentum) -> ()",
+}
+
+
+@pytest.mark.skipif(not dermomamba_kernels.extension_loaded(), reason="dermomamba_kernels._C is not built")
+def test_cuda_op_schemas_registered():
+    """The schemas exist in every build (CPU-only too); their fakes and autograd come from cuda_ops."""
+    from dermomamba_kernels.cbam import cuda_ops
+
+    assert cuda_ops.ops_registered(), "torch.ops.dermomamba has no CBAM ops: rebuild the extension"
+    for name, schema in CUDA_OPS.items():
+        assert str(getattr(torch.ops.dermomamba, name).default._schema) == "dermomamba::" + schema, name
+
+
+def test_cuda_backend_on_cpu_tensors_is_unavailable():
+    with pytest.raises(BackendUnavailableError, match="backend='cuda' is unavailable: the CUDA kernels take CUDA"):
+        cbam(*_args(), training=True, backend="cuda")
+    assert "cuda" in unavailable_reasons("cbam", "cpu")
+    assert "cuda" not in available_backends("cbam", "cpu")
+
+
+def _require_cuda_backend():
+    reason = cbam_dispatcher.unavailable_reason("cuda", torch.device("cuda"))
+    assert reason is None, f"backend='cuda' cannot run on this GPU machine: {reason}"
+
+
+@pytest.fixture
+def cuda_poisoned(monkeypatch):
+    """The CUDA backend ready, and its outputs and scratch filled with NaN before the kernels run."""
+    _require_cuda_backend()
+    monkeypatch.setenv("DERMOMAMBA_CBAM_POISON", "1")
+
+
+CUDA_CHANNELS_LAST_CASES = [((16, 32, 192, 256), True, torch.float16), ((16, 128, 48, 64), False, torch.float32),
+                            ((16, 512, 12, 16), True, torch.bfloat16), ((16, 64, 96, 128), True, torch.float32)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,training,dtype", GPU_CASES,
+                         ids=["x".join(map(str, s)) + ("-train-" if t else "-eval-") + str(d)[6:]
+                              for s, t, d in GPU_CASES])
+def test_cuda_parity_skip_shapes(seed, cuda_poisoned, shape, training, dtype):
+    print(check_parity(Case(GPU_BATCH, *shape, device="cuda"), "cuda", dtype, training))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,training,dtype", CUDA_CHANNELS_LAST_CASES,
+                         ids=["nhwc-" + "x".join(map(str, s)) + ("-train-" if t else "-eval-") + str(d)[6:]
+                              for s, t, d in CUDA_CHANNELS_LAST_CASES])
+def test_cuda_parity_channels_last(seed, cuda_poisoned, shape, training, dtype):
+    print(check_parity(Case(*shape, device="cuda"), "cuda", dtype, training, channels_last=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,training,dtype,ksize", [
+    ((3, 48, 37, 53), True, torch.float32, 7),    # odd sizes everywhere
+    ((2, 100, 29, 67), True, torch.float16, 7),   # C not a multiple of any chunk, hidden 6
+    ((2, 3, 17, 19), True, torch.float32, 7),     # fewer channels than a block's channel groups, hidden 1
+    ((1, 64, 45, 31), True, torch.bfloat16, 7),   # batch 1
+    ((1, 64, 45, 31), False, torch.float16, 7),
+    ((1, 16, 1, 300), True, torch.float32, 7),    # one image row: the conv sees only its middle row
+    ((4, 32, 29, 41), True, torch.float32, 3),    # kernel size 3
+    ((4, 32, 29, 41), False, torch.bfloat16, 3),
+], ids=["odd", "c100-fp16", "c3", "batch1-train", "batch1-eval", "one-row", "k3-train", "k3-eval-bf16"])
+def test_cuda_parity_odd_shapes(seed, cuda_poisoned, shape, training, dtype, ksize):
+    print(check_parity(Case(*shape, device="cuda", ksize=ksize), "cuda", dtype, training))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_ties_split_like_amax(seed, cuda_poisoned, dtype):
+    """Quantised, ReLU'd x: tied maxima over HW and over C (whole pixels of zeros); split like torch.amax."""
+    case = Case(4, 64, 23, 29, device="cuda")
+    case.x = torch.relu(torch.round(case.x * 2) / 2)
+    print(check_parity(case, "cuda", dtype, True))
+
+
+def _cuda_run(x, params, grad, backward=None):
+    """Output and gradients of x (as a leaf or a view of one) and of the params; ``backward`` runs the backward."""
+    leaf = x if x.is_leaf else x._base
+    out = cbam(x, *params, training=True, backend="cuda")
+    if backward is None:
+        out.backward(grad)
+    else:
+        backward(out)
+    return [out.detach(), leaf.grad] + [p.grad for p in params]
+
+
+@pytest.mark.gpu
+def test_cuda_strides_do_not_change_results(seed, cuda_poisoned):
+    """x read in place as a channel slice of a larger tensor with grad_out channels-last, and a grad_out with
+    all strides 0 (out.sum()): bit for bit the results of the same values dense (strides change no summation
+    order). The dense results themselves are held to the reference by the parity tests."""
+    case = Case(2, 32, 26, 33, device="cuda")
+    x, grad = case.x.float(), case.grad.float()
+
+    def params():
+        return [p.float().requires_grad_(True) for p in case.params]
+
+    dense = _cuda_run(x.clone().requires_grad_(True), params(), grad)
+    base = torch.randn(2, 40, 26, 33, device="cuda")
+    base[:, 4:36] = x
+    base.requires_grad_(True)
+    sliced = _cuda_run(base[:, 4:36], params(), grad.contiguous(memory_format=torch.channels_last))
+    d_base = sliced[1]
+    assert torch.equal(d_base[:, :4], torch.zeros_like(d_base[:, :4])) and torch.equal(
+        d_base[:, 36:], torch.zeros_like(d_base[:, 36:])), "gradient leaked outside the slice"
+    sliced[1] = d_base[:, 4:36]
+    ones = _cuda_run(x.clone().requires_grad_(True), params(), torch.ones_like(grad))
+    expanded = _cuda_run(x.clone().requires_grad_(True), params(), None, backward=lambda out: out.sum().backward())
+    for label, got, want in (("channel slice", sliced, dense), ("stride-0 grad_out", expanded, ones)):
+        for name, a, b in zip(NAMES, got, want):
+            assert torch.equal(a, b), f"{label}: {name} differs from the dense run by up to {(a - b).abs().max():.3e}"
+
+
+@pytest.mark.gpu
+def test_cuda_deterministic(seed, cuda_poisoned):
+    """No float atomics: two runs agree bit for bit (output, every gradient, running stats)."""
+    case = Case(16, 64, 96, 128, device="cuda")
+    first = case.run("cuda", torch.float32, True)
+    second = case.run("cuda", torch.float32, True)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), f"{name}: two runs differ by up to {(a - b).abs().max().item():.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_agrees_with_triton(seed, cuda_poisoned, dtype):
+    """Both fused backends on quantised, ReLU'd x (ties over HW and over C): the same tie decisions (max over
+    HW and both 1/ties maps bit for bit), the other saved maps equal up to fp32 summation order, and both
+    within the parity tolerance for the output, every gradient and the running stats."""
+    from cbam_parity import FP32_NOISE, relative_error, unit_roundoff
+    from dermomamba_kernels.cbam import triton_ops  # noqa: F401  (registers torch.ops.dermomamba_cbam)
+
+    case = Case(8, 64, 48, 64, device="cuda")
+    case.x = torch.relu(torch.round(case.x * 4) / 4)  # exact in bf16 too
+    args = ([case.x.to(dtype)] + [p.float() for p in case.params] + [r.float() for r in case.running]
+            + [True, 1e-5])
+    out_c, cs_c, chan_c, pix_c, stats_c = torch.ops.dermomamba.cbam_fwd(*args)
+    out_t, cs_t, chan_t, pix_t, stats_t = torch.ops.dermomamba_cbam.cbam_forward(*args)
+    for name, a, b in (("max over HW", chan_c[:, 1], chan_t[:, 1]), ("1/ties over HW", chan_c[:, 2], chan_t[:, 2]),
+                       ("1/ties over C", pix_c[:, 2], pix_t[:, 2])):
+        assert torch.equal(a, b), f"{name}: cuda and triton differ at {(a != b).sum().item()} of {a.numel()} places"
+    out_tol = FP32_NOISE if dtype == torch.float32 else unit_roundoff(dtype)  # one final rounding may flip
+    for name, a, b, tol in (("out", out_c, out_t, out_tol), ("cs", cs_c, cs_t, FP32_NOISE),
+                            ("avg over HW", chan_c[:, 0], chan_t[:, 0], FP32_NOISE),
+                            ("max / mean over C", pix_c[:, :2], pix_t[:, :2], FP32_NOISE),
+                            ("conv output", pix_c[:, 3], pix_t[:, 3], FP32_NOISE),
+                            ("stats", stats_c, stats_t, FP32_NOISE)):
+        diff = relative_error(a.double(), b.double())
+        assert diff <= tol, f"{name}: cuda vs triton relative difference {diff:.3e} > {tol:.1e}"
+    print(check_parity(case, "cuda", dtype, True))
+    print(check_parity(case, "triton", dtype, True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cuda_opcheck(seed, cuda_poisoned, training):
+    case = Case(2, 32, 13, 19, device="cuda")
+    x = case.x.float().requires_grad_(True)
+    params = [p.float().requires_grad_(True) for p in case.params]
+    args = (x, *params, *[r.float() for r in case.running], training, 1e-5)
+    torch.library.opcheck(torch.ops.dermomamba.cbam_fwd.default, args)
+    outs = torch.ops.dermomamba.cbam_fwd(*args)
+    bwd_args = (torch.randn_like(x), x.detach(), *[p.detach() for p in params], *[o.detach() for o in outs[1:]],
+                training)
+    torch.library.opcheck(torch.ops.dermomamba.cbam_bwd.default, bwd_args)
+    torch.library.opcheck(torch.ops.dermomamba.cbam_update_running_stats.default,
+                          (case.running[0].float(), case.running[1].float(), outs[4].detach(), 0.1))
+    # channels-last x: the fake implementation must give the output the real strides
+    x_nhwc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    torch.library.opcheck(torch.ops.dermomamba.cbam_fwd.default, (x_nhwc,) + args[1:])
+
+
+@pytest.mark.gpu
+def test_cuda_auto_prefers_cuda(seed):
+    _require_cuda_backend()
+    x = torch.randn(2, 32, 8, 9, device="cuda")
+    CBAM(32, backend="auto").cuda()(x)
+    assert last_backend("cbam") == "cuda"
+
+
+@pytest.mark.gpu
+def test_cuda_bad_input_names_the_argument(seed):
+    _require_cuda_backend()
+    case = Case(2, 32, 9, 9, device="cuda", ksize=17)
+    with pytest.raises(RuntimeError, match="conv_w's kernel size must be odd and at most 15"):
+        cbam(case.x.float(), *[p.float() for p in case.params], training=True, backend="cuda")
+    case = Case(2, 32, 9, 9, device="cuda")
+    args = [case.x.float()] + [p.float() for p in case.params] + [None, None, True, 1e-5]
+    args[3] = torch.randn(31, 2, device="cuda")
+    with pytest.raises(RuntimeError, match=r"mlp2_w must have shape \[32, 2\]"):
+        torch.ops.dermomamba.cbam_fwd(*args)
+    with pytest.raises(TypeError, match="x: dtype torch.float64 is not supported by the cuda backend"):
+        cbam(case.x, *case.params, training=True, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_compile_fullgraph(seed):
+    """torch.compile(fullgraph=True) of the layer on the CUDA kernels: two steps of outputs, gradients
+    and running stats, judged against an fp64 twin like the eager tests."""
+    _require_cuda_backend()
+    fused = CBAM(64, backend="cuda").cuda()
+    ref = CBAM(64, backend="reference").cuda()
+    exact = CBAM(64, backend="reference").cuda().double()
+    ref.load_state_dict(fused.state_dict())
+    exact.load_state_dict(fused.state_dict())
+    compiled = torch.compile(fused, fullgraph=True)
+    for step in range(2):
+        x = torch.randn(4, 64, 24, 40, device="cuda")
+        runs = []
+        for layer, dtype in ((compiled, torch.float32), (ref, torch.float32), (exact, torch.float64)):
+            xi = x.to(dtype, copy=True).requires_grad_(True)
+            out = layer(xi)
+            out.square().sum().backward()
+            runs.append((out, xi.grad))
+        judge(f"out (step {step})", runs[0][0], runs[1][0], runs[2][0])
+        judge(f"x.grad (step {step})", runs[0][1], runs[1][1], runs[2][1])
+    for (name, a), (_, b), (_, e) in zip(fused.state_dict().items(), ref.state_dict().items(),
+                                         exact.state_dict().items()):
+        if a.is_floating_point():
+            judge(name, a, b, e)
+        else:
+            assert torch.equal(a, b), name
+    for (name, a), (_, b), (_, e) in zip(fused.named_parameters(), ref.named_parameters(), exact.named_parameters()):
+        judge(f"{name}.grad", a.grad, b.grad, e.grad)
+
+
+@pytest.mark.gpu
+def test_cuda_autocast_layer(seed):
+    """fp16 autocast training (the published recipe): fp32 parameters, fp16 activations, grads in fp32."""
+    _require_cuda_backend()
+    fused = CBAM(128, backend="cuda").cuda()
+    ref = CBAM(128, backend="reference").cuda()
+    exact = CBAM(128, backend="reference").cuda().double()
+    ref.load_state_dict(fused.state_dict())
+    exact.load_state_dict(fused.state_dict())
+    x = torch.randn(8, 128, 48, 64, device="cuda").half()
+    runs = []
+    for layer, dtype in ((fused, None), (ref, None), (exact, torch.float64)):
+        xi = (x.double() if dtype else x.clone()).requires_grad_(True)
+        if dtype:
+            out = layer(xi)
+        else:
+            with torch.autocast("cuda", dtype=torch.float16):
+                out = layer(xi)
+        out.float().square().sum().backward()
+        runs.append([out.double(), xi.grad.double()] + [p.grad.double() for p in _layer_params(layer)])
+    assert all(p.grad.dtype == torch.float32 for p in _layer_params(fused))
+    names = ["out", "x.grad"] + [f"param {i}.grad" for i in range(7)]
+    for name, k, r, e in zip(names, *runs):
+        err_k = ((k - e).norm() / e.norm()).item()
+        err_r = ((r - e).norm() / e.norm()).item()
+        assert err_k <= 2 * err_r + 1e-5, f"{name}: cuda {err_k:.3e} vs autocast reference {err_r:.3e}"

@@ -1,4 +1,4 @@
-"""CBAM (channel gate then spatial gate) as one op with a dispatch point, fused in Triton.
+"""CBAM (channel gate then spatial gate) as one op with a dispatch point, fused in CUDA C++ and Triton.
 
 Public entry points:
   * :func:`cbam`: the whole block, differentiable, BatchNorm-correct in training and eval.
@@ -12,11 +12,13 @@ import torch
 
 from .. import _dispatch
 from .._dispatch import OpDispatcher, always, cpu_tensors
+from . import cuda_ops  # registers autograd and fakes of torch.ops.dermomamba.cbam_* (when _C has them)
 from .reference import cbam_ref
 
 cbam_dispatcher = OpDispatcher("cbam")
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CUDA_DTYPES = TRITON_DTYPES
 REFERENCE_DTYPES = TRITON_DTYPES + (torch.float64,)
 
 
@@ -79,8 +81,9 @@ def cbam(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, running_
     mlp1_w (C // r, C); mlp1_b (C // r,); mlp2_w (C, C // r); mlp2_b (C,); conv_w (1, 2, k, k), k odd;
     bn_weight, bn_bias, running_mean, running_var (1,). Output: x's shape, dtype and memory format.
 
-    ``backend``: "auto" (default, or ``DERMOMAMBA_BACKEND``), "triton", "cpu" (the reference's
-    vectorised arithmetic on CPU tensors) or "reference".
+    ``backend``: "auto" (default, or ``DERMOMAMBA_BACKEND``), "cuda" (the extension's CUDA C++
+    kernels), "triton", "cpu" (the reference's vectorised arithmetic on CPU tensors) or "reference".
+    "auto" takes "cuda", then "triton", on CUDA tensors.
 
     Example:
         >>> x = torch.randn(2, 32, 6, 10)
@@ -118,6 +121,26 @@ def _cbam_triton(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, 
         x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, running_mean, running_var, training, eps)
     if training and running_mean is not None:
         torch.ops.dermomamba_cbam.update_running_stats(running_mean, running_var, stats, momentum)
+    return out
+
+
+def _cuda_kernels(device):
+    reason = _dispatch.cuda_extension(device)
+    if reason is not None:
+        return reason
+    return cuda_ops.unavailable_reason()
+
+
+@cbam_dispatcher.register("cuda", _cuda_kernels)
+def _cbam_cuda(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, running_mean, running_var,
+               training, momentum, eps):
+    if x.dtype not in CUDA_DTYPES:
+        raise TypeError(f"x: dtype {x.dtype} is not supported by the cuda backend "
+                        f"({', '.join(map(str, CUDA_DTYPES))}); use backend='reference'")
+    out, _, _, _, stats = cuda_ops.cbam_forward(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias,
+                                                running_mean, running_var, training, eps)
+    if training and running_mean is not None:
+        cuda_ops.update_running_stats(running_mean, running_var, stats, momentum)
     return out
 
 

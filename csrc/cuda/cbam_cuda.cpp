@@ -1,0 +1,373 @@
+// CUDA implementations of the fused CBAM ops (schemas and shapes in csrc/ops.cpp): argument checks,
+// allocation of outputs and scratch, tiling, and the dispatch on x's dtype. The kernels live in
+// cbam_*.cu (no torch headers there).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <initializer_list>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cuda/cbam_params.h"
+
+namespace dermomamba {
+namespace {
+
+using cuda::CbamOutTensor;
+using cuda::CbamParams;
+using cuda::CbamTensor;
+
+constexpr int64_t kChanRows = 3;   // avg, max, 1 / ties over HW
+constexpr int64_t kPixRows = 4;    // max, mean, 1 / ties over C, conv output z
+constexpr int64_t kBpixRows = 3;   // d spatial logit, d max-map / ties, d mean-map / C
+constexpr int64_t kHidRows = 3;    // relu sums, d pre-activation of the avg and the max pool
+constexpr int64_t kStatsLen = 4;   // mean and 1/std that normalised, batch mean, unbiased batch variance
+constexpr int64_t kMaxGridY = 65535;
+
+// Tests set DERMOMAMBA_CBAM_POISON=1: every output and scratch buffer then starts as NaN, so an
+// element that a kernel forgets to write shows up instead of reusing a stale allocation's value.
+constexpr const char* kPoisonEnvVar = "DERMOMAMBA_CBAM_POISON";
+
+bool poison_requested() {
+  const char* value = std::getenv(kPoisonEnvVar);
+  return value != nullptr && value[0] == '1';
+}
+
+void poison(std::initializer_list<at::Tensor> tensors) {
+  for (const at::Tensor& t : tensors) t.fill_(std::numeric_limits<double>::quiet_NaN());
+}
+
+bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+
+void* current_stream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
+
+int multiprocessors(const at::Tensor& t) { return cuda::cbam_multiprocessor_count(t.get_device()); }
+
+int kind_of(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cuda::kCbamFloat32;
+    case at::kHalf: return cuda::kCbamFloat16;
+    case at::kBFloat16: return cuda::kCbamBFloat16;
+    case at::kDouble: return cuda::kCbamFloat64;
+    default: TORCH_CHECK(false, op, ": ", name, " must be a floating tensor, got ", t.scalar_type());
+  }
+}
+
+void check_device(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(on_kernel_device(t), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+}
+
+void check_param(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape, const char* op, const char* name) {
+  check_device(t, x, op, name);
+  kind_of(t, op, name);
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+void check_fp32_map(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape, const char* op,
+                    const char* name) {
+  check_device(t, x, op, name);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32 (a map saved by cbam_fwd), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, " (as cbam_fwd returns it), got ",
+              t.sizes());
+}
+
+// H and W indexed as one pixel axis (NCHW, channels-last and their slices along B or C).
+bool flattenable(const at::Tensor& t) { return t.size(2) == 1 || t.stride(2) == t.size(3) * t.stride(3); }
+
+at::Tensor pixel_flat(const at::Tensor& t) { return flattenable(t) ? t : t.contiguous(); }
+
+// Like x (its memory format kept), H and W flattenable; the fake implementations do the same.
+at::Tensor empty_like_pixels(const at::Tensor& x) {
+  at::Tensor out = at::empty_like(x);
+  return flattenable(out) ? out : at::empty_like(x, at::MemoryFormat::Contiguous);
+}
+
+struct Sizes {
+  int64_t batch, channels, height, width, hidden, ksize;
+};
+
+// Checks shared by forward and backward; returns the problem size.
+Sizes check_inputs(const char* op, const at::Tensor& x, const at::Tensor& mlp1_w, const at::Tensor& mlp1_b,
+                   const at::Tensor& mlp2_w, const at::Tensor& mlp2_b, const at::Tensor& conv_w,
+                   const at::Tensor& bn_weight, const at::Tensor& bn_bias) {
+  TORCH_CHECK(on_kernel_device(x), op, ": x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, op, ": x must be (B, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  Sizes s{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0};
+  TORCH_CHECK(s.batch > 0 && s.channels > 0 && s.height > 0 && s.width > 0, op,
+              ": every dimension of x must be non-empty, got shape ", x.sizes());
+  TORCH_CHECK(s.batch <= kMaxGridY, op, ": the CUDA kernels take a batch of at most ", kMaxGridY, ", got ", s.batch);
+  // indices inside one image's maps (kPixRows rows of H * W) and channel indices are 32-bit
+  TORCH_CHECK(kPixRows * s.height * s.width < (int64_t{1} << 31) && s.channels < (int64_t{1} << 31), op,
+              ": x has too many pixels or channels for the CUDA kernels, shape ", x.sizes());
+  TORCH_CHECK(mlp1_w.dim() == 2 && mlp1_w.size(1) == s.channels && mlp1_w.size(0) > 0, op,
+              ": mlp1_w must be (hidden, ", s.channels, ") with hidden > 0, got shape ", mlp1_w.sizes());
+  s.hidden = mlp1_w.size(0);
+  TORCH_CHECK(conv_w.dim() == 4 && conv_w.size(0) == 1 && conv_w.size(1) == 2 && conv_w.size(2) == conv_w.size(3), op,
+              ": conv_w must be (1, 2, k, k), got shape ", conv_w.sizes());
+  s.ksize = conv_w.size(3);
+  TORCH_CHECK(s.ksize % 2 == 1 && s.ksize <= cuda::kCbamMaxKernelSize, op,
+              ": conv_w's kernel size must be odd and at most ", cuda::kCbamMaxKernelSize, " for the CUDA kernels, got ",
+              s.ksize);
+  check_param(mlp1_w, x, {s.hidden, s.channels}, op, "mlp1_w");
+  check_param(mlp1_b, x, {s.hidden}, op, "mlp1_b");
+  check_param(mlp2_w, x, {s.channels, s.hidden}, op, "mlp2_w");
+  check_param(mlp2_b, x, {s.channels}, op, "mlp2_b");
+  check_param(conv_w, x, {1, 2, s.ksize, s.ksize}, op, "conv_w");
+  check_param(bn_weight, x, {1}, op, "bn_weight");
+  check_param(bn_bias, x, {1}, op, "bn_bias");
+  return s;
+}
+
+// Parameters are tiny: contiguous copies (when needed) cost nothing next to a pass over x.
+struct ParamViews {
+  at::Tensor mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias;
+};
+
+CbamTensor view_of(const at::Tensor& t, const char* op, const char* name) {
+  return CbamTensor{t.data_ptr(), kind_of(t, op, name)};
+}
+
+CbamOutTensor out_view_of(const at::Tensor& t, const char* op, const char* name) {
+  return CbamOutTensor{t.data_ptr(), kind_of(t, op, name)};
+}
+
+void set_common(CbamParams& p, const Sizes& s, const at::Tensor& x, ParamViews& keep, const at::Tensor& mlp1_w,
+                const at::Tensor& mlp1_b, const at::Tensor& mlp2_w, const at::Tensor& mlp2_b, const at::Tensor& conv_w,
+                const at::Tensor& bn_weight, const at::Tensor& bn_bias, bool use_batch_stats, const char* op) {
+  p = CbamParams{};
+  p.batch = static_cast<int>(s.batch);
+  p.channels = static_cast<int>(s.channels);
+  p.height = static_cast<int>(s.height);
+  p.width = static_cast<int>(s.width);
+  p.hw = static_cast<int>(s.height * s.width);
+  p.hidden = static_cast<int>(s.hidden);
+  p.ksize = static_cast<int>(s.ksize);
+  p.use_batch_stats = use_batch_stats;
+  const cuda::CbamTiling t = cuda::cbam_choose_tiling(p.batch, p.channels, p.height, p.width,
+                                                      static_cast<int>(x.element_size()), multiprocessors(x));
+  p.pixels_per_lane = t.pixels_per_lane;
+  p.tile_pixels = t.tile_pixels;
+  p.num_pixel_tiles = t.num_pixel_tiles;
+  p.channel_groups = t.channel_groups;
+  p.grid_channel_groups = t.grid_channel_groups;
+  p.conv_tiles_x = t.conv_tiles_x;
+  p.conv_tiles_y = t.conv_tiles_y;
+  p.num_conv_tiles = t.num_conv_tiles;
+  p.x = x.data_ptr();
+  p.x_batch_stride = x.stride(0);
+  p.x_channel_stride = x.stride(1);
+  p.x_pixel_stride = x.stride(3);
+  keep = ParamViews{mlp1_w.contiguous(), mlp1_b.contiguous(), mlp2_w.contiguous(), mlp2_b.contiguous(),
+                    conv_w.contiguous(), bn_weight.contiguous(), bn_bias.contiguous()};
+  p.mlp1_w = view_of(keep.mlp1_w, op, "mlp1_w");
+  p.mlp1_b = view_of(keep.mlp1_b, op, "mlp1_b");
+  p.mlp2_w = view_of(keep.mlp2_w, op, "mlp2_w");
+  p.mlp2_b = view_of(keep.mlp2_b, op, "mlp2_b");
+  p.conv_w = view_of(keep.conv_w, op, "conv_w");
+  p.bn_weight = view_of(keep.bn_weight, op, "bn_weight");
+  p.bn_bias = view_of(keep.bn_bias, op, "bn_bias");
+}
+
+void check_launch(int code, const char* op) {
+  TORCH_CHECK(code == 0, op, ": CUDA kernel launch failed: ", cuda::cbam_error_string(code));
+}
+
+// Carves one fp32 scratch allocation into the buffers of a call (one allocator round trip).
+class Scratch {
+ public:
+  void add(float** slot, int64_t count) { requests_.push_back({slot, count}); }
+  at::Tensor allocate(const at::Tensor& like) {
+    int64_t total = 0;
+    for (const auto& r : requests_) total += r.count;
+    at::Tensor buffer = at::empty({total}, like.options().dtype(at::kFloat));
+    float* base = buffer.data_ptr<float>();
+    for (const auto& r : requests_) {
+      *r.slot = base;
+      base += r.count;
+    }
+    return buffer;
+  }
+
+ private:
+  struct Request {
+    float** slot;
+    int64_t count;
+  };
+  std::vector<Request> requests_;
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_fwd_cuda(
+    const at::Tensor& x_in, const at::Tensor& mlp1_w, const at::Tensor& mlp1_b, const at::Tensor& mlp2_w,
+    const at::Tensor& mlp2_b, const at::Tensor& conv_w, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    bool use_batch_stats, double eps) {
+  const char* op = "cbam_fwd";
+  const Sizes s = check_inputs(op, x_in, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias);
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), op,
+              ": running_mean and running_var: give both or neither");
+  if (running_mean) {
+    check_param(*running_mean, x_in, {1}, op, "running_mean");
+    check_param(*running_var, x_in, {1}, op, "running_var");
+  }
+  TORCH_CHECK(use_batch_stats || running_mean, op,
+              ": running_mean and running_var are required when use_batch_stats=False (they normalise)");
+  TORCH_CHECK(!use_batch_stats || s.batch * s.height * s.width > 1, op,
+              ": batch statistics need more than one value per channel, got x of shape ", x_in.sizes());
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = pixel_flat(x_in);
+  CbamParams p;
+  ParamViews keep;
+  set_common(p, s, x, keep, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, use_batch_stats, op);
+  p.eps = static_cast<float>(eps);
+  at::Tensor running_mean_c, running_var_c;
+  if (running_mean) {
+    running_mean_c = running_mean->contiguous();
+    running_var_c = running_var->contiguous();
+    p.running_mean = view_of(running_mean_c, op, "running_mean");
+    p.running_var = view_of(running_var_c, op, "running_var");
+  }
+
+  at::Tensor out = empty_like_pixels(x);
+  p.out = out.data_ptr();
+  p.out_batch_stride = out.stride(0);
+  p.out_channel_stride = out.stride(1);
+  p.out_pixel_stride = out.stride(3);
+  const auto fp32 = x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor cs = at::empty({s.batch, s.channels}, fp32);
+  at::Tensor chan = at::empty({s.batch, kChanRows, s.channels}, fp32);
+  at::Tensor pix = at::empty({s.batch, kPixRows, s.height * s.width}, fp32);
+  at::Tensor stats = at::empty({kStatsLen}, fp32);
+  p.cs = cs.data_ptr<float>();
+  p.chan = chan.data_ptr<float>();
+  p.pix = pix.data_ptr<float>();
+  p.stats = stats.data_ptr<float>();
+  Scratch scratch;
+  scratch.add(&p.pool_parts, 3 * s.batch * s.channels * p.num_pixel_tiles);
+  scratch.add(&p.conv_parts, 3 * s.batch * p.num_conv_tiles);
+  scratch.add(&p.hidden_buf, s.batch * s.hidden);
+  const at::Tensor keep_scratch = scratch.allocate(x);
+  if (poison_requested()) poison({out, cs, chan, pix, stats, keep_scratch});
+  const int dtype_code = kind_of(x, op, "x");
+  void* stream = current_stream(x);
+  int status = 0;
+  switch (dtype_code) {
+    case cuda::kCbamFloat16: status = cuda::cbam_forward_half(p, stream); break;
+    case cuda::kCbamBFloat16: status = cuda::cbam_forward_bfloat16(p, stream); break;
+    default: status = cuda::cbam_forward_float(p, stream);
+  }
+  check_launch(status, op);
+  return {out, cs, chan, pix, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+cbam_bwd_cuda(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mlp1_w, const at::Tensor& mlp1_b,
+              const at::Tensor& mlp2_w, const at::Tensor& mlp2_b, const at::Tensor& conv_w,
+              const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& cs_in,
+              const at::Tensor& chan_in, const at::Tensor& pix_in, const at::Tensor& stats_in, bool use_batch_stats) {
+  const char* op = "cbam_bwd";
+  const Sizes s = check_inputs(op, x_in, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias);
+  check_device(grad_in, x_in, op, "grad_out");
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), op, ": grad_out must have x's shape ", x_in.sizes(), ", got ",
+              grad_in.sizes());
+  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), op, ": grad_out must have x's dtype ", x_in.scalar_type(),
+              ", got ", grad_in.scalar_type());
+  const int64_t hw = s.height * s.width;
+  check_fp32_map(cs_in, x_in, {s.batch, s.channels}, op, "cs");
+  check_fp32_map(chan_in, x_in, {s.batch, kChanRows, s.channels}, op, "chan");
+  check_fp32_map(pix_in, x_in, {s.batch, kPixRows, hw}, op, "pix");
+  check_fp32_map(stats_in, x_in, {kStatsLen}, op, "stats");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = pixel_flat(x_in), grad = pixel_flat(grad_in);
+  const at::Tensor cs = cs_in.contiguous(), chan = chan_in.contiguous(), pix = pix_in.contiguous(),
+                   stats = stats_in.contiguous();
+  CbamParams p;
+  ParamViews keep;
+  set_common(p, s, x, keep, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, use_batch_stats, op);
+  p.grad = grad.data_ptr();
+  p.grad_batch_stride = grad.stride(0);
+  p.grad_channel_stride = grad.stride(1);
+  p.grad_pixel_stride = grad.stride(3);
+  // read only by the kernels (the saved maps are inputs of this op)
+  p.cs = const_cast<float*>(cs.data_ptr<float>());
+  p.chan = const_cast<float*>(chan.data_ptr<float>());
+  p.pix = const_cast<float*>(pix.data_ptr<float>());
+  p.stats = const_cast<float*>(stats.data_ptr<float>());
+
+  at::Tensor dx = empty_like_pixels(x);
+  p.out = dx.data_ptr();
+  p.out_batch_stride = dx.stride(0);
+  p.out_channel_stride = dx.stride(1);
+  p.out_pixel_stride = dx.stride(3);
+  auto grad_like = [](const at::Tensor& param) { return at::empty(param.sizes(), param.options()); };
+  at::Tensor d_mlp1_w = grad_like(mlp1_w), d_mlp1_b = grad_like(mlp1_b), d_mlp2_w = grad_like(mlp2_w),
+             d_mlp2_b = grad_like(mlp2_b), d_conv_w = grad_like(conv_w), d_bn_weight = grad_like(bn_weight),
+             d_bn_bias = grad_like(bn_bias);
+  p.d_mlp1_w = out_view_of(d_mlp1_w, op, "mlp1_w");
+  p.d_mlp1_b = out_view_of(d_mlp1_b, op, "mlp1_b");
+  p.d_mlp2_w = out_view_of(d_mlp2_w, op, "mlp2_w");
+  p.d_mlp2_b = out_view_of(d_mlp2_b, op, "mlp2_b");
+  p.d_conv_w = out_view_of(d_conv_w, op, "conv_w");
+  p.d_bn_weight = out_view_of(d_bn_weight, op, "bn_weight");
+  p.d_bn_bias = out_view_of(d_bn_bias, op, "bn_bias");
+  Scratch scratch;
+  scratch.add(&p.bpix, kBpixRows * s.batch * hw);
+  scratch.add(&p.dcs_parts, s.batch * s.channels * p.num_pixel_tiles);
+  scratch.add(&p.bn_parts, 2 * s.batch * p.num_pixel_tiles);
+  scratch.add(&p.coef, 3);
+  scratch.add(&p.conv_wparts, 2 * s.ksize * s.ksize * s.batch * p.num_conv_tiles);
+  scratch.add(&p.d_logit, s.batch * s.channels);
+  scratch.add(&p.dchan, 2 * s.batch * s.channels);
+  scratch.add(&p.hidden_buf, kHidRows * s.batch * s.hidden);
+  const at::Tensor keep_scratch = scratch.allocate(x);
+  if (poison_requested())
+    poison({dx, d_mlp1_w, d_mlp1_b, d_mlp2_w, d_mlp2_b, d_conv_w, d_bn_weight, d_bn_bias, keep_scratch});
+  const int dtype_code = kind_of(x, op, "x");
+  void* stream = current_stream(x);
+  int status = 0;
+  switch (dtype_code) {
+    case cuda::kCbamFloat16: status = cuda::cbam_backward_half(p, stream); break;
+    case cuda::kCbamBFloat16: status = cuda::cbam_backward_bfloat16(p, stream); break;
+    default: status = cuda::cbam_backward_float(p, stream);
+  }
+  check_launch(status, op);
+  return {dx, d_mlp1_w, d_mlp1_b, d_mlp2_w, d_mlp2_b, d_conv_w, d_bn_weight, d_bn_bias};
+}
+
+void cbam_update_running_stats_cuda(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                    const at::Tensor& stats, double momentum) {
+  const char* op = "cbam_update_running_stats";
+  TORCH_CHECK(on_kernel_device(stats), op, ": stats must be a CUDA tensor, got ", stats.device());
+  check_param(running_mean, stats, {1}, op, "running_mean");
+  check_param(running_var, stats, {1}, op, "running_var");
+  TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous(), op,
+              ": running_mean and running_var must be contiguous (they are updated in place)");
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.sizes() == at::IntArrayRef{kStatsLen}, op,
+              ": stats must be the float32 (4,) statistics returned by cbam_fwd, got ", stats.scalar_type(), " ",
+              stats.sizes());
+  const c10::cuda::CUDAGuard guard(stats.device());
+  const at::Tensor stats_c = stats.contiguous();
+  check_launch(cuda::cbam_update_running_stats(out_view_of(running_mean, op, "running_mean"),
+                                               out_view_of(running_var, op, "running_var"),
+                                               stats_c.data_ptr<float>(), static_cast<float>(momentum),
+                                               current_stream(stats)),
+               op);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dermomamba, CUDA, m) {
+  m.impl("cbam_fwd", &cbam_fwd_cuda);
+  m.impl("cbam_bwd", &cbam_bwd_cuda);
+  m.impl("cbam_update_running_stats", &cbam_update_running_stats_cuda);
+}
+
+}  // namespace dermomamba

@@ -1,0 +1,164 @@
+// Plain parameter block and launchers of the fused CBAM CUDA kernels (no torch headers: the .cu
+// files include this and compile in seconds; csrc/cuda/cbam_cuda.cpp fills it).
+//
+// x-sized tensors are indexed as (batch, channel, pixel) through their strides, pixel = h * W + w
+// (H and W must flatten to one axis: NCHW and channels-last both do), so they are read and written
+// in place. Everything else is fp32 and contiguous:
+//   cs     (B, C)      channel scale sigmoid(mlp(avg) + mlp(max))
+//   chan   (B, 3, C)   average over HW, max over HW, 1 / (ties of that max)
+//   pix    (B, 4, HW)  max over C of x * cs, mean over C, 1 / (ties of that max), conv output z
+//   stats  (4,)        mean and 1/std that normalised z, batch mean, unbiased batch variance
+// Every reduction goes through per-tile partial buffers summed in a fixed order: results are
+// bitwise reproducible (no float atomics).
+#pragma once
+
+#include <cstdint>
+
+namespace dermomamba {
+namespace cuda {
+
+// Warps of the blocks that stream x: they split into `channel_groups` warps per pixel tile.
+constexpr int kCbamWarps = 8;
+constexpr int kCbamThreads = kCbamWarps * 32;
+// A lane owns up to this many pixels of its warp's tile (pixel = tile start + j * 32 + lane).
+constexpr int kCbamMaxPixelsPerLane = 8;
+// Spatial tiles of the 7x7 conv kernels: one output pixel per thread, rows x columns.
+constexpr int kCbamConvTileRows = 8;
+constexpr int kCbamConvTileCols = 32;
+// Largest conv kernel: its halo-padded tiles of the two maps must fit the static shared memory.
+constexpr int kCbamMaxKernelSize = 15;
+// Threads of the single-block reductions (batch statistics, BatchNorm backward).
+constexpr int kCbamReduceThreads = 1024;
+// Warps per SM that the x-streaming passes aim for before pixel tiles shrink.
+constexpr int kCbamTargetWarpsPerSM = 32;
+
+// dtypes of the tensors the kernels read or write through a run-time tag (the parameters may
+// differ from x: fp32 parameters with fp16 activations under autocast).
+enum CbamScalarKind : int { kCbamFloat32 = 0, kCbamFloat16 = 1, kCbamBFloat16 = 2, kCbamFloat64 = 3 };
+
+struct CbamTensor {
+  const void* data = nullptr;
+  int kind = kCbamFloat32;
+};
+
+struct CbamOutTensor {
+  void* data = nullptr;
+  int kind = kCbamFloat32;
+};
+
+struct CbamParams {
+  // Problem size.
+  int batch, channels, height, width, hw, hidden, ksize;
+  bool use_batch_stats;
+  float eps;
+
+  // Tiling of the passes over x (see cbam_choose_tiling).
+  int pixels_per_lane;     // 1..kCbamMaxPixelsPerLane
+  int tile_pixels;         // 32 * pixels_per_lane: one warp's pixel tile
+  int num_pixel_tiles;     // per image
+  int channel_groups;      // warps per pixel tile in a block (1, 2, 4 or 8); kCbamWarps / channel_groups tiles
+  int grid_channel_groups; // extra channel split over grid.z for the passes that do not reduce over C
+  int conv_tiles_x, conv_tiles_y, num_conv_tiles;  // per image
+
+  // x-sized tensors (element strides; pixel stride = stride of W).
+  const void* x;
+  int64_t x_batch_stride, x_channel_stride, x_pixel_stride;
+  const void* grad;  // backward: grad of out
+  int64_t grad_batch_stride, grad_channel_stride, grad_pixel_stride;
+  void* out;         // forward: out; backward: dx
+  int64_t out_batch_stride, out_channel_stride, out_pixel_stride;
+
+  // Parameters and running stats, any float kind, contiguous.
+  CbamTensor mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, running_mean, running_var;
+
+  // Saved maps (forward outputs, backward inputs).
+  float* cs;
+  float* chan;
+  float* pix;
+  float* stats;
+
+  // Forward scratch.
+  float* pool_parts;  // (3, B, C, num_pixel_tiles): sum, max, count of the max over each tile
+  float* conv_parts;  // (B, num_conv_tiles, 3): count, sum, squared deviations of z over each tile
+  float* hidden_buf;  // forward (B, hidden); backward (B, 3, hidden): relu sums, d pre-activations
+
+  // Backward scratch.
+  float* bpix;        // (B, 3, HW): d spatial logit, d max-map / ties, d mean-map / C
+  float* dcs_parts;   // (B, C, num_pixel_tiles): partial d cs over each tile
+  float* bn_parts;    // (B, num_pixel_tiles, 2): sum of d logit, sum of d logit * normalised z
+  float* coef;        // (3,): gamma * invstd, mean(d logit), mean(d logit * zn) (zeros in eval)
+  float* conv_wparts; // (2 * k * k, B * num_conv_tiles): per-tile conv-weight gradient
+  float* d_logit;     // (B, C): gradient of the channel logits
+  float* dchan;       // (B, 2, C): gradient per element of the avg pool (d avg / HW) and of the max (/ ties)
+
+  // Parameter gradients, in their parameters' kinds.
+  CbamOutTensor d_mlp1_w, d_mlp1_b, d_mlp2_w, d_mlp2_b, d_conv_w, d_bn_weight, d_bn_bias;
+};
+
+struct CbamTiling {
+  int pixels_per_lane, tile_pixels, num_pixel_tiles, channel_groups, grid_channel_groups;
+  int conv_tiles_x, conv_tiles_y, num_conv_tiles;
+};
+
+inline int cbam_ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+// Pixel tiles as long as 16-byte loads per lane allow; when the grid would leave the GPU mostly
+// idle (few, small images) the warps of a block first split the channels of one pixel tile, then
+// the tiles shorten. Passes that do not reduce over C also split the channels over grid.z.
+inline CbamTiling cbam_choose_tiling(int batch, int channels, int height, int width, int element_size,
+                                     int multiprocessors) {
+  const int64_t hw = static_cast<int64_t>(height) * width;
+  const int64_t target_warps = static_cast<int64_t>(multiprocessors > 0 ? multiprocessors : 1) * kCbamTargetWarpsPerSM;
+  CbamTiling t{};
+  t.pixels_per_lane = element_size >= 4 ? 4 : kCbamMaxPixelsPerLane;
+  t.channel_groups = 1;
+  auto warps = [&]() { return batch * static_cast<int64_t>(cbam_ceil_div(hw, 32 * t.pixels_per_lane)) * t.channel_groups; };
+  while (warps() < target_warps) {
+    if (t.channel_groups < kCbamWarps && 2 * t.channel_groups <= channels) {
+      t.channel_groups *= 2;
+    } else if (t.pixels_per_lane > 1) {
+      t.pixels_per_lane /= 2;
+    } else {
+      break;
+    }
+  }
+  t.tile_pixels = 32 * t.pixels_per_lane;
+  t.num_pixel_tiles = cbam_ceil_div(hw, t.tile_pixels);
+  const int64_t have = warps();
+  const int64_t max_split = cbam_ceil_div(channels, t.channel_groups);
+  int64_t split = have >= target_warps ? 1 : cbam_ceil_div(target_warps, have);
+  t.grid_channel_groups = static_cast<int>(split < max_split ? split : max_split);
+  t.conv_tiles_x = cbam_ceil_div(width, kCbamConvTileCols);
+  t.conv_tiles_y = cbam_ceil_div(height, kCbamConvTileRows);
+  t.num_conv_tiles = t.conv_tiles_x * t.conv_tiles_y;
+  return t;
+}
+
+// Whole forward (without the running-stat update) and whole backward, one launcher per dtype of
+// x (each in its own .cu so that they compile in parallel). They return a CUDA error code
+// (cudaSuccess == 0) so the host can raise a clear error.
+int cbam_forward_float(const CbamParams& p, void* stream);
+int cbam_forward_half(const CbamParams& p, void* stream);
+int cbam_forward_bfloat16(const CbamParams& p, void* stream);
+int cbam_backward_float(const CbamParams& p, void* stream);
+int cbam_backward_half(const CbamParams& p, void* stream);
+int cbam_backward_bfloat16(const CbamParams& p, void* stream);
+
+// dtype-independent stages (cbam_kernels.cu), called by the sequences above.
+int cbam_launch_channel_gate(const CbamParams& p, void* stream);
+int cbam_launch_spatial_conv(const CbamParams& p, void* stream);
+int cbam_launch_bn_stats(const CbamParams& p, void* stream);
+int cbam_launch_bn_backward(const CbamParams& p, void* stream);
+int cbam_launch_spatial_conv_backward(const CbamParams& p, void* stream);
+int cbam_launch_channel_gate_backward(const CbamParams& p, void* stream);
+int cbam_launch_param_grads(const CbamParams& p, void* stream);
+
+// running = (1 - momentum) * running + momentum * stats[2 or 3], in fp32, rounded once.
+int cbam_update_running_stats(CbamOutTensor running_mean, CbamOutTensor running_var, const float* stats,
+                              float momentum, void* stream);
+
+int cbam_multiprocessor_count(int device);
+const char* cbam_error_string(int code);
+
+}  // namespace cuda
+}  // namespace dermomamba
