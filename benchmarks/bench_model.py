@@ -54,6 +54,7 @@ from dermomamba.benchmark import (bce_dice_loss, count_launches, device_descript
                                   make_train_step, median, peak_memory_bytes, random_batch, time_ms)
 from dermomamba.loss import GuideFusionLoss  # noqa: E402
 from dermomamba.models import create_model  # noqa: E402
+from dermomamba.models.dermomamba import CrossScaleMambaBlock  # noqa: E402
 from dermomamba_kernels.layers import CBAM, SS2D  # noqa: E402
 
 PATHS = ("ours", "published")
@@ -96,11 +97,23 @@ def published_scan_fn(choice: str, device: torch.device):
     return ours_1d, label, False
 
 
+def published_cross_scale_forward(self, x):
+    """The published Cross-Scale Mamba Block: the shared VSSBlock called once per branch (ours
+    stacks the three branches along the batch axis and calls it once)."""
+    x1, x2, x3, x4 = torch.chunk(x, 4, dim=1)
+    scanned = [self.vss(dw(part).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+               for dw, part in ((self.dw1, x1), (self.dw2, x2), (self.dw3, x3))]
+    return self.act(self.bn(torch.cat(scanned + [x4], dim=1)))
+
+
 def to_published(model: nn.Module, scan_fn) -> nn.Module:
-    """Swap, in place, every SS2D core for the published cross-scan around ``scan_fn`` and every CBAM
-    for the published unfused module (same state_dict); returns the model."""
+    """Swap, in place, every SS2D core for the published cross-scan around ``scan_fn``, every
+    Cross-Scale Mamba Block for the published three calls of its shared VSSBlock, and every CBAM for
+    the published unfused module (same state_dict); returns the model."""
     core = published_core(scan_fn)
     for module in model.modules():
+        if isinstance(module, CrossScaleMambaBlock):
+            module.forward = types.MethodType(published_cross_scale_forward, module)
         if isinstance(module, SS2D):
             if module.d_state != PUBLISHED_CORE_DSTATE:
                 raise ValueError(f"published core: benchmarks/common.py's cross-scan is written for d_state="

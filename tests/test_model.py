@@ -516,3 +516,92 @@ def test_other_checkpoint_wrappers_and_bad_folders(tmp_path):
         DermoMamba.from_pretrained(folder)
     with pytest.raises(CheckpointError, match="no config.json beside it"):
         DermoMamba.from_pretrained(folder / "model.safetensors")
+
+
+# --- the shared VSSBlock runs once per Cross-Scale Mamba Block (issue 9) ----------------------------
+
+def _three_published_calls(block, x):
+    """The published Cross-Scale Mamba Block: the shared VSSBlock called once per branch."""
+    x1, x2, x3, x4 = torch.chunk(x, 4, dim=1)
+    scanned = [block.vss(dw(part).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+               for dw, part in ((block.dw1, x1), (block.dw2, x2), (block.dw3, x3))]
+    return torch.relu(block.bn(torch.cat(scanned + [x4], dim=1)))
+
+
+def _float64_scans(block):
+    """Route the block's SS2D core through the transcription's loop, which computes in its input's
+    dtype (our reference backend, like the published code, runs the scan in float32)."""
+    import types
+
+    ss2d = block.vss.self_attention
+
+    def scan(self, x):
+        params = dict(self.named_parameters(recurse=False))
+        return plain.ss2d_core(x, params, "").view(x.shape)
+
+    ss2d.scan = types.MethodType(scan, ss2d)
+    return block
+
+
+def _run_block(forward, block, x, grad_out):
+    """Output, input gradient, parameter gradients and BatchNorm running stats after one train step."""
+    block.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    out = forward(block, x)
+    out.backward(grad_out)
+    grads = {name: p.grad.clone() for name, p in block.named_parameters()}
+    return out.detach(), x.grad, grads, {k: v.clone() for k, v in block.bn.state_dict().items()}
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cross_scale_block_batches_the_shared_vss_exactly(seed, batch):
+    """One call of the shared VSSBlock on the three branches stacked along the batch must equal the
+    published three calls: output, every gradient and BatchNorm's running statistics (train mode,
+    so BatchNorm normalises with batch statistics). In float64 the two orders of summation differ by
+    float64 rounding only (~1e-15), so a misplaced branch or channel would stand out by many orders."""
+    from dermomamba.models.dermomamba import CrossScaleMambaBlock
+
+    block = _float64_scans(CrossScaleMambaBlock(24).double().train())
+    block.load_state_dict(plain.perturbed(block.state_dict()))
+    # H != W and odd, so a transposed or reshaped branch cannot pass.
+    x = torch.randn(batch, 24, 5, 7, dtype=torch.float64)
+    grad_out = torch.randn(batch, 24, 5, 7, dtype=torch.float64)
+    calls = []
+    handle = block.vss.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape))
+    initial = {k: v.clone() for k, v in block.state_dict().items()}
+    ours = _run_block(lambda b, inp: b(inp), block, x, grad_out)
+    assert calls == [torch.Size([3 * batch, 5, 7, 6])], calls
+    handle.remove()
+    block.load_state_dict(initial)
+    published = _run_block(_three_published_calls, block, x, grad_out)
+
+    pairs = [("output", ours[0], published[0]), ("x.grad", ours[1], published[1])]
+    pairs += [(name, ours[2][name], published[2][name]) for name in published[2]]
+    pairs += [("bn." + name, ours[3][name], published[3][name]) for name in published[3]]
+    for name, got, expected in pairs:
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_cross_scale_block_float32_within_rounding_of_the_three_calls(seed):
+    """In float32 on the default (C++) backend the batched call may be at most about twice as far
+    from the float64 three-call oracle as the float32 three calls are (gradients included)."""
+    from dermomamba.models.dermomamba import CrossScaleMambaBlock
+
+    block = CrossScaleMambaBlock(16).train()
+    block.load_state_dict(plain.perturbed(block.state_dict()))
+    initial = {k: v.clone() for k, v in block.state_dict().items()}
+    x, grad_out = torch.randn(2, 16, 9, 6), torch.randn(2, 16, 9, 6)
+
+    exact_block = _float64_scans(CrossScaleMambaBlock(16).double().train())
+    exact_block.load_state_dict(initial)
+    oracle = _run_block(_three_published_calls, exact_block, x.double(), grad_out.double())
+    ours = _run_block(lambda b, inp: b(inp), block, x, grad_out)
+    block.load_state_dict(initial)
+    baseline = _run_block(_three_published_calls, block, x, grad_out)
+
+    floor = 4 * torch.finfo(torch.float32).eps
+    pairs = [("output", ours[0], baseline[0], oracle[0]), ("x.grad", ours[1], baseline[1], oracle[1])]
+    pairs += [(name, ours[2][name], baseline[2][name], oracle[2][name]) for name in oracle[2]]
+    for name, got, base, truth in pairs:
+        ours_err, base_err = plain.relative_error(got, truth), plain.relative_error(base, truth)
+        assert ours_err <= 2.0 * base_err + floor, (name, ours_err, base_err)

@@ -89,6 +89,14 @@ class CrossScaleMambaBlock(nn.Module):
     """Four channel quarters: three go through a dilated axial depthwise mixer (dilation 1, 2, 3) and
     then ONE VSSBlock shared by the three; the fourth passes unchanged; concat, BN, ReLU.
 
+    The published code calls the shared VSSBlock three times. Here the three branches are stacked
+    along the batch axis and go through it in one call (3B samples), then are split back. This
+    computes the same thing: every op inside the VSSBlock works per sample or finer (LayerNorm per
+    token, linear projections per token, depthwise conv per sample and channel, the selective scan
+    per sequence, drop path one draw per sample), none uses statistics over the batch; BatchNorm
+    comes after the split. Only float rounding of the batched GEMMs and of the weight-gradient sums
+    may differ; the VSSBlock's kernels launch once instead of three times.
+
     Shapes: (B, C, H, W) -> (B, C, H, W), C divisible by 4.
 
     Example:
@@ -109,10 +117,15 @@ class CrossScaleMambaBlock(nn.Module):
         self.act = nn.ReLU()
 
     def forward(self, x):
+        batch = x.shape[0]
         x1, x2, x3, x4 = torch.chunk(x, CHANNEL_GROUPS, dim=1)
-        scanned = [self.vss(dw(part).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-                   for dw, part in ((self.dw1, x1), (self.dw2, x2), (self.dw3, x3))]
-        return self.act(self.bn(torch.cat(scanned + [x4], dim=1)))
+        # Each mixed branch is permuted (a view) before the cat, so the cat itself writes the
+        # channels-last (3B, H, W, C/4) stack the VSSBlock takes: one copy, no separate transpose.
+        stacked = torch.cat([dw(part).permute(0, 2, 3, 1)
+                             for dw, part in ((self.dw1, x1), (self.dw2, x2), (self.dw3, x3))], dim=0)
+        scanned = self.vss(stacked).permute(0, 3, 1, 2)  # (3B, C/4, H, W), a view
+        # Likewise the final cat reads the three channels-last branches through their views.
+        return self.act(self.bn(torch.cat(list(scanned.split(batch, dim=0)) + [x4], dim=1)))
 
 
 class ResMambaBlock(nn.Module):
@@ -233,8 +246,10 @@ class SweepMamba(nn.Module):
         x1 = self.mamba1(x)
         x2 = self.mamba2(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         x3 = self.mamba3(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        # g*x1 + g*x2 + g*x3 of the published code, factored: equal up to float rounding, two
+        # elementwise passes (and their backward) fewer.
         gate = F.silu(x)
-        out = self.proj_out(gate * x1 + gate * x2 + gate * x3) + skip * self.scale
+        out = self.proj_out(gate * (x1 + x2 + x3)) + skip * self.scale
         return F.relu(self.bn(out.permute(0, 3, 1, 2)))
 
 
