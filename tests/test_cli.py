@@ -3,6 +3,7 @@ folders in each layout; bad data gets errors that name the file; a two-process D
 
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -344,6 +345,32 @@ def test_two_process_ddp_gloo(data_root, tmp_path):
     report = evaluate_dataset(model, SegmentationDataset(samples, (32, 64)), "cpu", batch_size=4, progress=False,
                               model_resolution=True, with_hd95=False)
     assert float(row["val_dice"]) == pytest.approx(report["model_resolution"]["summary"]["dice_per_image"], abs=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpu_ddp_nccl_and_resume(data_root, tmp_path):
+    """torchrun on two GPUs (NCCL, fp16 autocast): one writer, all-reduced metrics; then --resume continues."""
+    run_dir = tmp_path / "ddp-gpu"
+    env = dict(os.environ, PYTHONPATH=PACKAGE_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    gpu_args = [a for a in map(str, FAST)]
+    gpu_args[gpu_args.index("--device") + 1] = "cuda"
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "dermomamba.cli", "train", "--data", str(data_root / "isic"), *gpu_args, "--precision", "fp16",
+            "--cache-dir", str(tmp_path / "cache"), "--no-tensorboard", "--val-fraction", "0.375",
+            "--test-fraction", "0.125", "--eval-batch-size", "1"]
+    result = subprocess.run(base + ["--epochs", "1", "-o", str(run_dir)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "x 2 processes" in result.stderr
+    state = json.load(open(run_dir / "checkpoints" / "last" / TRAIN_STATE_JSON))
+    assert state["epoch"] == 1 and state["world_size"] == 2 and len(state["rng"]) == 2
+    resumed = subprocess.run(base + ["--epochs", "2", "--resume", str(run_dir)], env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    rows = read_rows(run_dir / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(math.isfinite(float(r["train_loss"])) for r in rows)
 
 
 def test_split_choices(tmp_path, monkeypatch):
