@@ -404,6 +404,99 @@ def test_cuda_strides_do_not_change_results(seed, cuda_poisoned):
 
 
 @pytest.mark.gpu
+def test_cuda_one_column_views_read_in_place(seed, cuda_poisoned):
+    """W == 1: torch ignores the strides of size-1 dims, so (B, C, 1, H).transpose(2, 3) is is_contiguous() with
+    stride(3) == H. The pixel axis is then H and stride(3) must not be used (it read pixel h at h * H, out of
+    bounds). Such views of x and grad_out give bit for bit the dense run's results; the dense one-column image
+    is held to the reference."""
+    B, C, H = 2, 24, 77
+    case = Case(B, C, H, 1, device="cuda")
+    print(check_parity(case, "cuda", torch.float32, True))
+    x, grad = case.x.float(), case.grad.float()
+
+    def params():
+        return [p.float().requires_grad_(True) for p in case.params]
+
+    def column_view(t):  # t's values, stored as a (B, C, 1, H) row and viewed as (B, C, H, 1)
+        return torch.empty(B, C, 1, H, device="cuda").copy_(t.transpose(2, 3)).transpose(2, 3)
+
+    dense = _cuda_run(x.clone().requires_grad_(True), params(), grad)
+    base = column_view(x)._base.requires_grad_(True)
+    view = base.transpose(2, 3)
+    assert view.is_contiguous() and view.stride(3) == H, "the view no longer has the hazardous strides"
+    strided = _cuda_run(view, params(), column_view(grad))
+    strided[1] = strided[1].transpose(2, 3)  # the leaf's gradient is (B, C, 1, H)
+    for name, a, b in zip(NAMES, strided, dense):
+        assert torch.equal(a, b), f"{name} differs from the dense run by up to {(a - b).abs().max():.3e}"
+
+
+def _run_on(case, device):
+    """Output, every gradient and the running stats of one fp32 training step of ``case`` on ``device``."""
+    x = case.x.float().to(device).requires_grad_(True)
+    params = [p.float().to(device).requires_grad_(True) for p in case.params]
+    running = [r.float().to(device) for r in case.running]
+    out = cbam(x, *params, *running, training=True, backend="cuda")
+    out.backward(case.grad.float().to(device))
+    return [t.detach() for t in [out, x.grad] + [p.grad for p in params] + running]
+
+
+@pytest.mark.gpu
+def test_cuda_current_stream_and_device_guard(seed, cuda_poisoned):
+    """Every launch goes to the caller's current stream on x's device: inputs made on a side stream behind a
+    long sleep (a kernel on any other stream would read them before they exist), and, with two GPUs, x on
+    the last GPU while cuda:0 is current (the device guard), give the default-stream results bit for bit."""
+    case = Case(4, 64, 40, 52, device="cuda:0")
+    want = _run_on(case, "cuda:0")
+    side = torch.cuda.Stream(device=0)
+    side.wait_stream(torch.cuda.current_stream(0))
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # GPU cycles, ~0.1 s
+        got = _run_on(case, "cuda:0")
+    torch.cuda.synchronize(0)
+    for name, a, b in zip(NAMES, got, want):
+        assert torch.equal(a, b), f"side stream: {name} differs by up to {(a - b).abs().max():.3e}"
+    if torch.cuda.device_count() > 1:
+        last = torch.cuda.device_count() - 1
+        assert torch.cuda.current_device() == 0
+        got = [t.cpu() for t in _run_on(case, f"cuda:{last}")]
+        for name, a, b in zip(NAMES, got, want):
+            assert torch.equal(a, b.cpu()), f"cuda:{last}: {name} differs by up to {(a - b.cpu()).abs().max():.3e}"
+
+
+@pytest.mark.gpu
+def test_cuda_more_than_2_31_elements(seed, cuda_poisoned):
+    """x, grad_out, out and dx of 2.2 G elements (fp16, 4.4 GB each): element offsets past 2^31 need 64-bit
+    index arithmetic. In eval every image is independent, and a 4096x4096 image gets the same tiling alone
+    (full pixel tiles, no channel split), so the last image's out and dx must equal bit for bit those of the
+    last image run alone (whose arithmetic the parity tests hold to the reference)."""
+    B, C, H, W = 2, 66, 4096, 4096
+    assert B * C * H * W > 2 ** 31
+    free_bytes, _ = torch.cuda.mem_get_info()
+    if free_bytes < 24 * 2 ** 30:  # four 4.4 GB tensors and the maps; parallel test workers share the GPU
+        pytest.skip(f"needs 24 GB of free GPU memory, {free_bytes / 2 ** 30:.1f} GB free")
+    hidden = C // 16
+    params = [torch.randn(hidden, C) / C ** 0.5, 0.1 * torch.randn(hidden), torch.randn(C, hidden) / hidden ** 0.5,
+              0.1 * torch.randn(C), 0.3 * torch.randn(1, 2, 7, 7), 0.5 + torch.rand(1), 0.2 * torch.randn(1)]
+    running = [0.1 * torch.randn(1, device="cuda"), 0.5 + torch.rand(1, device="cuda")]
+    x = torch.randn(B, C, H, W, device="cuda", dtype=torch.float16)
+    grad = torch.randn(B, C, H, W, device="cuda", dtype=torch.float16)
+
+    def run(x_part, grad_part):
+        leaf = x_part.requires_grad_(True)
+        ps = [p.cuda().requires_grad_(True) for p in params]
+        out = cbam(leaf, *ps, *running, training=False, backend="cuda")
+        out.backward(grad_part)
+        return out.detach(), leaf.grad
+
+    alone = run(x[-1:].clone(), grad[-1:].clone())
+    whole = run(x, grad)
+    del grad
+    for name, a, b in (("out", whole[0][-1:], alone[0]), ("dx", whole[1][-1:], alone[1])):
+        assert torch.equal(a, b), f"{name}: the last image differs from its own run at {(a != b).sum().item()} places"
+    assert torch.isfinite(whole[0][0]).all() and torch.isfinite(whole[1][0]).all(), "first image: unwritten values"
+
+
+@pytest.mark.gpu
 def test_cuda_deterministic(seed, cuda_poisoned):
     """No float atomics: two runs agree bit for bit (output, every gradient, running stats)."""
     case = Case(16, 64, 96, 128, device="cuda")

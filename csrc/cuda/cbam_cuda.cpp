@@ -79,7 +79,15 @@ void check_fp32_map(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef sh
 }
 
 // H and W indexed as one pixel axis (NCHW, channels-last and their slices along B or C).
-bool flattenable(const at::Tensor& t) { return t.size(2) == 1 || t.stride(2) == t.size(3) * t.stride(3); }
+// Review fix: with W == 1 the pixel axis is H, and stride(3) is arbitrary (torch ignores the strides
+// of size-1 dims: x.transpose(2, 3) of a (B, C, 1, W) tensor is is_contiguous() with stride(3) == W,
+// so contiguous() returned it unchanged and the kernels read pixel h at h * W, out of bounds). The
+// pixel stride comes from pixel_stride() below; cuda_ops.flattenable mirrors this for the fakes.
+bool flattenable(const at::Tensor& t) {
+  return t.size(2) == 1 || t.size(3) == 1 || t.stride(2) == t.size(3) * t.stride(3);
+}
+
+int64_t pixel_stride(const at::Tensor& t) { return t.size(3) == 1 ? t.stride(2) : t.stride(3); }
 
 at::Tensor pixel_flat(const at::Tensor& t) { return flattenable(t) ? t : t.contiguous(); }
 
@@ -165,7 +173,7 @@ void set_common(CbamParams& p, const Sizes& s, const at::Tensor& x, ParamViews& 
   p.x = x.data_ptr();
   p.x_batch_stride = x.stride(0);
   p.x_channel_stride = x.stride(1);
-  p.x_pixel_stride = x.stride(3);
+  p.x_pixel_stride = pixel_stride(x);
   keep = ParamViews{mlp1_w.contiguous(), mlp1_b.contiguous(), mlp2_w.contiguous(), mlp2_b.contiguous(),
                     conv_w.contiguous(), bn_weight.contiguous(), bn_bias.contiguous()};
   p.mlp1_w = view_of(keep.mlp1_w, op, "mlp1_w");
@@ -240,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_fwd_
   p.out = out.data_ptr();
   p.out_batch_stride = out.stride(0);
   p.out_channel_stride = out.stride(1);
-  p.out_pixel_stride = out.stride(3);
+  p.out_pixel_stride = pixel_stride(out);
   const auto fp32 = x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
   at::Tensor cs = at::empty({s.batch, s.channels}, fp32);
   at::Tensor chan = at::empty({s.batch, kChanRows, s.channels}, fp32);
@@ -295,7 +303,7 @@ cbam_bwd_cuda(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tenso
   p.grad = grad.data_ptr();
   p.grad_batch_stride = grad.stride(0);
   p.grad_channel_stride = grad.stride(1);
-  p.grad_pixel_stride = grad.stride(3);
+  p.grad_pixel_stride = pixel_stride(grad);
   // read only by the kernels (the saved maps are inputs of this op)
   p.cs = const_cast<float*>(cs.data_ptr<float>());
   p.chan = const_cast<float*>(chan.data_ptr<float>());
@@ -306,7 +314,7 @@ cbam_bwd_cuda(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tenso
   p.out = dx.data_ptr();
   p.out_batch_stride = dx.stride(0);
   p.out_channel_stride = dx.stride(1);
-  p.out_pixel_stride = dx.stride(3);
+  p.out_pixel_stride = pixel_stride(dx);
   auto grad_like = [](const at::Tensor& param) { return at::empty(param.sizes(), param.options()); };
   at::Tensor d_mlp1_w = grad_like(mlp1_w), d_mlp1_b = grad_like(mlp1_b), d_mlp2_w = grad_like(mlp2_w),
              d_mlp2_b = grad_like(mlp2_b), d_conv_w = grad_like(conv_w), d_bn_weight = grad_like(bn_weight),

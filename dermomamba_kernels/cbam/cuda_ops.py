@@ -47,8 +47,12 @@ def cuda_kernels_registered() -> bool:
 
 
 def flattenable(t: Tensor) -> bool:
-    """True when H and W of ``t`` (B, C, H, W) can be indexed as one pixel axis (NCHW or NHWC-like)."""
-    return t.size(2) == 1 or t.stride(2) == t.size(3) * t.stride(3)
+    """True when H and W of ``t`` (B, C, H, W) can be indexed as one pixel axis (NCHW or NHWC-like).
+
+    Mirrors ``flattenable`` in csrc/cuda/cbam_cuda.cpp (the fakes must allocate what the op does): with
+    W == 1 the pixel axis is H whatever stride(3) says (size-1 dims may carry any stride).
+    """
+    return t.size(2) == 1 or t.size(3) == 1 or t.stride(2) == t.size(3) * t.stride(3)
 
 
 def _pixel_flat(t: Tensor) -> Tensor:
