@@ -69,6 +69,25 @@ def test_strided_views(seed):
         judge(name, fused, ref, exact)
 
 
+def test_one_column_views(seed):
+    """W == 1 views whose stride(3) is not the pixel stride (a transposed (B, C, 1, W) tensor counts as
+    contiguous in torch): read in place, same result as a freshly laid out copy."""
+    case = Case(2, 16, 1, 6, device="cpu")
+    x_view = case.x.float().transpose(2, 3)  # (2, 16, 6, 1), strides (96, 6, 1, 6)
+    grad_view = case.grad.float().transpose(2, 3)
+    dense_x, dense_grad = torch.empty(x_view.shape).copy_(x_view), torch.empty(grad_view.shape).copy_(grad_view)
+    assert x_view.stride() != dense_x.stride()
+    results = []
+    for x, grad in ((x_view, grad_view), (dense_x, dense_grad)):
+        x = x.detach().requires_grad_(True)  # detach keeps the view's strides
+        params = [p.float().requires_grad_(True) for p in case.params]
+        out = cbam(x, *params, training=True, backend="triton")
+        out.backward(grad)
+        results.append([out.detach(), x.grad] + [p.grad for p in params])
+    for name, a, b in zip(NAMES, *results):
+        assert torch.equal(a, b), name
+
+
 def test_expanded_grad_out(seed):
     """out.sum().backward() hands the op a grad_out with all strides 0."""
     case = Case(2, 16, 5, 6, device="cpu")

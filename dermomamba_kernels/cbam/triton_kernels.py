@@ -644,13 +644,17 @@ def _gate_blocks(C, hidden):
 
 
 def _pixel_strides(t):
-    """(batch, channel, pixel) strides of a (B, C, H, W) tensor whose H and W flatten to one axis."""
-    return t.stride(0), t.stride(1), t.stride(3)
+    """(batch, channel, pixel) strides of a (B, C, H, W) tensor whose H and W flatten to one axis.
+
+    With W == 1 the pixels run along H: stride(3) of a size-1 dim is arbitrary (torch ignores it, so
+    e.g. a transposed (B, C, 1, W) view counts as contiguous while stride(3) is W).
+    """
+    return t.stride(0), t.stride(1), (t.stride(2) if t.size(3) == 1 else t.stride(3))
 
 
 def flattenable(t):
     """True when H and W of ``t`` (B, C, H, W) can be indexed as one pixel axis (NCHW or NHWC-like)."""
-    return t.size(2) == 1 or t.stride(2) == t.size(3) * t.stride(3)
+    return t.size(2) == 1 or t.size(3) == 1 or t.stride(2) == t.size(3) * t.stride(3)
 
 
 def empty_like_pixels(x):
@@ -679,7 +683,7 @@ def forward(x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, us
     ksize = conv_w.shape[-1]
     w1, b1, w2, b2, conv_w = (t.contiguous() for t in (w1, b1, w2, b2, conv_w))
     out, cs, chan, pix, stats = forward_buffers(x, hidden, poison)
-    tiling = _Tiling(B, C, HW, x.device, x.element_size(), x.stride(3) == 1 and x.stride(1) != 1)
+    tiling = _Tiling(B, C, HW, x.device, x.element_size(), _pixel_strides(x)[2] == 1 and x.stride(1) != 1)
     bp, bc, npt, warps = tiling.block_p, tiling.block_c, tiling.n_ptiles, tiling.num_warps
     sxb, sxc, sxp = _pixel_strides(x)
     sob, soc, sop = _pixel_strides(out)
@@ -714,7 +718,7 @@ def backward(grad_out, x, w1, b1, w2, conv_w, bn_w, bn_b, cs, chan, pix, stats, 
     hidden = w1.shape[0]
     ksize = conv_w.shape[-1]
     w1, b1, w2, conv_w = (t.contiguous() for t in (w1, b1, w2, conv_w))
-    tiling = _Tiling(B, C, HW, x.device, x.element_size(), x.stride(3) == 1 and x.stride(1) != 1)
+    tiling = _Tiling(B, C, HW, x.device, x.element_size(), _pixel_strides(x)[2] == 1 and x.stride(1) != 1)
     bp, bc, npt, warps = tiling.block_p, tiling.block_c, tiling.n_ptiles, tiling.num_warps
     sxb, sxc, sxp = _pixel_strides(x)
     sgb, sgc, sgp = _pixel_strides(grad_out)
