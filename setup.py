@@ -50,17 +50,38 @@ def find_cuda_home():
     return os.path.dirname(os.path.dirname(nvcc))
 
 
-def gencode_flags(archs):
-    flags = []
+def parse_archs(archs):
+    """"8.0;9.0+PTX" -> ([80, 90], [90]): capabilities with machine code, and with PTX as well."""
+    machine, ptx = [], []
     for arch in archs.replace(",", ";").split(";"):
         arch = arch.strip()
         if not arch:
             continue
-        number = arch.replace(".", "").replace("+PTX", "")
-        flags += ["-gencode", f"arch=compute_{number},code=sm_{number}"]
+        number = int(arch.replace(".", "").replace("+PTX", ""))
+        machine.append(number)
         if arch.endswith("+PTX"):
+            ptx.append(number)
+    return machine, ptx
+
+
+def gencode_flags(archs):
+    machine, ptx = parse_archs(archs)
+    flags = []
+    for number in machine:
+        flags += ["-gencode", f"arch=compute_{number},code=sm_{number}"]
+        if number in ptx:
             flags += ["-gencode", f"arch=compute_{number},code=compute_{number}"]
     return flags
+
+
+def arch_macros(archs):
+    """The built architectures, for the extension to report (the dispatcher checks the GPU against them).
+
+    Comma-separated integers: the flags pass through a shell in ninja builds, so no quotes or semicolons.
+    """
+    machine, ptx = parse_archs(archs)
+    return [("DERMOMAMBA_CUDA_SASS_ARCHS", ",".join(map(str, machine))),
+            ("DERMOMAMBA_CUDA_PTX_ARCHS", ",".join(map(str, ptx)))]
 
 
 def extension_modules():
@@ -102,7 +123,7 @@ def extension_modules():
             "dermomamba_kernels._C",
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=[("DERMOMAMBA_WITH_CUDA", None)],
+            define_macros=[("DERMOMAMBA_WITH_CUDA", None)] + arch_macros(archs),
             extra_compile_args={
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",

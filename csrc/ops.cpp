@@ -12,6 +12,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
 namespace dermomamba {
 
 bool compiled_with_cuda() {
@@ -22,8 +25,30 @@ bool compiled_with_cuda() {
 #endif
 }
 
+// The GPU architectures this build holds kernels for, e.g. "sm_80 sm_90 compute_90": machine code
+// (sm_XY runs on compute capability X.Z for Z >= Y) and PTX (compute_XY, JIT-compiled for any
+// capability >= X.Y). Empty without CUDA. setup.py passes the lists as comma-separated integers.
+#ifndef DERMOMAMBA_CUDA_SASS_ARCHS
+#define DERMOMAMBA_CUDA_SASS_ARCHS
+#endif
+#ifndef DERMOMAMBA_CUDA_PTX_ARCHS
+#define DERMOMAMBA_CUDA_PTX_ARCHS
+#endif
+
+std::string compiled_cuda_archs() {
+  std::string result;
+#ifdef DERMOMAMBA_WITH_CUDA
+  const std::vector<int> machine_code = {DERMOMAMBA_CUDA_SASS_ARCHS};
+  const std::vector<int> ptx = {DERMOMAMBA_CUDA_PTX_ARCHS};
+  for (int arch : machine_code) result += (result.empty() ? "" : " ") + std::string("sm_") + std::to_string(arch);
+  for (int arch : ptx) result += (result.empty() ? "" : " ") + std::string("compute_") + std::to_string(arch);
+#endif
+  return result;
+}
+
 TORCH_LIBRARY(dermomamba, m) {
   m.def("compiled_with_cuda() -> bool", &compiled_with_cuda);
+  m.def("compiled_cuda_archs() -> str", &compiled_cuda_archs);
 
   // 1-D scan, mamba_ssm semantics. u, delta, z: (batch, dim, L), stride(-1) == 1;
   // A: (dim, N) fp32; B, C: (batch, groups, N, L), any strides (a constant (dim, N) B arrives as a

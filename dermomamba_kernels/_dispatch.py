@@ -13,6 +13,7 @@ names above); a ``backend=`` argument always wins over it. Which backend ran las
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Callable, Dict, Optional, Tuple
@@ -153,7 +154,16 @@ def cuda_extension(device: torch.device) -> Optional[str]:
         return f"dermomamba_kernels._C is not built or failed to load ({_ext.extension_error()})"
     if not _ext.compiled_with_cuda():
         return "dermomamba_kernels._C was built without CUDA kernels (no nvcc or CPU-only torch at install)"
-    return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _missing_kernel_image(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _missing_kernel_image(device_index: int) -> Optional[str]:
+    # Asked on every dispatch: the capability of a device does not change within a process.
+    from . import _ext
+
+    return _ext.missing_kernel_image(torch.cuda.get_device_capability(device_index))
 
 
 def triton_runtime(device: torch.device) -> Optional[str]:
