@@ -371,6 +371,20 @@ def test_multiaxial_permuted_and_wide(seed, deterministic):
 
 
 @requires_cuda_kernels
+@pytest.mark.parametrize("column", [True, False], ids=["W1", "H1"])
+def test_multiaxial_one_row_or_column_views(seed, column):
+    """x a transposed view with a size-1 axis whose stride is arbitrary (torch ignores it and calls the
+    view contiguous): the kernels must take positions from the other axis's stride."""
+    # Made with the other shape, then transposed: (2, 8, 11, 1) -> W == 1, or (2, 8, 1, 11) -> H == 1.
+    inp = make_multiaxial(2, 8, 1, 11, 16, torch.float32) if column else make_multiaxial(2, 8, 11, 1, 16,
+                                                                                        torch.float32)
+    for key in ("x", "delta", "B", "C"):
+        inp[key] = inp[key].transpose(-2, -1)
+    assert inp["x"].is_contiguous()  # what torch says; stride(size-1 axis) is not the other axis's
+    check_multiaxial(inp, softplus=True, tag=f"ma/one-{'column' if column else 'row'}", chunk=4)
+
+
+@requires_cuda_kernels
 def test_multiaxial_no_softplus_batch1(seed):
     inp = make_multiaxial(1, 3, 8, 5, 5, torch.float32, softplus=False)
     check_multiaxial(inp, softplus=False, tag="ma/no_softplus", chunk=8)
