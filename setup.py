@@ -77,7 +77,8 @@ def gencode_flags(archs):
 def arch_macros(archs):
     """The built architectures, for the extension to report (the dispatcher checks the GPU against them).
 
-    Comma-separated integers: the flags pass through a shell in ninja builds, so no quotes or semicolons.
+    Comma-separated integers: the flags pass through a shell in ninja builds, so no quotes or semicolons;
+    and only to the host compiler (nvcc would read the commas as separate -D options).
     """
     machine, ptx = parse_archs(archs)
     return [("DERMOMAMBA_CUDA_SASS_ARCHS", ",".join(map(str, machine))),
@@ -123,9 +124,10 @@ def extension_modules():
             "dermomamba_kernels._C",
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=[("DERMOMAMBA_WITH_CUDA", None)] + arch_macros(archs),
+            define_macros=[("DERMOMAMBA_WITH_CUDA", None)],
             extra_compile_args={
-                "cxx": cxx_flags,
+                # host compiler only: nvcc splits -D values at commas
+                "cxx": cxx_flags + [f"-D{name}={value}" for name, value in arch_macros(archs)],
                 "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
                          "-DDERMOMAMBA_WITH_CUDA"] + gencode_flags(archs),
             },
