@@ -32,8 +32,6 @@ import os
 import sys
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Appended, not prepended: an installed dermomamba (with its compiled _C) wins over the source tree.
@@ -41,6 +39,8 @@ if REPO_ROOT not in sys.path:
     sys.path.append(REPO_ROOT)
 
 from common import git_commit  # noqa: E402
+# The published unfused module lives in the package (the whole-network comparison swaps it in too).
+from dermomamba.published_path import PublishedCBAM  # noqa: E402,F401
 from dermomamba_kernels.layers import CBAM  # noqa: E402
 
 BATCH = 16
@@ -50,50 +50,6 @@ SHAPES = [(32, 192, 256), (64, 96, 128), (128, 48, 64), (256, 24, 32), (512, 12,
 FUSED_PASSES = 4 + 6
 # The least any implementation must move: read x and write out; read g and x and write dx.
 COMPULSORY_PASSES = 2 + 3
-
-
-class _PublishedChannelGate(nn.Module):
-    def __init__(self, channels, reduction=16):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(channels, channels // reduction), nn.ReLU(),
-                                 nn.Linear(channels // reduction, channels))
-
-    def forward(self, x):
-        window = (x.size(2), x.size(3))
-        attention = self.mlp(F.avg_pool2d(x, window, stride=window)) + self.mlp(F.max_pool2d(x, window, stride=window))
-        return x * torch.sigmoid(attention).unsqueeze(2).unsqueeze(3).expand_as(x)
-
-
-class _PublishedBasicConv(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 1, 7, stride=1, padding=3, bias=False)
-        self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01, affine=True)
-
-    def forward(self, x):
-        return self.bn(self.conv(x))
-
-
-class _PublishedSpatialGate(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.spatial = _PublishedBasicConv()
-
-    def forward(self, x):
-        pooled = torch.cat((torch.max(x, 1)[0].unsqueeze(1), torch.mean(x, 1).unsqueeze(1)), dim=1)
-        return x * torch.sigmoid(self.spatial(pooled))
-
-
-class PublishedCBAM(nn.Module):
-    """The published module's op sequence (state_dict-compatible with ``CBAM``), unfused."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.ChannelGate = _PublishedChannelGate(channels)
-        self.SpatialGate = _PublishedSpatialGate()
-
-    def forward(self, x):
-        return self.SpatialGate(self.ChannelGate(x))
 
 
 def fwd_bwd(module, x, grad):

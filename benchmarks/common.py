@@ -1,65 +1,40 @@
 """What the GPU benchmarks share: DermoMamba's scan shapes, the mamba-ssm baseline (the published SS2D
 core around mamba_ssm's selective_scan_fn), the copy-bandwidth ceiling and the commit stamp.
 
-Importing this needs neither the compiled extension nor mamba-ssm.
+Importing this needs neither the compiled extension nor mamba-ssm (the published core and the mamba-ssm
+look-up are dermomamba.published_path's, re-exported).
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Appended, not prepended: an installed dermomamba (with its compiled _C) wins over the source tree.
+if REPO_ROOT not in sys.path:
+    sys.path.append(REPO_ROOT)
+
+# The published SS2D core and the mamba-ssm import live in the package (``dermomamba benchmark
+# --compare-published`` uses them too); re-exported here for the scripts and tests that import them from common.
+from dermomamba.benchmark import git_commit as _git_commit  # noqa: E402
+from dermomamba.published_path import DSTATE, MAMBA_SSM_SUBDIRS, NUM_DIRECTIONS, published_core  # noqa: E402,F401
+from dermomamba.published_path import import_mamba_ssm as _import_mamba_ssm  # noqa: E402
 
 BATCH = 16
-DSTATE = 16
-NUM_DIRECTIONS = 4
 # (d_model, H, W) of DermoMamba's SS2D calls at a 192x256 input.
 SHAPES = [(4, 192, 256), (8, 96, 128), (16, 48, 64), (32, 24, 32), (64, 12, 16), (64, 6, 8), (6, 8, 64), (8, 64, 6)]
 # mamba-ssm 2.3.2.post1 built on the GPU machine (shared/tools/mamba-ssm-on-device.md); never committed.
-MAMBA_SSM_DIRS = (os.path.join(REPO_ROOT, ".bench-deps", "prebuilt"),
-                  os.path.join(REPO_ROOT, ".bench-deps", "mamba_ssm-2.3.2.post1"))
+MAMBA_SSM_DIRS = tuple(os.path.join(REPO_ROOT, sub) for sub in MAMBA_SSM_SUBDIRS)
 COPY_BYTES = 256 * 2 ** 20 * 4
 
 
 def import_mamba_ssm():
-    """(mamba_ssm's selective_scan_fn, None), or (None, why it is not importable)."""
-    for path in MAMBA_SSM_DIRS:
-        if os.path.isdir(path) and path not in sys.path:
-            sys.path.insert(0, path)
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        return selective_scan_fn, None
-    except Exception as exc:  # noqa: BLE001 - any failure means "baseline not available", said in the output
-        return None, f"{type(exc).__name__}: {exc}"
-
-
-def published_core(scan_fn):
-    """VMamba v0 forward_corev0 as the published DermoMamba code runs it, around `scan_fn`: four
-    materialised direction copies, two einsums, one 1-D scan of 4 * D channels, merge copies."""
-
-    def run(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds):
-        batch, dim, height, width = x.shape
-        length = height * width
-        rank = dt_projs_weight.shape[2]
-        pair = torch.stack([x.reshape(batch, dim, length), x.transpose(2, 3).contiguous().reshape(batch, dim, length)],
-                           dim=1)
-        xs = torch.cat([pair, pair.flip(-1)], dim=1)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)
-        dts, Bs, Cs = torch.split(x_dbl, [rank, DSTATE, DSTATE], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight)
-        out = scan_fn(xs.float().reshape(batch, -1, length), dts.contiguous().float().reshape(batch, -1, length),
-                      -torch.exp(A_logs.float()), Bs.float(), Cs.float(), Ds.float(),
-                      delta_bias=dt_projs_bias.float().reshape(-1), delta_softplus=True)
-        out = out.reshape(batch, NUM_DIRECTIONS, dim, length)
-        back = out[:, 2:4].flip(-1)
-        cols = (out[:, 1] + back[:, 1]).reshape(batch, dim, width, height).transpose(2, 3)
-        return (out[:, 0] + back[:, 0]).reshape(batch, dim, height, width) + cols
-
-    return run
+    """(mamba_ssm's selective_scan_fn, None), or (None, why it is not importable): importable mamba_ssm,
+    else this checkout's .bench-deps/ (dermomamba.published_path.import_mamba_ssm)."""
+    return _import_mamba_ssm(MAMBA_SSM_DIRS)
 
 
 def copy_bandwidth_gbs(time_ms):
@@ -72,9 +47,4 @@ def copy_bandwidth_gbs(time_ms):
 
 def git_commit():
     """The checkout's commit; on the GPU machine (a copy without .git) set DERMOMAMBA_COMMIT in the command."""
-    fallback = os.environ.get("DERMOMAMBA_COMMIT", "unknown")
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True).stdout.strip() or fallback
-    except OSError:
-        return fallback
+    return _git_commit(REPO_ROOT)

@@ -1,4 +1,5 @@
-"""Timing machinery shared by ``dermomamba benchmark`` and ``benchmarks/bench_model.py``.
+"""Timing machinery shared by ``dermomamba benchmark`` and ``benchmarks/`` (the comparison with the published
+code path itself is in :mod:`dermomamba.published_path`).
 
 A training step is forward, loss, backward and an Adam step (with a GradScaler under fp16 autocast);
 inference is a no-grad forward in eval mode. Times are medians over timed repetitions after untimed
@@ -16,7 +17,9 @@ Example:
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
 import time
 from typing import Callable, List, Optional, Tuple
 
@@ -179,3 +182,14 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"{device} ({torch.get_num_threads()} threads)"
+
+
+def git_commit(root: str) -> str:
+    """The short commit of the git checkout at ``root``; DERMOMAMBA_COMMIT (else "unknown") where there is
+    none, as on the GPU machine (a copy without .git) or for an installed package."""
+    fallback = os.environ.get("DERMOMAMBA_COMMIT", "unknown")
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True).stdout.strip() or fallback
+    except OSError:
+        return fallback

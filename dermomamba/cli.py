@@ -9,6 +9,7 @@
     dermomamba predict -c runs/x photos/ -o out/ --overlay
     dermomamba info --model dermomamba --img-size 192 256
     dermomamba benchmark --model dermomamba --batch-size 4
+    dermomamba benchmark --compare-published          # whole network: ours vs the published code path
 
 Every ``train`` option is a field of :class:`dermomamba.config.TrainConfig`; ``--config file.yaml`` sets any of
 them, flags override the file.
@@ -131,16 +132,46 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("-c", "--checkpoint", help="report on this checkpoint's model instead")
     info.add_argument("--json", action="store_true", help="print JSON")
 
-    bench = commands.add_parser("benchmark", help="time a forward pass and a training step on this device")
+    bench = commands.add_parser(
+        "benchmark", help="time a forward pass and a training step on this device, or (--compare-published) the "
+                          "whole network against the published code path",
+        description="Time a forward pass and a training step of our model on this device. With "
+                    "--compare-published: the whole network, ours against the same network on the published "
+                    "code path (mamba-ssm's selective_scan_fn in the published cross-scan when it imports, else our "
+                    "scan in that layout, which the table says; unfused CBAM; the scipy distance transform in the "
+                    "Guide Fusion Loss), in one process on the same weights: training step per batch, precision "
+                    "and loss, inference images/s, peak memory, launches and the ratios, as a markdown table "
+                    "(benchmarks/bench_model.py's). On the CPU the published path's scan is the reference loop and "
+                    "the defaults are bench_model.py --cpu-quick's (batch 1, inference 1 and 2, fp32, 1 warm-up, "
+                    "2 timed, no launch counts); give --model dermomamba_tiny --img-size 64 64 for a run of about "
+                    "a minute.")
     bench.add_argument("--model", default="dermomamba")
     bench.add_argument("--img-size", type=int, nargs=2, default=(192, 256), metavar=("H", "W"))
     bench.add_argument("--batch-size", type=int, default=4)
-    bench.add_argument("--steps", type=int, default=10, help="timed iterations (default 10)")
-    bench.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default 3)")
+    bench.add_argument("--steps", type=int, default=None,
+                       help="timed iterations (default 10; --compare-published on the CPU: 2)")
+    bench.add_argument("--warmup", type=int, default=None,
+                       help="untimed iterations first (default 3; --compare-published on the CPU: 1)")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"))
     bench.add_argument("--backend", default=None)
     bench.add_argument("--json", action="store_true", help="print JSON")
+    compare = bench.add_argument_group("whole network against the published code path")
+    compare.add_argument("--compare-published", action="store_true",
+                         help="compare ours with the published code path (instead of timing ours alone)")
+    compare.add_argument("--train-batches", type=int, nargs="+", default=None,
+                         help="training-step batches (default 4 16; CPU: 1)")
+    compare.add_argument("--infer-batches", type=int, nargs="+", default=None,
+                         help="inference batches (default 1 16 64; CPU: 1 2)")
+    compare.add_argument("--precisions", nargs="+", default=None, choices=("fp32", "fp16", "bf16"),
+                         help="autocast precisions (default fp32 fp16; the CPU runs fp32 only)")
+    compare.add_argument("--losses", nargs="+", default=None, choices=("gfl", "bce_dice"),
+                         help="losses of the training step: gfl (Guide Fusion), bce_dice (default both)")
+    compare.add_argument("--published-scan", default="auto", choices=("auto", "mamba", "ours", "reference"),
+                         help="1-D scan inside the published layout: auto (mamba-ssm if it imports, else ours: "
+                              "the reference loop on the CPU), mamba (required), ours, reference")
+    compare.add_argument("--no-launches", dest="launches", action="store_false", default=None,
+                         help="skip the profiler's launch counts (never counted on the CPU)")
     return parser
 
 
@@ -233,7 +264,47 @@ def _run_info(args) -> int:
     return 0
 
 
+def _run_compare_published(args) -> int:
+    import shlex
+
+    from .published_path import (CPU_QUICK_SETTINGS, GPU_SETTINGS, LOSSES, MAMBA_SSM_DIRS, MAMBA_SSM_SUBDIRS,
+                                 compare, to_markdown)
+    from .train import resolve_device
+
+    if args.backend:
+        raise ValueError("benchmark: --backend does not go with --compare-published (ours runs backend auto, "
+                         "the published path its own code)")
+    device = resolve_device(args.device)
+    defaults = GPU_SETTINGS if device.type == "cuda" else CPU_QUICK_SETTINGS
+    chosen = {"train_batches": args.train_batches, "infer_batches": args.infer_batches,
+              "precisions": args.precisions, "warmup": args.warmup, "repeats": args.steps,
+              "launches": args.launches}
+    settings = {name: defaults[name] if value is None else value for name, value in chosen.items()}
+    settings["losses"] = tuple(args.losses or LOSSES)
+    # An installed package has no .bench-deps/ of its own: a checkout the command runs in may have one.
+    dirs = MAMBA_SSM_DIRS + tuple(os.path.join(os.getcwd(), sub) for sub in MAMBA_SSM_SUBDIRS)
+    command = " ".join(["dermomamba"] + [shlex.quote(str(a)) for a in getattr(args, "argv", ["benchmark"])])
+    results = compare(args.model, tuple(args.img_size), device, command, published_scan=args.published_scan,
+                      log=lambda line: print(line, file=sys.stderr, flush=True), mamba_ssm_dirs=dirs,
+                      **{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    print(json.dumps(results, indent=1) if args.json else to_markdown(results))
+    return 0
+
+
 def _run_benchmark(args) -> int:
+    if args.compare_published:
+        return _run_compare_published(args)
+    compare_only = [flag for flag, value in (("--train-batches", args.train_batches),
+                                             ("--infer-batches", args.infer_batches),
+                                             ("--precisions", args.precisions), ("--losses", args.losses),
+                                             ("--no-launches", args.launches))
+                    if value is not None]
+    if args.published_scan != "auto":
+        compare_only.append("--published-scan")
+    if compare_only:
+        raise ValueError(f"benchmark: {', '.join(compare_only)} only go with --compare-published")
+    args.steps = 10 if args.steps is None else args.steps
+    args.warmup = 3 if args.warmup is None else args.warmup
     import torch
 
     from .benchmark import (device_description, make_forward, make_train_step, median, random_batch,
@@ -266,7 +337,7 @@ def _run_benchmark(args) -> int:
         for name in steps:
             print(f"  {name:<11} {results[f'{name}_ms_median']:9.1f} ms  (min {results[f'{name}_ms_min']:.1f} ms)  "
                   f"{results[f'{name}_images_per_second']:8.1f} images/s")
-        print("(ours against the published code path: python benchmarks/bench_model.py)")
+        print("(ours against the published code path: dermomamba benchmark --compare-published)")
     return 0
 
 
@@ -276,7 +347,11 @@ COMMANDS = {"train": _run_train, "evaluate": _run_evaluate, "predict": _run_pred
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (1 with a one-line message for bad input or data)."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    if args.command == "benchmark":
+        # The command as typed, for the stamp of a --compare-published table.
+        args.argv = argv
     from .data.folders import DataError
     from .hub import CheckpointError
 

@@ -114,3 +114,34 @@ def test_mamba_scan_required_but_missing_is_an_error():
         bench_model.published_scan_fn("mamba", torch.device("cpu"))
     with pytest.raises(ValueError, match="published_scan"):
         bench_model.published_scan_fn("fast", torch.device("cpu"))
+
+
+def test_cli_compare_published_on_the_cpu_prints_both_paths(seed, capsys):
+    """``dermomamba benchmark --compare-published`` from the package: the CPU's quick settings (fp32 only,
+    no launch counts, the reference loop in the published layout) unless a flag says otherwise."""
+    from dermomamba.cli import main
+
+    # One loss and one inference batch keep the published path's loop scan to a few seconds.
+    assert main(["benchmark", "--compare-published", "--model", "dermomamba_tiny", "--img-size", 64, 64,
+                 "--device", "cpu", "--losses", "bce_dice", "--infer-batches", 1, "--warmup", 0, "--steps", 1]) == 0
+    out = capsys.readouterr().out
+    assert "ours vs the published code path (dermomamba_tiny, 64x64)" in out
+    assert "NOT mamba-ssm" in out and "`dermomamba benchmark --compare-published" in out
+    lines = out.splitlines()
+    assert [line for line in lines if line.startswith("| batch")] == [
+        "| " + " | ".join(bench_model.TRAIN_COLUMNS) + " |", "| " + " | ".join(bench_model.INFER_COLUMNS) + " |"]
+    rows = [line.strip("|").split("|") for line in lines if line.startswith("| 1 ")]
+    assert len(rows) == 2, out
+    train, infer = ([cell.strip() for cell in row] for row in rows)
+    assert train[:3] == ["1", "fp32", "BCE+Dice"] and infer[:2] == ["1", "fp32"]
+    # Both paths measured: positive times on each side, and no launch counts on the CPU by default.
+    for row, (ours, published) in ((train, (3, 4)), (infer, (2, 3))):
+        assert float(row[ours].replace(",", "")) > 0 and float(row[published].replace(",", "")) > 0
+        assert row[-2:] == ["-", "-"]
+
+
+def test_cli_compare_only_flags_need_compare_published(capsys):
+    from dermomamba.cli import main
+
+    assert main(["benchmark", "--device", "cpu", "--published-scan", "reference", "--losses", "gfl"]) == 1
+    assert "--losses, --published-scan only go with --compare-published" in capsys.readouterr().err
