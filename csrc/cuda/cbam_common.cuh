@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "cbam_params.h"
+#include "dtype_convert.cuh"
 
 namespace dermomamba {
 namespace cuda {
@@ -20,19 +21,6 @@ constexpr int kChanAvg = 0, kChanMax = 1, kChanInvTies = 2, kChanRows = 3;
 constexpr int kBpixDs = 0, kBpixDMax = 1, kBpixDMean = 2, kBpixRows = 3;
 constexpr int kStatsMean = 0, kStatsInvStd = 1, kStatsBatchMean = 2, kStatsBatchVar = 3;
 constexpr int kHidSum = 0, kHidDPreAvg = 1, kHidDPreMax = 2, kHidRows = 3;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 __device__ __forceinline__ float load_any(CbamTensor t, int64_t i) {
   switch (t.kind) {

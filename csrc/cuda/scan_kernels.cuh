@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "scan_params.h"
+#include "dtype_convert.cuh"
 
 namespace dermomamba {
 namespace cuda {
@@ -32,19 +33,6 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
 // torch.nn.functional.softplus's default threshold: above it softplus(x) == x in float.
 constexpr float kSoftplusThreshold = 20.f;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Tensors other than B and C are read and written in their own dtype, chosen at run time; the
 // branch is uniform across the grid and these accesses sit outside the per-state loop.
