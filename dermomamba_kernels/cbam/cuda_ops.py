@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from ._op_common import backward_fake, empty_like_pixels, pixel_flat, register_autograd
 
 NAMESPACE = "dermomamba"
 OPS = ("cbam_fwd", "cbam_bwd", "cbam_update_running_stats")
@@ -46,25 +47,6 @@ def cuda_kernels_registered() -> bool:
         torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", "CUDA") for name in OPS)
 
 
-def flattenable(t: Tensor) -> bool:
-    """True when H and W of ``t`` (B, C, H, W) can be indexed as one pixel axis (NCHW or NHWC-like).
-
-    Mirrors ``flattenable`` in csrc/cuda/cbam_cuda.cpp (the fakes must allocate what the op does): with
-    W == 1 the pixel axis is H whatever stride(3) says (size-1 dims may carry any stride).
-    """
-    return t.size(2) == 1 or t.size(3) == 1 or t.stride(2) == t.size(3) * t.stride(3)
-
-
-def _pixel_flat(t: Tensor) -> Tensor:
-    return t if flattenable(t) else t.contiguous()
-
-
-def _empty_like_pixels(x: Tensor) -> Tensor:
-    # the C++ ops allocate the same way (csrc/cuda/cbam_cuda.cpp), so fake and real strides agree
-    out = torch.empty_like(x)
-    return out if flattenable(out) else torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
 def _fp32(x: Tensor, *shape) -> Tensor:
     return torch.empty(shape, dtype=torch.float32, device=x.device)
 
@@ -76,42 +58,19 @@ def _register():
     def _cbam_fwd_fake(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, running_mean, running_var,
                        use_batch_stats, eps):
         B, C, H, W = x.shape
-        out = _empty_like_pixels(_pixel_flat(x))
+        out = empty_like_pixels(pixel_flat(x))
         return out, _fp32(x, B, C), _fp32(x, B, CHAN_ROWS, C), _fp32(x, B, PIX_ROWS, H * W), _fp32(x, STATS_LEN)
 
     @torch.library.register_fake(f"{NAMESPACE}::cbam_bwd")
     def _cbam_bwd_fake(grad_out, x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, cs, chan, pix, stats,
                        use_batch_stats):
-        params = (mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias)
-        return (_empty_like_pixels(_pixel_flat(x)),) + tuple(
-            torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in params)
+        return backward_fake(x, (mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias))
 
     @torch.library.register_fake(f"{NAMESPACE}::cbam_update_running_stats")
     def _cbam_update_running_stats_fake(running_mean, running_var, stats, momentum):
         return None
 
-    def setup_context(ctx, inputs, output):
-        x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, _, _, use_batch_stats, _ = inputs
-        _, cs, chan, pix, stats = output
-        ctx.use_batch_stats = use_batch_stats
-        # the saved maps and statistics get no gradient: no zero-filled tensors for them
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, cs, chan, pix, stats)
-
-    def backward(ctx, grad_out, *unused_grads):
-        # only ``out`` is differentiable: the other outputs are saved maps and statistics
-        if grad_out is None:
-            return (None,) * 12
-        grads = ops.cbam_bwd(grad_out, *ctx.saved_tensors, ctx.use_batch_stats)
-        return tuple(grads) + (None,) * 4
-
-    torch.library.register_autograd(f"{NAMESPACE}::cbam_fwd", backward, setup_context=setup_context)
-
-    def no_double_backward(ctx, *grads):
-        raise NotImplementedError(f"{NAMESPACE}::cbam_bwd is not differentiable (no double backward for CBAM)")
-
-    torch.library.register_autograd(f"{NAMESPACE}::cbam_bwd", no_double_backward,
-                                    setup_context=lambda ctx, inputs, output: None)
+    register_autograd(f"{NAMESPACE}::cbam_fwd", f"{NAMESPACE}::cbam_bwd", ops.cbam_bwd)
 
 
 # An extension built before the CBAM ops leaves them unregistered here; the dispatcher then reports

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._op_common import empty_like_pixels
+
 # Elements one program loads per step of its loop: 16 KB of fp32, enough bytes in flight per SM.
 TILE_ELEMENTS = 4096
 # Pixel tiles: as long as 128 (512 B rows in NCHW); as short as 32 (one 128 B line of fp32) when
@@ -650,18 +652,6 @@ def _pixel_strides(t):
     e.g. a transposed (B, C, 1, W) view counts as contiguous while stride(3) is W).
     """
     return t.stride(0), t.stride(1), (t.stride(2) if t.size(3) == 1 else t.stride(3))
-
-
-def flattenable(t):
-    """True when H and W of ``t`` (B, C, H, W) can be indexed as one pixel axis (NCHW or NHWC-like)."""
-    return t.size(2) == 1 or t.size(3) == 1 or t.stride(2) == t.size(3) * t.stride(3)
-
-
-def empty_like_pixels(x):
-    """An uninitialised tensor like x (its memory format kept) whose H and W flatten to one axis."""
-    out = torch.empty_like(x)
-    # empty_like keeps a flattenable x's stride order; checked rather than assumed
-    return out if flattenable(out) else torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def forward_buffers(x, hidden, poison):

@@ -20,14 +20,11 @@ import torch
 from torch import Tensor
 
 from . import triton_kernels as kernels
+from ._op_common import backward_fake, pixel_flat as _pixel_flat, register_autograd
 
 NAMESPACE = "dermomamba_cbam"
 # Tests set this to fill every output and scratch buffer with NaN before the kernels write them.
 POISON_OUTPUTS = False
-
-
-def _pixel_flat(t: Tensor) -> Tensor:
-    return t if kernels.flattenable(t) else t.contiguous()
 
 
 @torch.library.custom_op(f"{NAMESPACE}::cbam_forward", mutates_args=())
@@ -59,9 +56,7 @@ def cbam_backward(grad_out: Tensor, x: Tensor, mlp1_w: Tensor, mlp1_b: Tensor, m
 @cbam_backward.register_fake
 def _cbam_backward_fake(grad_out, x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, cs, chan, pix,
                         stats, use_batch_stats):
-    params = (mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias)
-    return (kernels.empty_like_pixels(_pixel_flat(x)),) + tuple(torch.empty(p.shape, dtype=p.dtype, device=p.device)
-                                                        for p in params)
+    return backward_fake(x, (mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::update_running_stats", mutates_args=("running_mean", "running_var"))
@@ -75,28 +70,5 @@ def _update_running_stats_fake(running_mean, running_var, stats, momentum):
     return None
 
 
-def _setup_context(ctx, inputs, output):
-    x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, _, _, use_batch_stats, _ = inputs
-    _, cs, chan, pix, stats = output
-    ctx.use_batch_stats = use_batch_stats
-    # the saved maps and statistics get no gradient: no zero-filled tensors for them
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, cs, chan, pix, stats)
-
-
-def _backward(ctx, grad_out, *unused_grads):
-    # only ``out`` is differentiable: the other outputs are saved maps and statistics
-    if grad_out is None:
-        return (None,) * 12
-    grads = torch.ops.dermomamba_cbam.cbam_backward(grad_out, *ctx.saved_tensors, ctx.use_batch_stats)
-    return tuple(grads) + (None,) * 4
-
-
-cbam_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError("dermomamba_cbam::cbam_backward is not differentiable (no double backward for CBAM)")
-
-
-cbam_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+register_autograd(f"{NAMESPACE}::cbam_forward", f"{NAMESPACE}::cbam_backward",
+                  torch.ops.dermomamba_cbam.cbam_backward)
