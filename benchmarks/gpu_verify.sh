@@ -19,7 +19,12 @@
 #   model    benchmarks/bench_model.py, whole network vs the published path (issue 9; BENCH_MODEL_ARGS)
 #   scan     benchmarks/bench_scan.py and bench_triton_scan.py (issues 3 and 4)
 #   epoch    benchmarks/bench_epoch.py on every visible GPU count up to 2 (issue 7; EPOCH_ARGS)
+#   ddp      the two-GPU torchrun train + resume test of tests/test_cli.py (issue 7; needs two GPUs)
 # Each benchmark step has its own timeout (<STEP>_TIMEOUT, seconds).
+# TESTS_ON_GPU=<index> (a machine with two GPUs): "tests" and "parity" run in the background on that GPU
+# while the benchmarks run on GPU 0 (the epoch step waits for them and then uses every GPU).
+# Failures are written to $OUT/failures.log the moment they happen (a run cut short by the limit never
+# prints pytest's summary).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -61,25 +66,43 @@ wait_for_mamba() {
 # beside the tests instead, which then skip those parity tests.
 ls .bench-deps/prebuilt/selective_scan_cuda* >/dev/null 2>&1 && wait_for_mamba
 
-if has tests; then
-  stamp "tests"
-  workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-  skip_parity=$(has parity && echo "--ignore=tests/test_mamba_ssm_parity.py" || echo "")
-  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest tests -q -rfE $workers -p no:cacheprovider --durations=15 \
-    $skip_parity ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
-  echo "pytest rc=$?"
-  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
-  tail -25 "$OUT/tests.log"
+run_tests() {
+  if has tests; then
+    stamp "tests"
+    workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+    skip_parity=$(has parity && echo "--ignore=tests/test_mamba_ssm_parity.py" || echo "")
+    DERMOMAMBA_FAILURE_LOG="$OUT/failures.log" timeout "${TEST_TIMEOUT:-330}" python3 -m pytest tests -q -rfE $workers \
+      -p no:cacheprovider --durations=25 $skip_parity ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
+    echo "pytest rc=$?"
+    grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
+    grep -E "^===== " "$OUT/failures.log" 2>/dev/null | head -40
+    tail -25 "$OUT/tests.log"
+  fi
+  wait_for_mamba
+  if has parity; then
+    stamp "parity with mamba-ssm"
+    workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+    DERMOMAMBA_FAILURE_LOG="$OUT/failures.log" DERMOMAMBA_REQUIRE_MAMBA_SSM=1 timeout "${PARITY_TIMEOUT:-420}" \
+      python3 -m pytest tests/test_mamba_ssm_parity.py -q -rfEs $workers -p no:cacheprovider > "$OUT/parity.log" 2>&1
+    echo "parity rc=$?"; grep -E "^(FAILED|ERROR|SKIPPED)" "$OUT/parity.log" | head -30; tail -3 "$OUT/parity.log"
+  fi
+}
+tests_pid=
+if [ -n "${TESTS_ON_GPU:-}" ] && { has tests || has parity; }; then
+  (export CUDA_VISIBLE_DEVICES=$TESTS_ON_GPU; run_tests > "$OUT/tests_summary.log" 2>&1) &
+  tests_pid=$!
+  export CUDA_VISIBLE_DEVICES=0
+else
+  run_tests
 fi
+wait_for_tests() {
+  if [ -n "$tests_pid" ]; then
+    stamp "waiting for the tests on GPU $TESTS_ON_GPU"; wait "$tests_pid"; tests_pid=; cat "$OUT/tests_summary.log"
+    unset CUDA_VISIBLE_DEVICES
+  fi
+}
 
 wait_for_mamba
-if has parity; then
-  stamp "parity with mamba-ssm"
-  workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-  DERMOMAMBA_REQUIRE_MAMBA_SSM=1 timeout "${PARITY_TIMEOUT:-420}" python3 -m pytest tests/test_mamba_ssm_parity.py \
-    -q -rfEs $workers -p no:cacheprovider > "$OUT/parity.log" 2>&1
-  echo "parity rc=$?"; grep -E "^(FAILED|ERROR|SKIPPED)" "$OUT/parity.log" | head -30; tail -3 "$OUT/parity.log"
-fi
 bench() {  # bench <step> <default timeout> <command...>
   local step=$1 limit=$2; shift 2
   local var; var="$(echo "$step" | tr a-z A-Z)_TIMEOUT"
@@ -95,7 +118,16 @@ has model && bench model 420 python3 benchmarks/bench_model.py --json "$OUT/benc
   --markdown "$OUT/bench_model.md" --plot "$OUT/bench_model.png" ${BENCH_MODEL_ARGS:-}
 has scan && bench scan 240 bash -c "python3 benchmarks/bench_scan.py && python3 benchmarks/bench_triton_scan.py"
 if has epoch; then
+  wait_for_tests
   gpus=$(python3 -c "import torch; print(' '.join(str(n) for n in range(1, min(torch.cuda.device_count(), 2) + 1)))")
   bench epoch 480 python3 benchmarks/bench_epoch.py --gpus $gpus --markdown "$OUT/bench_epoch.md" ${EPOCH_ARGS:-}
 fi
+if has ddp; then
+  wait_for_tests
+  stamp "two-GPU torchrun test"
+  DERMOMAMBA_FAILURE_LOG="$OUT/failures.log" timeout "${DDP_TIMEOUT:-240}" python3 -m pytest tests/test_cli.py -q -rfEs \
+    -p no:cacheprovider -k two_gpu > "$OUT/ddp.log" 2>&1
+  echo "ddp rc=$?"; tail -5 "$OUT/ddp.log"
+fi
+wait_for_tests
 stamp "done"

@@ -40,3 +40,16 @@ def pytest_runtest_makereport(item, call):
         for name, value in item.user_properties:
             if name == "seed":
                 report.sections.append(("seed", f"DERMOMAMBA_TEST_SEED={value}"))
+
+
+def pytest_runtest_logreport(report):
+    """Append each failure to $DERMOMAMBA_FAILURE_LOG as it happens.
+
+    On the GPU machine the suite runs under a wall-clock limit; a run cut short never prints pytest's
+    summary, so failures are written out the moment their report arrives (under xdist, in the
+    controller process).
+    """
+    path = os.environ.get("DERMOMAMBA_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as log:
+            log.write(f"===== {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n")

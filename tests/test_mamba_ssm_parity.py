@@ -172,7 +172,10 @@ SCAN_CASES = [
     ScanCase("fp32-groups2", FP32, 2, 32, 199, b_layout="groups", c_layout="groups", groups=2),
     ScanCase("fp16-groups4-no-D", FP16, 2, 32, 333, dstate=8, b_layout="groups", c_layout="groups", groups=4,
              with_D=False),
-    ScanCase("bf16-groups2-variable-C-no-bias", BF16, 2, 16, 97, b_layout="groups", groups=2, with_bias=False),
+    # mamba-ssm takes its group count from B and requires C to have the same (a 3-D C with a 4-D B is
+    # rejected by its kernel), so mixed layouts are compared with the float64 scan only, in test_selective_scan_cuda.py and the CPU / Triton scan tests.
+    ScanCase("bf16-groups2-no-bias", BF16, 2, 16, 97, b_layout="groups", c_layout="groups", groups=2,
+             with_bias=False),
     ScanCase("fp32-plain-no-D-z-bias-softplus", FP32, 2, 8, 77, dstate=4, with_D=False, with_z=False,
              with_bias=False, softplus=False),
     ScanCase("fp16-no-softplus", FP16, 1, 8, 65, with_bias=False, softplus=False),
