@@ -17,6 +17,7 @@ import torch
 
 import dermomamba_kernels
 from cbam_parity import NAMES, SUMMATION_ORDERS, Case, check_parity, judge
+from conftest import skip_unless_interpreter_runs_our_kernels
 from dermomamba_kernels import BackendUnavailableError, available_backends, last_backend, unavailable_reasons
 from dermomamba_kernels.cbam import cbam, cbam_dispatcher, cbam_ref
 from dermomamba_kernels.layers import CBAM
@@ -163,7 +164,7 @@ def test_triton_on_cpu_without_interpreter_is_unavailable():
 # ------------------------------------------------------------------------------------------------
 
 def test_triton_kernels_under_interpreter():
-    pytest.importorskip("triton")
+    skip_unless_interpreter_runs_our_kernels()
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONDONTWRITEBYTECODE="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
            os.path.join(HERE, "cbam_interpreter_cases.py")]

@@ -16,6 +16,7 @@ import torch
 from scipy import ndimage
 
 from dermomamba_kernels import BackendUnavailableError, distance_transform_edt, distance_transform_edt_ref, last_backend
+from conftest import skip_unless_interpreter_runs_our_kernels
 from edt_cases import assert_matches_scipy, blob_mask, edge_cases, random_mask
 
 TESTS = Path(__file__).resolve().parent
@@ -114,6 +115,7 @@ def test_triton_on_cpu_tensors_is_unavailable_without_the_interpreter():
 
 def test_triton_kernels_through_the_interpreter(seed):
     """tests/edt_triton_interpreted.py in a fresh interpreter with TRITON_INTERPRET=1."""
+    skip_unless_interpreter_runs_our_kernels()
     env = dict(os.environ, TRITON_INTERPRET="1", DERMOMAMBA_TEST_SEED=str(seed),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
