@@ -77,6 +77,8 @@ def build_parser():
                         help="CPU run in about a minute: tiny model, 64x64, batch 1 (inference 1, 2), fp32, no "
                              "launch counts; ours (C++ scan) vs the published layout on the reference loop")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--graphs", action="store_true",
+                        help="also time our training step and forward recorded once as a CUDA graph and replayed")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     parser.add_argument("--markdown", default=None, help="write the markdown table here")
     parser.add_argument("--plot", default=None, help="write a PNG of step time per batch size here")
@@ -98,7 +100,7 @@ def main(argv=None):
     results = compare(args.model, tuple(args.img_size), device, command, train_batches=args.train_batches,
                       infer_batches=args.infer_batches, precisions=tuple(args.precisions), losses=tuple(args.losses),
                       warmup=args.warmup, repeats=args.repeats, published_scan=args.published_scan,
-                      launches=args.launches, log=lambda line: print(line, file=sys.stderr, flush=True),
+                      launches=args.launches, graphs=args.graphs, log=lambda line: print(line, file=sys.stderr, flush=True),
                       # This checkout's .bench-deps/, also when an installed dermomamba is the one imported.
                       mamba_ssm_dirs=MAMBA_SSM_DIRS)
     text = to_markdown(results)

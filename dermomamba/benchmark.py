@@ -83,29 +83,126 @@ def make_forward(model, images, precision: str = "fp32") -> Callable[[], torch.T
     return forward
 
 
-def make_train_step(model, images, masks, criterion, precision: str = "fp32", optimizer=None) -> Callable[[], None]:
-    """One training step (train mode): forward under autocast, loss in fp32, backward, Adam step.
-
-    ``optimizer`` defaults to a fresh Adam over the model's parameters; under fp16 a GradScaler
-    scales the loss, as the training loop does.
-    """
+def _train_step_body(model, images, masks, criterion, precision, optimizer, scaler, zero_grad=True):
     dtype = autocast_dtype(precision)
     device_type = images.device.type
     use_amp = dtype is not None and device_type == "cuda"
-    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and dtype == torch.float16)
 
     def train_step():
         model.train()
         with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=use_amp):
             logits = model(images)
         loss = criterion(logits.float(), masks)
-        optimizer.zero_grad(set_to_none=True)
+        if zero_grad:
+            optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        return loss
 
     return train_step
+
+
+def _grad_scaler(images, precision):
+    use_fp16 = autocast_dtype(precision) == torch.float16 and images.device.type == "cuda"
+    return torch.amp.GradScaler("cuda", enabled=use_fp16)
+
+
+def make_train_step(model, images, masks, criterion, precision: str = "fp32", optimizer=None) -> Callable[[], None]:
+    """One training step (train mode): forward under autocast, loss in fp32, backward, Adam step.
+
+    ``optimizer`` defaults to a fresh Adam over the model's parameters; under fp16 a GradScaler
+    scales the loss, as the training loop does.
+    """
+    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    step = _train_step_body(model, images, masks, criterion, precision, optimizer, _grad_scaler(images, precision))
+
+    def train_step():
+        step()
+
+    return train_step
+
+
+# Eager calls before a capture: Triton compiles and autotunes, cuBLAS / cuDNN create their handles and
+# pick algorithms, Adam and the GradScaler allocate their state. None of that may happen inside a capture.
+CAPTURE_WARMUP_CALLS = 3
+
+
+def capture_cuda_graph(fn: Callable[[], object], warmup: int = CAPTURE_WARMUP_CALLS):
+    """Run ``fn`` ``warmup`` times on a side stream, then record one call as a CUDA graph.
+
+    Returns ``(graph, result)``: ``graph.replay()`` re-runs the recorded kernels on the same memory
+    (inputs are whatever the captured tensors hold at replay time); ``result`` is the captured call's
+    return value, whose tensors each replay overwrites.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result
+
+
+def make_graphed_train_step(model, images, masks, criterion, precision: str = "fp32") -> Callable[[], torch.Tensor]:
+    """The training step of :func:`make_train_step` recorded once as a CUDA graph; each call replays it.
+
+    What makes the step capturable: no host synchronisation anywhere in the model and the loss, Adam
+    with ``fused=True, capturable=True`` (its step counter lives on the device), and under fp16 a
+    GradScaler whose inf check and scale update stay on the device (with a fused optimizer, GradScaler
+    hands it ``grad_scale`` / ``found_inf`` tensors instead of reading them on the host). The gradients
+    are set to None once before the capture, so that the recorded backward writes them rather than
+    accumulating. ``images`` and ``masks`` are the graph's inputs: copy new batches into them.
+
+    Shapes: images (B, 3, H, W), masks (B, 1, H, W), CUDA tensors. Returns a callable whose result is
+    the loss tensor of the last replay (overwritten by the next one).
+
+    Example (needs a GPU):
+        >>> step = make_graphed_train_step(model, images, masks, bce_dice_loss, "fp16")  # doctest: +SKIP
+        >>> images.copy_(next_images); masks.copy_(next_masks); loss = step()             # doctest: +SKIP
+    """
+    for name, tensor in (("images", images), ("masks", masks)):
+        if tensor.device.type != "cuda":
+            raise ValueError(f"{name}: CUDA graphs need CUDA tensors, got a tensor on {tensor.device}")
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, fused=True, capturable=True)
+    body = _train_step_body(model, images, masks, criterion, precision, optimizer, _grad_scaler(images, precision),
+                            zero_grad=False)
+
+    def warm_step():
+        optimizer.zero_grad(set_to_none=True)
+        return body()
+
+    side_warmup = torch.cuda.Stream()
+    side_warmup.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side_warmup):
+        for _ in range(CAPTURE_WARMUP_CALLS):
+            warm_step()
+    torch.cuda.current_stream().wait_stream(side_warmup)
+    optimizer.zero_grad(set_to_none=True)
+    graph, loss = capture_cuda_graph(body, warmup=0)
+
+    def replay():
+        graph.replay()
+        return loss
+
+    return replay
+
+
+def make_graphed_forward(model, images, precision: str = "fp32") -> Callable[[], torch.Tensor]:
+    """:func:`make_forward` recorded once as a CUDA graph; each call replays it and returns its output
+    tensor (overwritten by the next replay). ``images`` (B, 3, H, W), a CUDA tensor, is the input."""
+    if images.device.type != "cuda":
+        raise ValueError(f"images: CUDA graphs need CUDA tensors, got a tensor on {images.device}")
+    graph, output = capture_cuda_graph(make_forward(model, images, precision))
+
+    def replay():
+        graph.replay()
+        return output
+
+    return replay
 
 
 def synchronize(device: torch.device):

@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "the reference loop on the CPU), mamba (required), ours, reference")
     compare.add_argument("--no-launches", dest="launches", action="store_false", default=None,
                          help="skip the profiler's launch counts (never counted on the CPU)")
+    compare.add_argument("--graphs", action="store_true", default=None,
+                         help="also time our step and forward recorded once as a CUDA graph and replayed (GPU)")
     return parser
 
 
@@ -281,6 +283,7 @@ def _run_compare_published(args) -> int:
               "launches": args.launches}
     settings = {name: defaults[name] if value is None else value for name, value in chosen.items()}
     settings["losses"] = tuple(args.losses or LOSSES)
+    settings["graphs"] = bool(args.graphs)
     # An installed package has no .bench-deps/ of its own: a checkout the command runs in may have one.
     dirs = MAMBA_SSM_DIRS + tuple(os.path.join(os.getcwd(), sub) for sub in MAMBA_SSM_SUBDIRS)
     command = " ".join(["dermomamba"] + [shlex.quote(str(a)) for a in getattr(args, "argv", ["benchmark"])])
@@ -297,7 +300,7 @@ def _run_benchmark(args) -> int:
     compare_only = [flag for flag, value in (("--train-batches", args.train_batches),
                                              ("--infer-batches", args.infer_batches),
                                              ("--precisions", args.precisions), ("--losses", args.losses),
-                                             ("--no-launches", args.launches))
+                                             ("--no-launches", args.launches), ("--graphs", args.graphs))
                     if value is not None]
     if args.published_scan != "auto":
         compare_only.append("--published-scan")

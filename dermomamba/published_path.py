@@ -43,7 +43,8 @@ import dermomamba_kernels as dk
 from dermomamba_kernels.layers import CBAM, SS2D
 
 from .benchmark import (bce_dice_loss, count_launches, device_description, git_commit, make_forward,
-                        make_train_step, median, peak_memory_bytes, random_batch, time_ms)
+                        make_graphed_forward, make_graphed_train_step, make_train_step, median, peak_memory_bytes,
+                        random_batch, time_ms)
 from .loss import GuideFusionLoss
 from .models import create_model
 from .models.dermomamba import CrossScaleMambaBlock
@@ -67,6 +68,9 @@ TRAIN_COLUMNS = ["batch", "precision", "loss", "ours ms", "published ms", "x fas
                  "published peak GiB", "mem ratio", "ours launches", "published launches"]
 INFER_COLUMNS = ["batch", "precision", "ours ms", "published ms", "ours img/s", "published img/s", "x faster",
                  "ours peak GiB", "published peak GiB", "ours launches", "published launches"]
+# With graphs=True: ours once more, the whole step recorded as one CUDA graph and replayed.
+GRAPH_TRAIN_COLUMNS = ["ours graph ms", "x faster (graph)", "ours graph peak GiB", "mem ratio (graph)"]
+GRAPH_INFER_COLUMNS = ["ours graph ms", "ours graph img/s", "x faster (graph)"]
 
 # The issue's GPU table at 192x256.
 GPU_SETTINGS = {"train_batches": (4, 16), "infer_batches": (1, 16, 64), "precisions": ("fp32", "fp16"),
@@ -278,15 +282,35 @@ def measure(step, device, warmup, repeats, launches=True):
     return result
 
 
+def measure_graphed(build, device, warmup, repeats):
+    """Capture (``build()`` returns the replaying callable) and time the replays. The peak covers the
+    capture too: the graph's private memory pool is allocated then. A step that cannot be captured is
+    reported with its error instead of stopping the run."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        replay = build()
+    except Exception as error:  # noqa: BLE001 - recorded in the table, the other rows still run
+        return {"error": f"{type(error).__name__}: {error}"[:300]}
+    times = time_ms(replay, device, warmup=warmup, repeats=repeats)
+    torch.cuda.synchronize(device)
+    return {"ms": median(times), "ms_all": times, "peak_bytes": torch.cuda.max_memory_allocated(device)}
+
+
 def run(model_name="dermomamba", img_size=(192, 256), device="cuda", train_batches=(4, 16),
         infer_batches=(1, 16, 64), precisions=("fp32", "fp16"), losses=LOSSES, warmup=3, repeats=10,
-        published_scan="auto", launches=True, log=print, mamba_ssm_dirs=None):
+        published_scan="auto", launches=True, log=print, mamba_ssm_dirs=None, graphs=False):
     """Measure both paths; returns {"info": ..., "train": [rows], "infer": [rows]}.
 
     Every row holds both paths' figures ({"ours": {...}, "published": {...}}) and the ratios
-    published / ours (time) and ours / published (memory).
+    published / ours (time) and ours / published (memory). With ``graphs`` (CUDA only) every row also
+    holds "ours_graph": our step or forward recorded once as a CUDA graph and replayed
+    (dermomamba.benchmark.make_graphed_train_step / make_graphed_forward); the published path stays
+    eager, as its code runs (its loss reads the mask on the host every step).
     """
     device = torch.device(device)
+    if graphs and device.type != "cuda":
+        raise ValueError(f"graphs: CUDA graphs need a CUDA device, got device={device}")
     if device.type != "cuda":
         # autocast is a GPU matter here; on the CPU every row is fp32.
         precisions = ("fp32",)
@@ -307,6 +331,15 @@ def run(model_name="dermomamba", img_size=(192, 256), device="cuda", train_batch
                     row[path] = measure(step, device, warmup, repeats, launches)
                     del step
                     release(device)
+                if graphs:
+                    model, criteria = paths["ours"]
+                    model.load_state_dict(initial["ours"])
+                    row["ours_graph"] = measure_graphed(
+                        lambda: make_graphed_train_step(model, images.clone(), masks.clone(), criteria[loss], precision),
+                        device, warmup, repeats)
+                    # The gradients live in the graph's pool: drop them with it.
+                    model.zero_grad(set_to_none=True)
+                    release(device)
                 add_ratios(row)
                 results["train"].append(row)
                 log(f"train  batch {batch:3d} {precision} {loss:8s}: ours {row['ours']['ms']:9.2f} ms, published "
@@ -320,6 +353,14 @@ def run(model_name="dermomamba", img_size=(192, 256), device="cuda", train_batch
                 row[path] = measure(make_forward(model, images, precision), device, warmup, repeats, launches)
                 row[path]["images_per_second"] = batch / (row[path]["ms"] / 1e3)
                 release(device)
+            if graphs:
+                model, _ = paths["ours"]
+                model.load_state_dict(initial["ours"])
+                row["ours_graph"] = measure_graphed(lambda: make_graphed_forward(model, images.clone(), precision),
+                                                    device, warmup, repeats)
+                if "ms" in row["ours_graph"]:
+                    row["ours_graph"]["images_per_second"] = batch / (row["ours_graph"]["ms"] / 1e3)
+                release(device)
             add_ratios(row)
             results["infer"].append(row)
             log(f"infer  batch {batch:3d} {precision}: ours {row['ours']['images_per_second']:9.1f} img/s, "
@@ -332,6 +373,11 @@ def add_ratios(row):
     row["speedup"] = published["ms"] / ours["ms"]
     row["memory_ratio"] = (ours["peak_bytes"] / published["peak_bytes"]
                            if ours["peak_bytes"] and published["peak_bytes"] else None)
+    graphed = row.get("ours_graph")
+    if graphed and "ms" in graphed:
+        row["speedup_graph"] = published["ms"] / graphed["ms"]
+        row["memory_ratio_graph"] = (graphed["peak_bytes"] / published["peak_bytes"]
+                                     if published["peak_bytes"] else None)
 
 
 def release(device):
@@ -354,20 +400,45 @@ def _gib(nbytes):
     return None if nbytes is None else nbytes / GIB
 
 
+def has_graphs(results):
+    return any("ours_graph" in r for r in results["train"] + results["infer"])
+
+
+def _graph_cells(row, *fields):
+    """Cells of the graph columns: the figures, or the capture error in the first cell."""
+    graphed = row.get("ours_graph") or {}
+    if "error" in graphed:
+        return [f"capture failed: {graphed['error']}"] + ["-"] * (len(fields) - 1)
+    return [field(row, graphed) for field in fields]
+
+
 def train_table_rows(results):
+    graphs = has_graphs(results)
     for r in results["train"]:
         o, p = r["ours"], r["published"]
-        yield [r["batch"], r["precision"], LOSS_TITLES[r["loss"]], _fmt(o["ms"]), _fmt(p["ms"]),
-               f"**{r['speedup']:.2f}x**", _fmt(_gib(o["peak_bytes"])), _fmt(_gib(p["peak_bytes"])),
-               _fmt(r["memory_ratio"]), _fmt(o.get("launches")), _fmt(p.get("launches"))]
+        cells = [r["batch"], r["precision"], LOSS_TITLES[r["loss"]], _fmt(o["ms"]), _fmt(p["ms"]),
+                 f"**{r['speedup']:.2f}x**", _fmt(_gib(o["peak_bytes"])), _fmt(_gib(p["peak_bytes"])),
+                 _fmt(r["memory_ratio"]), _fmt(o.get("launches")), _fmt(p.get("launches"))]
+        if graphs:
+            cells += _graph_cells(r, lambda r, g: _fmt(g.get("ms")),
+                                  lambda r, g: f"**{r['speedup_graph']:.2f}x**" if "speedup_graph" in r else "-",
+                                  lambda r, g: _fmt(_gib(g.get("peak_bytes"))),
+                                  lambda r, g: _fmt(r.get("memory_ratio_graph")))
+        yield cells
 
 
 def infer_table_rows(results):
+    graphs = has_graphs(results)
     for r in results["infer"]:
         o, p = r["ours"], r["published"]
-        yield [r["batch"], r["precision"], _fmt(o["ms"]), _fmt(p["ms"]), _fmt(o["images_per_second"], 1),
-               _fmt(p["images_per_second"], 1), f"**{r['speedup']:.2f}x**", _fmt(_gib(o["peak_bytes"])),
-               _fmt(_gib(p["peak_bytes"])), _fmt(o.get("launches")), _fmt(p.get("launches"))]
+        cells = [r["batch"], r["precision"], _fmt(o["ms"]), _fmt(p["ms"]), _fmt(o["images_per_second"], 1),
+                 _fmt(p["images_per_second"], 1), f"**{r['speedup']:.2f}x**", _fmt(_gib(o["peak_bytes"])),
+                 _fmt(_gib(p["peak_bytes"])), _fmt(o.get("launches")), _fmt(p.get("launches"))]
+        if graphs:
+            cells += _graph_cells(r, lambda r, g: _fmt(g.get("ms")),
+                                  lambda r, g: _fmt(g.get("images_per_second"), 1),
+                                  lambda r, g: f"**{r['speedup_graph']:.2f}x**" if "speedup_graph" in r else "-")
+        yield cells
 
 
 def markdown_table(columns, rows):
@@ -389,9 +460,16 @@ def to_markdown(results):
               f"one call (GPU only); launches = "
               + (f"{launches_of} in one call" if launches_of else "not counted (--no-launches or --cpu-quick)")
               + "; x faster = published / ours (same run); mem ratio = ours / published", ""]
+    graphs = has_graphs(results)
+    if graphs:
+        header.insert(-1, "- ours graph = our step recorded once as a CUDA graph and replayed (fused capturable "
+                          "Adam; under fp16 a GradScaler kept on the device); the published path runs eagerly, as "
+                          "its code does; the graph columns' peak includes the capture")
+    train_columns = TRAIN_COLUMNS + (GRAPH_TRAIN_COLUMNS if graphs else [])
+    infer_columns = INFER_COLUMNS + (GRAPH_INFER_COLUMNS if graphs else [])
     parts = header + ["Training step (forward, loss, backward, Adam):", "",
-                      markdown_table(TRAIN_COLUMNS, train_table_rows(results)), "",
-                      "Inference (eval, no grad):", "", markdown_table(INFER_COLUMNS, infer_table_rows(results)), ""]
+                      markdown_table(train_columns, train_table_rows(results)), "",
+                      "Inference (eval, no grad):", "", markdown_table(infer_columns, infer_table_rows(results)), ""]
     return "\n".join(parts)
 
 
@@ -405,10 +483,10 @@ def plot(results, png_path):
     for precision, loss in series:
         rows = sorted((r for r in results["train"] if (r["precision"], r["loss"]) == (precision, loss)),
                       key=lambda r: r["batch"])
-        batches = [r["batch"] for r in rows]
-        for name, style in (("ours", "-o"), ("published", "--s")):
-            axis.plot(batches, [r[name]["ms"] for r in rows], style,
-                      label=f"{name}, {precision}, {LOSS_TITLES[loss]}")
+        for name, style in (("ours", "-o"), ("published", "--s"), ("ours_graph", ":^")):
+            points = [(r["batch"], r[name]["ms"]) for r in rows if "ms" in r.get(name, {})]
+            if points:
+                axis.plot(*zip(*points), style, label=f"{name.replace('_', ' ')}, {precision}, {LOSS_TITLES[loss]}")
     info = results["info"]
     axis.set_xlabel("batch size")
     axis.set_ylabel("training step (ms, median)")

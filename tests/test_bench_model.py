@@ -145,3 +145,111 @@ def test_cli_compare_only_flags_need_compare_published(capsys):
 
     assert main(["benchmark", "--device", "cpu", "--published-scan", "reference", "--losses", "gfl"]) == 1
     assert "--losses, --published-scan only go with --compare-published" in capsys.readouterr().err
+
+
+# --- CUDA-graph columns (issue 9: "make the model run under CUDA graphs") ---------------------------
+
+def test_graphs_need_a_cuda_device():
+    with pytest.raises(ValueError, match="graphs: CUDA graphs need a CUDA device"):
+        bench_model.run("dermomamba_tiny", TRAIN_SIZE, "cpu", graphs=True, log=lambda line: None)
+    from dermomamba.benchmark import make_graphed_forward, make_graphed_train_step
+
+    model = create_model("dermomamba_tiny", img_size=TRAIN_SIZE)
+    images, masks = random_batch(1, TRAIN_SIZE, torch.device("cpu"))
+    with pytest.raises(ValueError, match="images: CUDA graphs need CUDA tensors"):
+        make_graphed_train_step(model, images, masks, bce_dice_loss)
+    with pytest.raises(ValueError, match="images: CUDA graphs need CUDA tensors"):
+        make_graphed_forward(model, images)
+
+
+def test_graph_columns_and_a_failed_capture_in_the_tables():
+    """A row with graph figures gets the extra columns and the ratio; a capture that failed shows its
+    error in the row instead of numbers (and the other rows still have theirs)."""
+    def path(ms):
+        return {"ms": ms, "peak_bytes": 2 ** 30, "launches": 7}
+
+    train = [{"batch": 4, "precision": "fp16", "loss": "gfl", "ours": path(20.0), "published": path(100.0),
+              "ours_graph": {"ms": 5.0, "peak_bytes": 2 ** 29}},
+             {"batch": 16, "precision": "fp16", "loss": "gfl", "ours": path(40.0), "published": path(400.0),
+              "ours_graph": {"error": "RuntimeError: operation not permitted when stream is capturing"}}]
+    infer = [{"batch": 1, "precision": "fp16", "ours": dict(path(2.0), images_per_second=500.0),
+              "published": dict(path(8.0), images_per_second=125.0),
+              "ours_graph": {"ms": 0.5, "peak_bytes": 2 ** 28, "images_per_second": 2000.0}}]
+    for row in train + infer:
+        bench_model.add_ratios(row)
+    assert train[0]["speedup_graph"] == pytest.approx(20.0) and train[0]["memory_ratio_graph"] == pytest.approx(0.5)
+    assert "speedup_graph" not in train[1]
+    results = {"info": {"model": "dermomamba", "img_size": [192, 256], "device": "cuda:0 (GPU)", "torch": "x",
+                        "date": "d", "commit": "c", "command": "cmd", "published_scan": "mamba-ssm",
+                        "published_scan_is_mamba_ssm": True, "repeats": 10, "warmup": 3},
+               "train": train, "infer": infer}
+    text = bench_model.to_markdown(results)
+    from dermomamba.published_path import GRAPH_INFER_COLUMNS, GRAPH_TRAIN_COLUMNS
+
+    assert "| " + " | ".join(bench_model.TRAIN_COLUMNS + GRAPH_TRAIN_COLUMNS) + " |" in text
+    assert "| " + " | ".join(bench_model.INFER_COLUMNS + GRAPH_INFER_COLUMNS) + " |" in text
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| 4 ") or line.startswith("| 16 ") or line.startswith("| 1 ")]
+    assert rows[0][-4:] == ["5.00", "**20.00x**", "0.50", "0.50"]
+    assert rows[1][-4].startswith("capture failed: RuntimeError") and rows[1][-3:] == ["-", "-", "-"]
+    assert rows[2][-3:] == ["0.50", "2,000.0", "**16.00x**"]
+
+
+# A replay runs eager's kernels on the same data, so it may differ from eager only as much as two eager
+# runs differ from each other (the scan sums its four directions with float atomics), plus a few ulps.
+ULPS = 8 * torch.finfo(torch.float32).eps
+
+
+def _eager_spread_bound(first, second):
+    return 2 * (first - second).abs().max().item() + ULPS * first.abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,loss", [("fp32", "bce_dice"), ("fp16", "gfl")])
+def test_graphed_train_step_replays_on_new_batches(seed, precision, loss):
+    """The captured step (fused capturable Adam, under fp16 the GradScaler on the device, the Guide
+    Fusion Loss's GPU distance transform inside) replays on fresh batches copied into its inputs: each
+    replay's loss is the eager loss at the weights the replay started from, and every weight moves."""
+    from dermomamba.benchmark import make_graphed_train_step
+    from dermomamba.loss import GuideFusionLoss
+
+    device = torch.device("cuda")
+    model = create_model("dermomamba_tiny", img_size=SMALL).to(device)
+    criterion = GuideFusionLoss("published") if loss == "gfl" else bce_dice_loss
+    images, masks = random_batch(2, SMALL, device)
+    step = make_graphed_train_step(model, images, masks, criterion, precision)
+
+    def eager_loss(state, batch_images, batch_masks):
+        check = create_model("dermomamba_tiny", img_size=SMALL).to(device).train()
+        check.load_state_dict(state)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=precision == "fp16"):
+            logits = check(batch_images)
+        return criterion(logits.float(), batch_masks)
+
+    for _ in range(3):
+        fresh_images, fresh_masks = random_batch(2, SMALL, device)
+        images.copy_(fresh_images)
+        masks.copy_(fresh_masks)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        replayed = step().clone()
+        torch.cuda.synchronize()
+        first, second = (eager_loss(before, fresh_images, fresh_masks) for _ in range(2))
+        assert torch.isfinite(replayed)
+        assert (replayed - first).abs().item() <= _eager_spread_bound(first, second), (replayed, first, second)
+        moved = [k for k, p in model.named_parameters() if not torch.equal(p.detach(), before[k])]
+        assert len(moved) == len(list(model.parameters()))
+
+
+@pytest.mark.gpu
+def test_graphed_forward_matches_eager(seed):
+    from dermomamba.benchmark import make_forward, make_graphed_forward
+
+    device = torch.device("cuda")
+    model = create_model("dermomamba_tiny", img_size=SMALL).to(device).eval()
+    images, _ = random_batch(2, SMALL, device)
+    forward = make_graphed_forward(model, images, "fp32")
+    fresh, _ = random_batch(2, SMALL, device)
+    images.copy_(fresh)
+    replayed = forward().clone()
+    first, second = make_forward(model, fresh, "fp32")().clone(), make_forward(model, fresh, "fp32")().clone()
+    assert (replayed - first).abs().max().item() <= _eager_spread_bound(first, second)
