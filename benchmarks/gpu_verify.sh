@@ -9,7 +9,8 @@
 # (the device copy has no .git: the benchmarks stamp their tables with DERMOMAMBA_COMMIT).
 # STEPS (default "build tests quick"), any of:
 #   build    our extension (sm_90) + mamba-ssm's selective_scan_cuda in the background when a later step needs it
-#   tests    pytest tests (TEST_ARGS extra arguments, TEST_TIMEOUT seconds, default 330); the mamba-ssm
+#   tests    pytest ${TEST_PATHS:-tests} -k "$TEST_SELECT" (TEST_ARGS extra arguments, TEST_TIMEOUT seconds,
+#            default 330); the mamba-ssm
 #            parity file runs in its own step when "parity" is asked for
 #   parity   tests/test_mamba_ssm_parity.py with DERMOMAMBA_REQUIRE_MAMBA_SSM=1 (issue 8: fails, not skips,
 #            when mamba-ssm does not import)
@@ -73,8 +74,9 @@ run_tests() {
     stamp "tests"
     workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
     skip_parity=$(has parity && echo "--ignore=tests/test_mamba_ssm_parity.py" || echo "")
-    DERMOMAMBA_FAILURE_LOG="$OUT/failures.log" timeout "${TEST_TIMEOUT:-330}" python3 -m pytest tests -q -rfE $workers \
-      -p no:cacheprovider --durations=25 $skip_parity ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
+    DERMOMAMBA_FAILURE_LOG="$OUT/failures.log" timeout "${TEST_TIMEOUT:-330}" python3 -m pytest ${TEST_PATHS:-tests} \
+      -q -rfE $workers -p no:cacheprovider --durations=25 $skip_parity -k "${TEST_SELECT:-}" ${TEST_ARGS:-} \
+      > "$OUT/tests.log" 2>&1
     echo "pytest rc=$?"
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
     grep -E "^===== " "$OUT/failures.log" 2>/dev/null | head -40
