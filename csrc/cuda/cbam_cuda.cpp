@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
 #include <limits>
@@ -97,6 +98,17 @@ at::Tensor empty_like_pixels(const at::Tensor& x) {
   return flattenable(out) ? out : at::empty_like(x, at::MemoryFormat::Contiguous);
 }
 
+// One 16-byte load per lane slot needs the slot's pixels dense and 16-byte aligned in every image and
+// channel. Only the load instruction depends on this: which lane reads which pixel does not (the
+// layout comes from the shape), so strided and dense tensors give the same result bits.
+bool vector_loads_ok(const at::Tensor& t, int64_t vector_width) {
+  if (vector_width <= 1) return false;
+  const int64_t vector_bytes = vector_width * static_cast<int64_t>(t.element_size());
+  const auto address = reinterpret_cast<std::uintptr_t>(t.data_ptr());
+  return pixel_stride(t) == 1 && (t.size(1) == 1 || t.stride(1) % vector_width == 0) &&
+         (t.size(0) == 1 || t.stride(0) % vector_width == 0) && address % static_cast<std::uintptr_t>(vector_bytes) == 0;
+}
+
 struct Sizes {
   int64_t batch, channels, height, width, hidden, ksize;
 };
@@ -162,11 +174,13 @@ void set_common(CbamParams& p, const Sizes& s, const at::Tensor& x, ParamViews& 
   p.use_batch_stats = use_batch_stats;
   const cuda::CbamTiling t = cuda::cbam_choose_tiling(p.batch, p.channels, p.height, p.width,
                                                       static_cast<int>(x.element_size()), multiprocessors(x));
+  p.vector_width = t.vector_width;
   p.pixels_per_lane = t.pixels_per_lane;
   p.tile_pixels = t.tile_pixels;
   p.num_pixel_tiles = t.num_pixel_tiles;
   p.channel_groups = t.channel_groups;
-  p.grid_channel_groups = t.grid_channel_groups;
+  p.channel_splits = t.channel_splits;
+  p.vector_loads = false;  // set once every x-sized tensor of the call is known (vector_loads_ok)
   p.conv_tiles_x = t.conv_tiles_x;
   p.conv_tiles_y = t.conv_tiles_y;
   p.num_conv_tiles = t.num_conv_tiles;
@@ -249,6 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_fwd_
   p.out_batch_stride = out.stride(0);
   p.out_channel_stride = out.stride(1);
   p.out_pixel_stride = pixel_stride(out);
+  p.vector_loads = vector_loads_ok(x, p.vector_width) && vector_loads_ok(out, p.vector_width);
   const auto fp32 = x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
   at::Tensor cs = at::empty({s.batch, s.channels}, fp32);
   at::Tensor chan = at::empty({s.batch, kChanRows, s.channels}, fp32);
@@ -262,6 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_fwd_
   scratch.add(&p.pool_parts, 3 * s.batch * s.channels * p.num_pixel_tiles);
   scratch.add(&p.conv_parts, 3 * s.batch * p.num_conv_tiles);
   scratch.add(&p.hidden_buf, s.batch * s.hidden);
+  scratch.add(&p.pixel_parts, p.channel_splits > 1 ? 3 * p.channel_splits * s.batch * s.height * s.width : 0);
   const at::Tensor keep_scratch = scratch.allocate(x);
   if (poison_requested()) poison({out, cs, chan, pix, stats, keep_scratch});
   const int dtype_code = kind_of(x, op, "x");
@@ -315,6 +331,8 @@ cbam_bwd_cuda(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tenso
   p.out_batch_stride = dx.stride(0);
   p.out_channel_stride = dx.stride(1);
   p.out_pixel_stride = pixel_stride(dx);
+  p.vector_loads = vector_loads_ok(x, p.vector_width) && vector_loads_ok(grad, p.vector_width) &&
+                   vector_loads_ok(dx, p.vector_width);
   auto grad_like = [](const at::Tensor& param) { return at::empty(param.sizes(), param.options()); };
   at::Tensor d_mlp1_w = grad_like(mlp1_w), d_mlp1_b = grad_like(mlp1_b), d_mlp2_w = grad_like(mlp2_w),
              d_mlp2_b = grad_like(mlp2_b), d_conv_w = grad_like(conv_w), d_bn_weight = grad_like(bn_weight),
@@ -329,6 +347,8 @@ cbam_bwd_cuda(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tenso
   Scratch scratch;
   scratch.add(&p.bpix, kBpixRows * s.batch * hw);
   scratch.add(&p.dcs_parts, s.batch * s.channels * p.num_pixel_tiles);
+  scratch.add(&p.dcs_parts2, s.batch * s.channels * p.num_pixel_tiles);
+  scratch.add(&p.pixel_parts, p.channel_splits > 1 ? p.channel_splits * s.batch * hw : 0);
   scratch.add(&p.bn_parts, 2 * s.batch * p.num_pixel_tiles);
   scratch.add(&p.coef, 3);
   scratch.add(&p.conv_wparts, 2 * s.ksize * s.ksize * s.batch * p.num_conv_tiles);

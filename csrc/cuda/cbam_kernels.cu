@@ -8,7 +8,6 @@ namespace cuda {
 namespace cbam {
 
 constexpr int kGateThreads = 256;
-constexpr int kGateWarps = kGateThreads / 32;
 constexpr int kConvThreads = kCbamConvTileRows * kCbamConvTileCols;
 constexpr int kConvHaloRows = kCbamConvTileRows + kCbamMaxKernelSize - 1;
 constexpr int kConvHaloCols = kCbamConvTileCols + kCbamMaxKernelSize - 1;
@@ -40,57 +39,142 @@ __device__ __forceinline__ void group_max_count(float& m, float& n, int lanes) {
   }
 }
 
-// Pools of each (b, c) from the per-tile partials, the shared MLP on both, sigmoid -> cs.
-__global__ void __launch_bounds__(kGateThreads) channel_gate_kernel(const CbamParams p) {
-  const int b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int C = p.channels, hidden = p.hidden, tiles = p.num_pixel_tiles;
-  const int64_t part_stride = static_cast<int64_t>(p.batch) * C * tiles;
-  float* chan = p.chan + static_cast<int64_t>(b) * kChanRows * C;
-  const int lanes = lanes_per_channel(tiles), sub = threadIdx.x % lanes, channels_at_once = kGateThreads / lanes;
-  // rounds are uniform over the block (shuffles need every lane of a warp); tail channels idle
-  for (int c0 = 0; c0 < C; c0 += channels_at_once) {
-    const int c = c0 + static_cast<int>(threadIdx.x) / lanes;
-    float s = 0.0f, m = -INFINITY, n = 0.0f;
-    if (c < C) {
-      const float* parts = p.pool_parts + (static_cast<int64_t>(b) * C + c) * tiles;
+// The channel gate as three grids, each with one thread, group of lanes or warp per output element
+// (a block per image left 16 blocks on the GPU and walked the MLP serially: 28 us at C = 512).
+// (1) Pools of each (b, c) from the per-tile partials: `lanes` lanes per (b, c), each summing every
+// lanes-th tile, then a butterfly in the group (fixed order).
+__global__ void __launch_bounds__(kGateThreads) gate_pool_kernel(const CbamParams p) {
+  const int C = p.channels, tiles = p.num_pixel_tiles;
+  const int64_t items = static_cast<int64_t>(p.batch) * C;
+  const int64_t part_stride = items * tiles;
+  const int lanes = lanes_per_channel(tiles);
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t item = thread / lanes;  // b * C + c
+  const int sub = static_cast<int>(thread % lanes);
+  float s = 0.0f, m = -INFINITY, n = 0.0f;
+  if (item < items) {
+    const float* parts = p.pool_parts + item * tiles;
 #pragma unroll 4
-      for (int i = sub; i < tiles; i += lanes) {
-        s += parts[i];
-        merge_max(m, n, parts[part_stride + i], parts[2 * part_stride + i]);
-      }
-    }
-    s = group_sum(s, lanes);
-    group_max_count(m, n, lanes);
-    if (c < C && sub == 0) {
-      chan[kChanAvg * C + c] = s / p.hw;
-      chan[kChanMax * C + c] = m;
-      chan[kChanInvTies * C + c] = 1.0f / fmaxf(n, 1.0f);
+    for (int i = sub; i < tiles; i += lanes) {
+      s += parts[i];
+      merge_max(m, n, parts[part_stride + i], parts[2 * part_stride + i]);
     }
   }
-  __syncthreads();
-  float* hidden_sum = p.hidden_buf + static_cast<int64_t>(b) * hidden;
-  for (int h = warp; h < hidden; h += kGateWarps) {
-    float pre_avg = 0.0f, pre_max = 0.0f;
-#pragma unroll 4
-    for (int c = lane; c < C; c += 32) {
-      const float w = load_any(p.mlp1_w, static_cast<int64_t>(h) * C + c);
-      pre_avg += w * chan[kChanAvg * C + c];
-      pre_max += w * chan[kChanMax * C + c];
-    }
-    pre_avg = warp_sum(pre_avg);
-    pre_max = warp_sum(pre_max);
-    if (lane == 0) {
-      const float bias = load_any(p.mlp1_b, h);
-      // mlp(avg) + mlp(max) = W2 (relu(pre_avg) + relu(pre_max)) + 2 b2: one product for both pools
-      hidden_sum[h] = fmaxf(pre_avg + bias, 0.0f) + fmaxf(pre_max + bias, 0.0f);
-    }
+  // every lane of the warp takes part (groups are aligned within warps; blocks are whole warps)
+  s = group_sum(s, lanes);
+  group_max_count(m, n, lanes);
+  if (item < items && sub == 0) {
+    const int64_t b = item / C, c = item % C;
+    float* chan = p.chan + b * kChanRows * C;
+    chan[kChanAvg * C + c] = s / p.hw;
+    chan[kChanMax * C + c] = m;
+    chan[kChanInvTies * C + c] = 1.0f / fmaxf(n, 1.0f);
   }
-  __syncthreads();
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    float logit = 0.0f;
+}
+
+// Pre-activations of hidden unit h for image b: mlp1_w[h] . avg and mlp1_w[h] . max (warp butterflies).
+__device__ __forceinline__ void hidden_preactivations(const CbamParams& p, int64_t b, int h, int lane, float& pre_avg,
+                                                      float& pre_max) {
+  const int C = p.channels;
+  const float* chan = p.chan + b * kChanRows * C;
+  pre_avg = 0.0f;
+  pre_max = 0.0f;
+#pragma unroll 4
+  for (int c = lane; c < C; c += 32) {
+    const float w = load_any(p.mlp1_w, static_cast<int64_t>(h) * C + c);
+    pre_avg += w * chan[kChanAvg * C + c];
+    pre_max += w * chan[kChanMax * C + c];
+  }
+  pre_avg = warp_sum(pre_avg);
+  pre_max = warp_sum(pre_max);
+}
+
+// (2) One warp per (b, hidden unit): relu(pre_avg + b1) + relu(pre_max + b1).
+__global__ void __launch_bounds__(kGateThreads) gate_hidden_kernel(const CbamParams p) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (warp >= static_cast<int64_t>(p.batch) * p.hidden) return;  // whole warp
+  const int64_t b = warp / p.hidden;
+  const int h = static_cast<int>(warp % p.hidden);
+  float pre_avg, pre_max;
+  hidden_preactivations(p, b, h, lane, pre_avg, pre_max);
+  if (lane == 0) {
+    const float bias = load_any(p.mlp1_b, h);
+    // mlp(avg) + mlp(max) = W2 (relu(pre_avg) + relu(pre_max)) + 2 b2: one product for both pools
+    p.hidden_buf[warp] = fmaxf(pre_avg + bias, 0.0f) + fmaxf(pre_max + bias, 0.0f);
+  }
+}
+
+// (3) One thread per (b, c): cs = sigmoid(W2 hidden + 2 b2).
+__global__ void __launch_bounds__(kGateThreads) gate_scale_kernel(const CbamParams p) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (item >= static_cast<int64_t>(p.batch) * p.channels) return;
+  const int64_t b = item / p.channels, c = item % p.channels;
+  const float* hidden_sum = p.hidden_buf + b * p.hidden;
+  float logit = 0.0f;
 #pragma unroll 8
-    for (int h = 0; h < hidden; ++h) logit += load_any(p.mlp2_w, static_cast<int64_t>(c) * hidden + h) * hidden_sum[h];
-    p.cs[static_cast<int64_t>(b) * C + c] = sigmoid(logit + 2.0f * load_any(p.mlp2_b, c));
+  for (int h = 0; h < p.hidden; ++h) logit += load_any(p.mlp2_w, c * p.hidden + h) * hidden_sum[h];
+  p.cs[item] = sigmoid(logit + 2.0f * load_any(p.mlp2_b, c));
+}
+
+// With a channel split: per pixel, the splits' (max, count, sum) over their channels merged in
+// split order -> the max, mean and 1 / ties maps.
+__global__ void __launch_bounds__(kGateThreads) spatial_pool_merge_kernel(const CbamParams p) {
+  const int64_t hw = p.hw;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // b * HW + q
+  if (item >= p.batch * hw) return;
+  const int64_t b = item / hw, q = item % hw;
+  const int64_t split_stride = static_cast<int64_t>(p.batch) * 3 * hw;
+  const float* part = p.pixel_parts + b * 3 * hw + q;
+  float m = part[0], n = part[hw], s = part[2 * hw];
+#pragma unroll 4
+  for (int k = 1; k < p.channel_splits; ++k) {
+    const float* next = part + k * split_stride;
+    merge_max(m, n, next[0], next[hw]);
+    s += next[2 * hw];
+  }
+  float* pix = p.pix + b * kPixRows * hw + q;
+  pix[kPixMax * hw] = m;
+  pix[kPixMean * hw] = s / p.channels;
+  pix[kPixInvTies * hw] = 1.0f / fmaxf(n, 1.0f);
+}
+
+// With a channel split: per pixel, d spatial logit from the splits' sum_c g * x * cs (in split
+// order); per (b, pixel tile) its BatchNorm sums, as bwd_spatial_kernel has them without a split.
+// A block per (b, tile), a thread per pixel: the split loads of a pixel are independent (unrolled),
+// so a block waits for a few memory round trips, not one per split.
+__global__ void __launch_bounds__(kGateThreads) spatial_backward_merge_kernel(const CbamParams p) {
+  __shared__ float scratch[33];
+  const int64_t hw = p.hw;
+  const int64_t b = blockIdx.y;
+  const int tile = blockIdx.x;
+  const int64_t split_stride = static_cast<int64_t>(p.batch) * hw;
+  const float* z = p.pix + (b * kPixRows + kPixZ) * hw;
+  float* ds_row = p.bpix + (b * kBpixRows + kBpixDs) * hw;
+  const float mean = p.stats[kStatsMean], invstd = p.stats[kStatsInvStd];
+  const float gamma = load_any(p.bn_weight, 0), beta = load_any(p.bn_bias, 0);
+  float sum_ds = 0.0f, sum_ds_zn = 0.0f;
+  for (int i = threadIdx.x; i < p.tile_pixels; i += blockDim.x) {
+    const int64_t q = static_cast<int64_t>(tile) * p.tile_pixels + i;
+    if (q >= hw) break;
+    const float* part = p.pixel_parts + b * hw + q;
+    float acc = part[0];
+#pragma unroll 4
+    for (int k = 1; k < p.channel_splits; ++k) acc += part[k * split_stride];
+    const float zn = (z[q] - mean) * invstd;
+    const float ss = sigmoid(zn * gamma + beta);
+    const float ds = acc * ss * (1.0f - ss);
+    ds_row[q] = ds;
+    sum_ds += ds;
+    sum_ds_zn += ds * zn;
+  }
+  // every thread of the block reaches both sums (no early exit above)
+  sum_ds = block_sum<kGateThreads>(sum_ds, scratch);
+  sum_ds_zn = block_sum<kGateThreads>(sum_ds_zn, scratch);
+  if (threadIdx.x == 0) {
+    const int64_t part = (b * p.num_pixel_tiles + tile) * 2;
+    p.bn_parts[part] = sum_ds;
+    p.bn_parts[part + 1] = sum_ds_zn;
   }
 }
 
@@ -283,68 +367,59 @@ __global__ void __launch_bounds__(kConvThreads) spatial_conv_backward_kernel(con
   }
 }
 
-// d cs -> d channel logits -> MLP backward per batch row; per-element gradients of the pools.
-__global__ void __launch_bounds__(kGateThreads) channel_gate_backward_kernel(const CbamParams p) {
-  const int b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int C = p.channels, hidden = p.hidden, tiles = p.num_pixel_tiles;
-  const int64_t bc = static_cast<int64_t>(b) * C;
-  const float* chan = p.chan + bc * kChanRows;
-  const int lanes = lanes_per_channel(tiles), sub = threadIdx.x % lanes, channels_at_once = kGateThreads / lanes;
-  for (int c0 = 0; c0 < C; c0 += channels_at_once) {
-    const int c = c0 + static_cast<int>(threadIdx.x) / lanes;
-    float d_cs = 0.0f;
-    if (c < C) {
-      const float* parts = p.dcs_parts + (bc + c) * tiles;
+// Channel-gate backward as two grids (plus the per-(b, c) pool gradients in param_grads_kernel):
+// (1) d cs of each (b, c) from both partial buffers (tile order, `lanes` lanes per (b, c)) -> d logits.
+__global__ void __launch_bounds__(kGateThreads) gate_backward_logit_kernel(const CbamParams p) {
+  const int C = p.channels, tiles = p.num_pixel_tiles;
+  const int64_t items = static_cast<int64_t>(p.batch) * C;
+  const int lanes = lanes_per_channel(tiles);
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t item = thread / lanes;
+  const int sub = static_cast<int>(thread % lanes);
+  float d_cs = 0.0f;
+  if (item < items) {
+    const float* direct = p.dcs_parts + item * tiles;
+    const float* maps = p.dcs_parts2 + item * tiles;
 #pragma unroll 4
-      for (int i = sub; i < tiles; i += lanes) d_cs += parts[i];
-    }
-    d_cs = group_sum(d_cs, lanes);
-    if (c < C && sub == 0) {
-      const float scale = p.cs[bc + c];
-      p.d_logit[bc + c] = d_cs * scale * (1.0f - scale);
-    }
+    for (int i = sub; i < tiles; i += lanes) d_cs += direct[i] + maps[i];
   }
-  __syncthreads();
-  float* hid = p.hidden_buf + static_cast<int64_t>(b) * kHidRows * hidden;
-  for (int h = warp; h < hidden; h += kGateWarps) {
-    // the pre-activations are recomputed: a (hidden,) product is cheaper than saving them
-    float pre_avg = 0.0f, pre_max = 0.0f, d_hidden = 0.0f;
+  d_cs = group_sum(d_cs, lanes);
+  if (item < items && sub == 0) {
+    const float scale = p.cs[item];
+    p.d_logit[item] = d_cs * scale * (1.0f - scale);
+  }
+}
+
+// (2) One warp per (b, hidden unit): the pre-activations recomputed (a (hidden,) product is cheaper
+// than saving them), d hidden = W2[:, h] . d logit[b], through the two relus.
+__global__ void __launch_bounds__(kGateThreads) gate_backward_hidden_kernel(const CbamParams p) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (warp >= static_cast<int64_t>(p.batch) * p.hidden) return;  // whole warp
+  const int C = p.channels, hidden = p.hidden;
+  const int64_t b = warp / hidden;
+  const int h = static_cast<int>(warp % hidden);
+  float pre_avg, pre_max;
+  hidden_preactivations(p, b, h, lane, pre_avg, pre_max);
+  const float* d_logit = p.d_logit + b * C;
+  float d_hidden = 0.0f;
 #pragma unroll 4
-    for (int c = lane; c < C; c += 32) {
-      const float w = load_any(p.mlp1_w, static_cast<int64_t>(h) * C + c);
-      pre_avg += w * chan[kChanAvg * C + c];
-      pre_max += w * chan[kChanMax * C + c];
-      d_hidden += load_any(p.mlp2_w, static_cast<int64_t>(c) * hidden + h) * p.d_logit[bc + c];
-    }
-    pre_avg = warp_sum(pre_avg);
-    pre_max = warp_sum(pre_max);
-    d_hidden = warp_sum(d_hidden);
-    if (lane == 0) {
-      const float bias = load_any(p.mlp1_b, h);
-      pre_avg += bias;
-      pre_max += bias;
-      hid[kHidSum * hidden + h] = fmaxf(pre_avg, 0.0f) + fmaxf(pre_max, 0.0f);
-      hid[kHidDPreAvg * hidden + h] = pre_avg > 0.0f ? d_hidden : 0.0f;
-      hid[kHidDPreMax * hidden + h] = pre_max > 0.0f ? d_hidden : 0.0f;
-    }
-  }
-  __syncthreads();
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    float d_avg = 0.0f, d_max = 0.0f;
-#pragma unroll 8
-    for (int h = 0; h < hidden; ++h) {
-      const float w = load_any(p.mlp1_w, static_cast<int64_t>(h) * C + c);
-      d_avg += w * hid[kHidDPreAvg * hidden + h];
-      d_max += w * hid[kHidDPreMax * hidden + h];
-    }
-    // per element of x: d avg / HW everywhere, d max / ties at the maxima
-    p.dchan[bc * 2 + c] = d_avg / p.hw;
-    p.dchan[bc * 2 + C + c] = d_max * chan[kChanInvTies * C + c];
+  for (int c = lane; c < C; c += 32) d_hidden += load_any(p.mlp2_w, static_cast<int64_t>(c) * hidden + h) * d_logit[c];
+  d_hidden = warp_sum(d_hidden);
+  if (lane == 0) {
+    float* hid = p.hidden_buf + b * kHidRows * hidden;
+    const float bias = load_any(p.mlp1_b, h);
+    pre_avg += bias;
+    pre_max += bias;
+    hid[kHidSum * hidden + h] = fmaxf(pre_avg, 0.0f) + fmaxf(pre_max, 0.0f);
+    hid[kHidDPreAvg * hidden + h] = pre_avg > 0.0f ? d_hidden : 0.0f;
+    hid[kHidDPreMax * hidden + h] = pre_max > 0.0f ? d_hidden : 0.0f;
   }
 }
 
 // Parameter gradients summed over the batch (MLP) and over the conv tiles (conv weight): the first
-// 2 k^2 blocks reduce one conv tap each, the rest give one MLP gradient element per thread.
+// 2 k^2 blocks reduce one conv tap each, the rest give one MLP gradient element per thread, then one
+// (b, c) pool gradient per thread (they need the same hidden-unit gradients).
 __global__ void __launch_bounds__(kParamGradThreads) param_grads_kernel(const CbamParams p) {
   __shared__ float scratch[33];
   const int taps = 2 * p.ksize * p.ksize;
@@ -399,6 +474,22 @@ __global__ void __launch_bounds__(kParamGradThreads) param_grads_kernel(const Cb
       acc += hid[kHidDPreAvg * hidden + item] + hid[kHidDPreMax * hidden + item];
     }
     store_any(p.d_mlp1_b, item, acc);
+    return;
+  }
+  item -= hidden;
+  if (item < static_cast<int64_t>(p.batch) * C) {  // per element of x: d avg / HW everywhere, d max / ties at the maxima
+    const int64_t b = item / C, c = item % C;
+    const float* hid = p.hidden_buf + b * kHidRows * hidden;
+    float d_avg = 0.0f, d_max = 0.0f;
+#pragma unroll 8
+    for (int h = 0; h < hidden; ++h) {
+      const float w = load_any(p.mlp1_w, static_cast<int64_t>(h) * C + c);
+      d_avg += w * hid[kHidDPreAvg * hidden + h];
+      d_max += w * hid[kHidDPreMax * hidden + h];
+    }
+    const float* chan = p.chan + b * kChanRows * C;
+    p.dchan[b * 2 * C + c] = d_avg / p.hw;
+    p.dchan[b * 2 * C + C + c] = d_max * chan[kChanInvTies * C + c];
   }
 }
 
@@ -418,8 +509,39 @@ int last_error() { return static_cast<int>(cudaGetLastError()); }
 cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
 }  // namespace
 
+namespace {
+unsigned blocks_for(int64_t threads, int per_block) { return static_cast<unsigned>(cbam_ceil_div(threads, per_block)); }
+
+// Threads of a grid with `lanes_per_channel(tiles)` lanes for every (b, c).
+unsigned channel_group_blocks(const CbamParams& p) {
+  int lanes = 1;
+  while (lanes < 32 && lanes * cbam::kPartialsPerLane < p.num_pixel_tiles) lanes *= 2;
+  return blocks_for(static_cast<int64_t>(p.batch) * p.channels * lanes, cbam::kGateThreads);
+}
+}  // namespace
+
 int cbam_launch_channel_gate(const CbamParams& p, void* stream) {
-  cbam::channel_gate_kernel<<<p.batch, cbam::kGateThreads, 0, as_stream(stream)>>>(p);
+  const int64_t items = static_cast<int64_t>(p.batch) * p.channels;
+  cbam::gate_pool_kernel<<<channel_group_blocks(p), cbam::kGateThreads, 0, as_stream(stream)>>>(p);
+  const int status = last_error();
+  if (status != 0) return status;
+  cbam::gate_hidden_kernel<<<blocks_for(static_cast<int64_t>(p.batch) * p.hidden * 32, cbam::kGateThreads),
+                             cbam::kGateThreads, 0, as_stream(stream)>>>(p);
+  const int status2 = last_error();
+  if (status2 != 0) return status2;
+  cbam::gate_scale_kernel<<<blocks_for(items, cbam::kGateThreads), cbam::kGateThreads, 0, as_stream(stream)>>>(p);
+  return last_error();
+}
+
+int cbam_launch_spatial_pool_merge(const CbamParams& p, void* stream) {
+  cbam::spatial_pool_merge_kernel<<<blocks_for(static_cast<int64_t>(p.batch) * p.hw, cbam::kGateThreads),
+                                    cbam::kGateThreads, 0, as_stream(stream)>>>(p);
+  return last_error();
+}
+
+int cbam_launch_spatial_backward_merge(const CbamParams& p, void* stream) {
+  const dim3 grid(p.num_pixel_tiles, p.batch);
+  cbam::spatial_backward_merge_kernel<<<grid, cbam::kGateThreads, 0, as_stream(stream)>>>(p);
   return last_error();
 }
 
@@ -446,12 +568,17 @@ int cbam_launch_spatial_conv_backward(const CbamParams& p, void* stream) {
 }
 
 int cbam_launch_channel_gate_backward(const CbamParams& p, void* stream) {
-  cbam::channel_gate_backward_kernel<<<p.batch, cbam::kGateThreads, 0, as_stream(stream)>>>(p);
+  cbam::gate_backward_logit_kernel<<<channel_group_blocks(p), cbam::kGateThreads, 0, as_stream(stream)>>>(p);
+  const int status = last_error();
+  if (status != 0) return status;
+  cbam::gate_backward_hidden_kernel<<<blocks_for(static_cast<int64_t>(p.batch) * p.hidden * 32, cbam::kGateThreads),
+                                      cbam::kGateThreads, 0, as_stream(stream)>>>(p);
   return last_error();
 }
 
 int cbam_launch_param_grads(const CbamParams& p, void* stream) {
-  const int64_t items = 2 * static_cast<int64_t>(p.channels) * p.hidden + p.channels + p.hidden;
+  const int64_t items = 2 * static_cast<int64_t>(p.channels) * p.hidden + p.channels + p.hidden +
+                        static_cast<int64_t>(p.batch) * p.channels;
   const int blocks = 2 * p.ksize * p.ksize + cbam_ceil_div(items, cbam::kParamGradThreads);
   cbam::param_grads_kernel<<<blocks, cbam::kParamGradThreads, 0, as_stream(stream)>>>(p);
   return last_error();

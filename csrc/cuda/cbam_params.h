@@ -8,8 +8,8 @@
 //   chan   (B, 3, C)   average over HW, max over HW, 1 / (ties of that max)
 //   pix    (B, 4, HW)  max over C of x * cs, mean over C, 1 / (ties of that max), conv output z
 //   stats  (4,)        mean and 1/std that normalised z, batch mean, unbiased batch variance
-// Every reduction goes through per-tile partial buffers summed in a fixed order: results are
-// bitwise reproducible (no float atomics).
+// Every reduction goes through per-tile (over pixels) or per-split (over channels) partial buffers
+// summed in a fixed order: results are bitwise reproducible (no float atomics).
 #pragma once
 
 #include <cstdint>
@@ -20,8 +20,12 @@ namespace cuda {
 // Warps of the blocks that stream x: they split into `channel_groups` warps per pixel tile.
 constexpr int kCbamWarps = 8;
 constexpr int kCbamThreads = kCbamWarps * 32;
-// A lane owns up to this many pixels of its warp's tile (pixel = tile start + j * 32 + lane).
-constexpr int kCbamMaxPixelsPerLane = 8;
+// A lane owns up to this many pixel slots of its warp's tile; a slot is `vector_width` consecutive
+// pixels (slot j of lane l in tile t: first pixel ((t * pixels_per_lane + j) * 32 + l) * vector_width).
+constexpr int kCbamMaxPixelsPerLane = 2;
+// 16-byte loads: pixels per slot when H * W allows (the layout depends on the shape only, so the
+// summation order, and with it every result bit, is the same whatever the strides).
+constexpr int kCbamVectorBytes = 16;
 // Spatial tiles of the 7x7 conv kernels: one output pixel per thread, rows x columns.
 constexpr int kCbamConvTileRows = 8;
 constexpr int kCbamConvTileCols = 32;
@@ -29,8 +33,11 @@ constexpr int kCbamConvTileCols = 32;
 constexpr int kCbamMaxKernelSize = 15;
 // Threads of the single-block reductions (batch statistics, BatchNorm backward).
 constexpr int kCbamReduceThreads = 1024;
-// Warps per SM that the x-streaming passes aim for before pixel tiles shrink.
-constexpr int kCbamTargetWarpsPerSM = 32;
+// Warps the x-streaming passes aim for (per SM) before pixel tiles shrink and channels split: with
+// 64-128 bytes in flight per lane this many resident warps cover the DRAM latency.
+constexpr int kCbamTargetWarpsPerSM = 20;
+// The channel split over the grid never leaves a warp fewer channels than this (partials cost bytes).
+constexpr int kCbamMinChannelsPerWarp = 4;
 
 // dtypes of the tensors the kernels read or write through a run-time tag (the parameters may
 // differ from x: fp32 parameters with fp16 activations under autocast).
@@ -53,11 +60,13 @@ struct CbamParams {
   float eps;
 
   // Tiling of the passes over x (see cbam_choose_tiling).
-  int pixels_per_lane;     // 1..kCbamMaxPixelsPerLane
-  int tile_pixels;         // 32 * pixels_per_lane: one warp's pixel tile
+  int vector_width;        // pixels per slot: 16 bytes of x when H * W allows, else 1
+  int pixels_per_lane;     // slots per lane, 1..kCbamMaxPixelsPerLane
+  int tile_pixels;         // 32 * pixels_per_lane * vector_width: one warp's pixel tile
   int num_pixel_tiles;     // per image
   int channel_groups;      // warps per pixel tile in a block (1, 2, 4 or 8); kCbamWarps / channel_groups tiles
-  int grid_channel_groups; // extra channel split over grid.z for the passes that do not reduce over C
+  int channel_splits;      // channel split over grid.z (every pass; reductions over C leave partials)
+  bool vector_loads;       // x, grad, out dense along pixels and 16-byte aligned: one load per slot
   int conv_tiles_x, conv_tiles_y, num_conv_tiles;  // per image
 
   // x-sized tensors (element strides; pixel stride = stride of W).
@@ -81,10 +90,13 @@ struct CbamParams {
   float* pool_parts;  // (3, B, C, num_pixel_tiles): sum, max, count of the max over each tile
   float* conv_parts;  // (B, num_conv_tiles, 3): count, sum, squared deviations of z over each tile
   float* hidden_buf;  // forward (B, hidden); backward (B, 3, hidden): relu sums, d pre-activations
+  float* pixel_parts; // channel_splits > 1: forward (splits, B, 3, HW) max, ties, sum over each split's
+                      // channels; backward (splits, B, HW) sum_c g * x * cs of each split
 
   // Backward scratch.
   float* bpix;        // (B, 3, HW): d spatial logit, d max-map / ties, d mean-map / C
-  float* dcs_parts;   // (B, C, num_pixel_tiles): partial d cs over each tile
+  float* dcs_parts;   // (B, C, num_pixel_tiles): partial d cs over each tile, direct path
+  float* dcs_parts2;  // (B, C, num_pixel_tiles): the max / mean-map paths (bwd_channel)
   float* bn_parts;    // (B, num_pixel_tiles, 2): sum of d logit, sum of d logit * normalised z
   float* coef;        // (3,): gamma * invstd, mean(d logit), mean(d logit * zn) (zeros in eval)
   float* conv_wparts; // (2 * k * k, B * num_conv_tiles): per-tile conv-weight gradient
@@ -96,38 +108,45 @@ struct CbamParams {
 };
 
 struct CbamTiling {
-  int pixels_per_lane, tile_pixels, num_pixel_tiles, channel_groups, grid_channel_groups;
+  int vector_width, pixels_per_lane, tile_pixels, num_pixel_tiles, channel_groups, channel_splits;
   int conv_tiles_x, conv_tiles_y, num_conv_tiles;
 };
 
 inline int cbam_ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
-// Pixel tiles as long as 16-byte loads per lane allow; when the grid would leave the GPU mostly
-// idle (few, small images) the warps of a block first split the channels of one pixel tile, then
-// the tiles shorten. Passes that do not reduce over C also split the channels over grid.z.
+// Which warp reads what, from the shape alone (never the strides: see kCbamVectorBytes). Tiles of
+// 2 slots per lane; while the grid would leave the GPU short of warps, tiles shrink to 1 slot, then
+// the warps of a block split the channels of one tile (only with 1 slot: their shared-memory merge
+// is sized for it), then grid.z splits the channels further (small images with many channels:
+// 16x512x12x16 gets 2 tiles x 8 warps x 13 splits per image instead of 2 warps walking 512 channels).
 inline CbamTiling cbam_choose_tiling(int batch, int channels, int height, int width, int element_size,
                                      int multiprocessors) {
   const int64_t hw = static_cast<int64_t>(height) * width;
   const int64_t target_warps = static_cast<int64_t>(multiprocessors > 0 ? multiprocessors : 1) * kCbamTargetWarpsPerSM;
   CbamTiling t{};
-  t.pixels_per_lane = element_size >= 4 ? 4 : kCbamMaxPixelsPerLane;
+  t.vector_width = kCbamVectorBytes / element_size;
+  if (hw % t.vector_width != 0) t.vector_width = 1;
+  t.pixels_per_lane = kCbamMaxPixelsPerLane;
   t.channel_groups = 1;
-  auto warps = [&]() { return batch * static_cast<int64_t>(cbam_ceil_div(hw, 32 * t.pixels_per_lane)) * t.channel_groups; };
+  auto warps = [&]() {
+    return batch * static_cast<int64_t>(cbam_ceil_div(hw, 32 * t.pixels_per_lane * t.vector_width)) * t.channel_groups;
+  };
   while (warps() < target_warps) {
-    if (t.channel_groups < kCbamWarps && 2 * t.channel_groups <= channels) {
-      t.channel_groups *= 2;
-    } else if (t.pixels_per_lane > 1) {
+    if (t.pixels_per_lane > 1) {
       t.pixels_per_lane /= 2;
+    } else if (t.channel_groups < kCbamWarps && 2 * t.channel_groups <= channels) {
+      t.channel_groups *= 2;
     } else {
       break;
     }
   }
-  t.tile_pixels = 32 * t.pixels_per_lane;
+  t.tile_pixels = 32 * t.pixels_per_lane * t.vector_width;
   t.num_pixel_tiles = cbam_ceil_div(hw, t.tile_pixels);
   const int64_t have = warps();
-  const int64_t max_split = cbam_ceil_div(channels, t.channel_groups);
-  int64_t split = have >= target_warps ? 1 : cbam_ceil_div(target_warps, have);
-  t.grid_channel_groups = static_cast<int>(split < max_split ? split : max_split);
+  const int64_t max_split = cbam_ceil_div(channels, static_cast<int64_t>(t.channel_groups) * kCbamMinChannelsPerWarp);
+  const int64_t split = have >= target_warps ? 1 : cbam_ceil_div(target_warps, have);
+  t.channel_splits = static_cast<int>(split < max_split ? split : max_split);
+  if (t.channel_splits < 1) t.channel_splits = 1;
   t.conv_tiles_x = cbam_ceil_div(width, kCbamConvTileCols);
   t.conv_tiles_y = cbam_ceil_div(height, kCbamConvTileRows);
   t.num_conv_tiles = t.conv_tiles_x * t.conv_tiles_y;
@@ -146,6 +165,8 @@ int cbam_backward_bfloat16(const CbamParams& p, void* stream);
 
 // dtype-independent stages (cbam_kernels.cu), called by the sequences above.
 int cbam_launch_channel_gate(const CbamParams& p, void* stream);
+int cbam_launch_spatial_pool_merge(const CbamParams& p, void* stream);
+int cbam_launch_spatial_backward_merge(const CbamParams& p, void* stream);
 int cbam_launch_spatial_conv(const CbamParams& p, void* stream);
 int cbam_launch_bn_stats(const CbamParams& p, void* stream);
 int cbam_launch_bn_backward(const CbamParams& p, void* stream);

@@ -1,12 +1,17 @@
-// The CBAM passes over x-sized tensors, templated on x's dtype, and the forward / backward
-// sequences. Included once per dtype (cbam_float.cu, cbam_half.cu, cbam_bfloat16.cu).
+// The CBAM passes over x-sized tensors, templated on x's dtype and on the lane layout, and the
+// forward / backward sequences. Included once per dtype (cbam_float.cu, cbam_half.cu, cbam_bfloat16.cu).
 //
-// Mapping: a warp owns a tile of 32 * pixels_per_lane pixels (lane l reads pixels tile_start +
-// j * 32 + l: coalesced along a row in NCHW) and a range of channels, which it walks in chunks of
-// kChannelChunk (loads of a chunk are issued together). Per-pixel reductions over C stay in each
-// lane's registers; the warps of a block that share a pixel tile (channel_groups > 1, for small
-// images) combine theirs through shared memory in a fixed order. Per-channel reductions over the
-// tile are warp butterflies, stored per (b, c, tile) for a later fixed-order sum.
+// Mapping: a warp owns a tile of 32 * kSlots * kVec pixels and a range of channels. Slot j of lane l
+// holds kVec consecutive pixels starting at (tile * 32 * kSlots + j * 32 + l) * kVec: one 16-byte load
+// when the tensor is dense along pixels and aligned (vector_loads), kVec strided loads otherwise, with
+// the same pixels per lane either way (so the same summation order and the same result bits whatever
+// the strides). A warp walks its channels in chunks whose loads are all issued before any is used
+// (16 fp32 values in flight per lane and tensor, 8 per tensor when a pass reads x and grad).
+// Per-pixel reductions over C stay in each lane's registers; the warps of a block that share a tile
+// (channel_groups > 1) merge theirs through shared memory in a fixed order, and a channel split over
+// grid.z (channel_splits > 1) leaves per-split partial maps merged in order by a small kernel.
+// Per-channel reductions over the tile are warp butterflies, stored per (b, c, tile) and summed in a
+// fixed order by the channel-gate kernels. No float atomics anywhere: results are bitwise reproducible.
 #pragma once
 
 #include "cbam_common.cuh"
@@ -15,17 +20,62 @@ namespace dermomamba {
 namespace cuda {
 namespace cbam {
 
-// Channels whose loads a lane issues together: kChannelChunk for passes reading x alone, kPairChunk
-// for those reading x and grad_out (same bytes in flight, half the registers each).
-constexpr int kChannelChunk = 4;
-constexpr int kPairChunk = 2;
-constexpr int kMaxLanePixels = kCbamMaxPixelsPerLane;
+// fp32 values a lane loads per chunk and tensor: passes reading x alone, passes reading x and grad.
+constexpr int kLoadFloats = 16;
+constexpr int kPairLoadFloats = 8;
 
-// Where a warp works: its image, pixel tile and channel range.
+constexpr int chunk_channels(int budget, int lane_pixels) { return budget / lane_pixels > 1 ? budget / lane_pixels : 1; }
+
+// ---------------------------------------------------------------------------------------------
+// 16-byte packs <-> fp32 (same roundings as to_float / from_float)
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float half_bits_to_float(uint32_t bits, __half) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+}
+__device__ __forceinline__ float half_bits_to_float(uint32_t bits, __nv_bfloat16) { return __uint_as_float(bits << 16); }
+__device__ __forceinline__ uint32_t float_to_half_bits(float v, __half) { return __half_as_ushort(__float2half_rn(v)); }
+__device__ __forceinline__ uint32_t float_to_half_bits(float v, __nv_bfloat16) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+
+template <typename T>
+__device__ __forceinline__ void unpack(const uint4& raw, float (&v)[16 / sizeof(T)]) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+  if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = __uint_as_float(words[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[2 * i] = half_bits_to_float(words[i] & 0xffffu, T{});
+      v[2 * i + 1] = half_bits_to_float(words[i] >> 16, T{});
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack(const float (&v)[16 / sizeof(T)]) {
+  uint32_t words[4];
+  if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) words[i] = __float_as_uint(v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) words[i] = float_to_half_bits(v[2 * i], T{}) | (float_to_half_bits(v[2 * i + 1], T{}) << 16);
+  }
+  return make_uint4(words[0], words[1], words[2], words[3]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// lane layout
+// ---------------------------------------------------------------------------------------------
+
+// Where a warp works: its image, pixel tile, channel range and channel split.
 struct WarpTile {
   int lane, warp;
   int local_group;  // channel group within the block, 0 .. channel_groups - 1
-  int b, tile;
+  int b, tile, split;
   bool tile_valid;
   int c_begin, c_end;
 };
@@ -39,6 +89,7 @@ __device__ __forceinline__ WarpTile warp_tile(const CbamParams& p) {
   t.tile = blockIdx.x * tiles_per_block + t.warp / p.channel_groups;
   t.tile_valid = t.tile < p.num_pixel_tiles;
   t.b = blockIdx.y;
+  t.split = blockIdx.z;
   const int groups = p.channel_groups * gridDim.z;
   const int group = blockIdx.z * p.channel_groups + t.local_group;
   const int per_group = (p.channels + groups - 1) / groups;
@@ -47,45 +98,96 @@ __device__ __forceinline__ WarpTile warp_tile(const CbamParams& p) {
   return t;
 }
 
-// Pixel index of slot j of this lane, and whether it lies in the image.
-__device__ __forceinline__ int lane_pixel(const CbamParams& p, const WarpTile& t, int j) {
-  return t.tile * p.tile_pixels + j * 32 + t.lane;
+template <int kVec, int kSlots>
+struct LaneSlots {
+  int first[kSlots];   // first pixel of each slot (0 when outside the image)
+  bool valid[kSlots];  // kVec divides H * W, so a slot is wholly inside or wholly outside
+};
+
+template <int kVec, int kSlots>
+__device__ __forceinline__ LaneSlots<kVec, kSlots> lane_slots(const CbamParams& p, const WarpTile& t) {
+  LaneSlots<kVec, kSlots> s;
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j) {
+    const int first = ((t.tile * kSlots + j) * 32 + t.lane) * kVec;
+    s.valid[j] = t.tile_valid && first < p.hw;
+    s.first[j] = s.valid[j] ? first : 0;
+  }
+  return s;
 }
 
-__device__ __forceinline__ bool lane_pixel_valid(const CbamParams& p, const WarpTile& t, int j) {
-  return t.tile_valid && j < p.pixels_per_lane && lane_pixel(p, t, j) < p.hw;
+template <typename T, int kVec, bool kVectorLoads>
+__device__ __forceinline__ void load_slot(const T* __restrict__ row, int64_t pixel_stride, int first, float (&v)[kVec]) {
+  if constexpr (kVectorLoads) {
+    static_assert(kVec * sizeof(T) == 16, "vector loads are 16 bytes");
+    unpack<T>(__ldg(reinterpret_cast<const uint4*>(row + first)), v);
+  } else {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) v[e] = to_float(row[static_cast<int64_t>(first + e) * pixel_stride]);
+  }
 }
 
-__device__ __forceinline__ float spatial_scale(const CbamParams& p, float z, float& zn) {
-  zn = (z - p.stats[kStatsMean]) * p.stats[kStatsInvStd];
-  return sigmoid(zn * load_any(p.bn_weight, 0) + load_any(p.bn_bias, 0));
+template <typename T, int kVec, bool kVectorLoads>
+__device__ __forceinline__ void store_slot(T* __restrict__ row, int64_t pixel_stride, int first, const float (&v)[kVec]) {
+  if constexpr (kVectorLoads) {
+    *reinterpret_cast<uint4*>(row + first) = pack<T>(v);
+  } else {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) row[static_cast<int64_t>(first + e) * pixel_stride] = from_float<T>(v[e]);
+  }
 }
 
-// Loads a (kChunk x kMaxLanePixels) block of a (B, C, HW) tensor; zeros outside. Pixel offsets are
-// formed per load (one wide multiply-add) rather than kept: 64-bit offsets for three tensors would
-// cost 48 registers a thread.
-template <int kChunk, typename T>
-__device__ __forceinline__ void load_chunk(const T* base, int64_t channel_stride, int64_t pixel_stride,
-                                           const int (&pixel)[kMaxLanePixels], const bool (&valid)[kMaxLanePixels],
-                                           int c0, int c_end, float (&v)[kChunk][kMaxLanePixels]) {
+// Loads channels c0 .. c0 + kChunk - 1 of this lane's slots (zeros past c_end or outside the image).
+template <int kChunk, typename T, int kVec, int kSlots, bool kVectorLoads>
+__device__ __forceinline__ void load_chunk(const T* __restrict__ base, int64_t channel_stride, int64_t pixel_stride,
+                                           const LaneSlots<kVec, kSlots>& s, int c0, int c_end,
+                                           float (&v)[kChunk][kSlots][kVec]) {
 #pragma unroll
   for (int k = 0; k < kChunk; ++k) {
     const int c = c0 + k;
-    const T* row = base + c * channel_stride;
+    const T* row = base + static_cast<int64_t>(c) * channel_stride;
 #pragma unroll
-    for (int j = 0; j < kMaxLanePixels; ++j)
-      v[k][j] = (c < c_end && valid[j]) ? to_float(row[pixel[j] * pixel_stride]) : 0.0f;
+    for (int j = 0; j < kSlots; ++j) {
+      if (c < c_end && s.valid[j]) {
+        load_slot<T, kVec, kVectorLoads>(row, pixel_stride, s.first[j], v[k][j]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) v[k][j][e] = 0.0f;
+      }
+    }
   }
 }
 
-// Pixel slots of this lane: index (0 when outside the image) and validity.
-__device__ __forceinline__ void lane_pixels(const CbamParams& p, const WarpTile& t, int (&pixel)[kMaxLanePixels],
-                                            bool (&valid)[kMaxLanePixels]) {
+// Per-channel scalars of a chunk (0 past c_end), loaded with the chunk rather than after it.
+template <int kChunk>
+__device__ __forceinline__ void load_channel_values(const float* __restrict__ values, int c0, int c_end,
+                                                    float (&out)[kChunk]) {
 #pragma unroll
-  for (int j = 0; j < kMaxLanePixels; ++j) {
-    valid[j] = lane_pixel_valid(p, t, j);
-    pixel[j] = valid[j] ? lane_pixel(p, t, j) : 0;
-  }
+  for (int k = 0; k < kChunk; ++k) out[k] = c0 + k < c_end ? __ldg(values + c0 + k) : 0.0f;
+}
+
+// BatchNorm of z with the saved statistics, then sigmoid; the four scalars read once per thread.
+struct SpatialNorm {
+  float mean, invstd, gamma, beta;
+};
+
+__device__ __forceinline__ SpatialNorm spatial_norm(const CbamParams& p) {
+  return SpatialNorm{p.stats[kStatsMean], p.stats[kStatsInvStd], load_any(p.bn_weight, 0), load_any(p.bn_bias, 0)};
+}
+
+__device__ __forceinline__ float spatial_scale(const SpatialNorm& n, float z, float& zn) {
+  zn = (z - n.mean) * n.invstd;
+  return sigmoid(zn * n.gamma + n.beta);
+}
+
+// Row `row` of a (B, rows, HW) fp32 map at this lane's slots (0 outside the image).
+template <int kVec, int kSlots>
+__device__ __forceinline__ void load_map(const float* __restrict__ map, const LaneSlots<kVec, kSlots>& s,
+                                         float (&v)[kSlots][kVec]) {
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j)
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) v[j][e] = s.valid[j] ? map[s.first[j] + e] : 0.0f;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -93,33 +195,35 @@ __device__ __forceinline__ void lane_pixels(const CbamParams& p, const WarpTile&
 // ---------------------------------------------------------------------------------------------
 
 // Per (b, c, tile): sum, max and count of the max of x over the tile's pixels.
-template <typename T>
+template <typename T, int kVec, int kSlots, bool kVectorLoads>
 __global__ void __launch_bounds__(kCbamThreads) pool_hw_kernel(const CbamParams p) {
+  constexpr int kChunk = chunk_channels(kLoadFloats, kVec * kSlots);
   const WarpTile t = warp_tile(p);
-  if (!t.tile_valid) return;
-  const T* x = static_cast<const T*>(p.x) + t.b * p.x_batch_stride;
-  int pixel[kMaxLanePixels];
-  bool valid[kMaxLanePixels];
-  lane_pixels(p, t, pixel, valid);
+  if (!t.tile_valid) return;  // whole warp
+  const T* __restrict__ x = static_cast<const T*>(p.x) + t.b * p.x_batch_stride;
+  const LaneSlots<kVec, kSlots> s = lane_slots<kVec, kSlots>(p, t);
   const int64_t part_stride = static_cast<int64_t>(p.batch) * p.channels * p.num_pixel_tiles;
-  for (int c0 = t.c_begin; c0 < t.c_end; c0 += kChannelChunk) {
-    float v[kChannelChunk][kMaxLanePixels];
-    load_chunk(x, p.x_channel_stride, p.x_pixel_stride, pixel, valid, c0, t.c_end, v);
+  for (int c0 = t.c_begin; c0 < t.c_end; c0 += kChunk) {
+    float v[kChunk][kSlots][kVec];
+    load_chunk<kChunk, T, kVec, kSlots, kVectorLoads>(x, p.x_channel_stride, p.x_pixel_stride, s, c0, t.c_end, v);
 #pragma unroll
-    for (int k = 0; k < kChannelChunk; ++k) {
+    for (int k = 0; k < kChunk; ++k) {
       if (c0 + k >= t.c_end) break;  // warp-uniform
-      float s = 0.0f, m = -INFINITY, n = 0.0f;
+      float sum = 0.0f, m = -INFINITY, n = 0.0f;
 #pragma unroll
-      for (int j = 0; j < kMaxLanePixels; ++j) {
-        if (!valid[j]) continue;
-        s += v[k][j];
-        merge_max(m, n, v[k][j], 1.0f);
+      for (int j = 0; j < kSlots; ++j) {
+        if (!s.valid[j]) continue;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          sum += v[k][j][e];
+          merge_max(m, n, v[k][j][e], 1.0f);
+        }
       }
-      s = warp_sum(s);
+      sum = warp_sum(sum);
       warp_max_count(m, n);
       if (t.lane == 0) {
         const int64_t idx = (static_cast<int64_t>(t.b) * p.channels + c0 + k) * p.num_pixel_tiles + t.tile;
-        p.pool_parts[idx] = s;
+        p.pool_parts[idx] = sum;
         p.pool_parts[part_stride + idx] = m;
         p.pool_parts[2 * part_stride + idx] = n;
       }
@@ -127,102 +231,138 @@ __global__ void __launch_bounds__(kCbamThreads) pool_hw_kernel(const CbamParams 
   }
 }
 
-// Per pixel: max (with tie count) and mean over C of x * cs.
-template <typename T>
+// Per pixel: max (with tie count) and mean over C of x * cs; with a channel split, per-split
+// (max, count, sum) partial maps that spatial_pool_merge_kernel combines.
+template <typename T, int kVec, int kSlots, bool kVectorLoads>
 __global__ void __launch_bounds__(kCbamThreads) spatial_pool_kernel(const CbamParams p) {
-  __shared__ float shared_max[kCbamWarps][32 * kMaxLanePixels];
-  __shared__ float shared_count[kCbamWarps][32 * kMaxLanePixels];
-  __shared__ float shared_sum[kCbamWarps][32 * kMaxLanePixels];
+  constexpr int kChunk = chunk_channels(kLoadFloats, kVec * kSlots);
   const WarpTile t = warp_tile(p);
-  const T* x = static_cast<const T*>(p.x) + t.b * p.x_batch_stride;
-  const float* cs = p.cs + static_cast<int64_t>(t.b) * p.channels;
-  int pixel[kMaxLanePixels];
-  bool valid[kMaxLanePixels];
-  lane_pixels(p, t, pixel, valid);
-  float m[kMaxLanePixels], n[kMaxLanePixels], s[kMaxLanePixels];
+  const T* __restrict__ x = static_cast<const T*>(p.x) + t.b * p.x_batch_stride;
+  const float* __restrict__ cs = p.cs + static_cast<int64_t>(t.b) * p.channels;
+  const LaneSlots<kVec, kSlots> s = lane_slots<kVec, kSlots>(p, t);
+  float m[kSlots][kVec], n[kSlots][kVec], sum[kSlots][kVec];
 #pragma unroll
-  for (int j = 0; j < kMaxLanePixels; ++j) {
-    m[j] = -INFINITY;
-    n[j] = 0.0f;
-    s[j] = 0.0f;
-  }
+  for (int j = 0; j < kSlots; ++j)
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      m[j][e] = -INFINITY;
+      n[j][e] = 0.0f;
+      sum[j][e] = 0.0f;
+    }
   if (t.tile_valid) {
-    for (int c0 = t.c_begin; c0 < t.c_end; c0 += kChannelChunk) {
-      float v[kChannelChunk][kMaxLanePixels];
-      load_chunk(x, p.x_channel_stride, p.x_pixel_stride, pixel, valid, c0, t.c_end, v);
+    for (int c0 = t.c_begin; c0 < t.c_end; c0 += kChunk) {
+      float scale[kChunk];
+      load_channel_values(cs, c0, t.c_end, scale);
+      float v[kChunk][kSlots][kVec];
+      load_chunk<kChunk, T, kVec, kSlots, kVectorLoads>(x, p.x_channel_stride, p.x_pixel_stride, s, c0, t.c_end, v);
 #pragma unroll
-      for (int k = 0; k < kChannelChunk; ++k) {
+      for (int k = 0; k < kChunk; ++k) {
         if (c0 + k >= t.c_end) break;
-        const float scale = cs[c0 + k];
 #pragma unroll
-        for (int j = 0; j < kMaxLanePixels; ++j) {
-          const float y = v[k][j] * scale;
-          s[j] += y;
-          merge_max(m[j], n[j], y, 1.0f);
-        }
+        for (int j = 0; j < kSlots; ++j)
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            const float y = v[k][j][e] * scale[k];
+            sum[j][e] += y;
+            merge_max(m[j][e], n[j][e], y, 1.0f);
+          }
       }
     }
   }
-  if (p.channel_groups > 1) {
+  if constexpr (kSlots == 1) {
+    // channel groups exist only with one slot per lane (cbam_choose_tiling), which sizes this merge
+    __shared__ float shared_max[kCbamWarps][32 * kVec];
+    __shared__ float shared_count[kCbamWarps][32 * kVec];
+    __shared__ float shared_sum[kCbamWarps][32 * kVec];
+    if (p.channel_groups > 1) {
 #pragma unroll
-    for (int j = 0; j < kMaxLanePixels; ++j) {
-      shared_max[t.warp][j * 32 + t.lane] = m[j];
-      shared_count[t.warp][j * 32 + t.lane] = n[j];
-      shared_sum[t.warp][j * 32 + t.lane] = s[j];
-    }
-    __syncthreads();
-    if (t.local_group == 0) {
-      // the other channel groups of this tile are the next warps, merged in order
-      for (int g = 1; g < p.channel_groups; ++g) {
+      for (int e = 0; e < kVec; ++e) {
+        shared_max[t.warp][e * 32 + t.lane] = m[0][e];
+        shared_count[t.warp][e * 32 + t.lane] = n[0][e];
+        shared_sum[t.warp][e * 32 + t.lane] = sum[0][e];
+      }
+      __syncthreads();
+      if (t.local_group == 0) {
+        // the other channel groups of this tile are the next warps, merged in order
+        for (int g = 1; g < p.channel_groups; ++g) {
 #pragma unroll
-        for (int j = 0; j < kMaxLanePixels; ++j) {
-          merge_max(m[j], n[j], shared_max[t.warp + g][j * 32 + t.lane], shared_count[t.warp + g][j * 32 + t.lane]);
-          s[j] += shared_sum[t.warp + g][j * 32 + t.lane];
+          for (int e = 0; e < kVec; ++e) {
+            merge_max(m[0][e], n[0][e], shared_max[t.warp + g][e * 32 + t.lane], shared_count[t.warp + g][e * 32 + t.lane]);
+            sum[0][e] += shared_sum[t.warp + g][e * 32 + t.lane];
+          }
         }
       }
     }
   }
   if (t.local_group != 0) return;
-  float* pix = p.pix + static_cast<int64_t>(t.b) * kPixRows * p.hw;
+  const int64_t hw = p.hw;
+  if (p.channel_splits == 1) {
+    float* pix = p.pix + static_cast<int64_t>(t.b) * kPixRows * hw;
 #pragma unroll
-  for (int j = 0; j < kMaxLanePixels; ++j) {
-    if (!valid[j]) continue;
-    pix[kPixMax * p.hw + pixel[j]] = m[j];
-    pix[kPixMean * p.hw + pixel[j]] = s[j] / p.channels;
-    pix[kPixInvTies * p.hw + pixel[j]] = 1.0f / fmaxf(n[j], 1.0f);
+    for (int j = 0; j < kSlots; ++j) {
+      if (!s.valid[j]) continue;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const int q = s.first[j] + e;
+        pix[kPixMax * hw + q] = m[j][e];
+        pix[kPixMean * hw + q] = sum[j][e] / p.channels;
+        pix[kPixInvTies * hw + q] = 1.0f / fmaxf(n[j][e], 1.0f);
+      }
+    }
+  } else {
+    float* part = p.pixel_parts + (static_cast<int64_t>(t.split) * p.batch + t.b) * 3 * hw;
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+      if (!s.valid[j]) continue;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const int q = s.first[j] + e;
+        part[q] = m[j][e];
+        part[hw + q] = n[j][e];
+        part[2 * hw + q] = sum[j][e];
+      }
+    }
   }
 }
 
 // out = x * cs * sigmoid(bn(z)).
-template <typename T>
+template <typename T, int kVec, int kSlots, bool kVectorLoads>
 __global__ void __launch_bounds__(kCbamThreads) apply_kernel(const CbamParams p) {
+  constexpr int kChunk = chunk_channels(kLoadFloats, kVec * kSlots);
   const WarpTile t = warp_tile(p);
   if (!t.tile_valid) return;
-  const T* x = static_cast<const T*>(p.x) + t.b * p.x_batch_stride;
-  T* out = static_cast<T*>(p.out) + t.b * p.out_batch_stride;
-  const float* cs = p.cs + static_cast<int64_t>(t.b) * p.channels;
-  const float* z = p.pix + (static_cast<int64_t>(t.b) * kPixRows + kPixZ) * p.hw;
-  int pixel[kMaxLanePixels];
-  bool valid[kMaxLanePixels];
-  lane_pixels(p, t, pixel, valid);
-  float ss[kMaxLanePixels];
+  const T* __restrict__ x = static_cast<const T*>(p.x) + t.b * p.x_batch_stride;
+  T* __restrict__ out = static_cast<T*>(p.out) + t.b * p.out_batch_stride;
+  const float* __restrict__ cs = p.cs + static_cast<int64_t>(t.b) * p.channels;
+  const LaneSlots<kVec, kSlots> s = lane_slots<kVec, kSlots>(p, t);
+  float ss[kSlots][kVec];
+  load_map(p.pix + (static_cast<int64_t>(t.b) * kPixRows + kPixZ) * p.hw, s, ss);
+  const SpatialNorm norm = spatial_norm(p);
 #pragma unroll
-  for (int j = 0; j < kMaxLanePixels; ++j) {
-    float zn;
-    ss[j] = valid[j] ? spatial_scale(p, z[pixel[j]], zn) : 0.0f;
-  }
-  for (int c0 = t.c_begin; c0 < t.c_end; c0 += kChannelChunk) {
-    float v[kChannelChunk][kMaxLanePixels];
-    load_chunk(x, p.x_channel_stride, p.x_pixel_stride, pixel, valid, c0, t.c_end, v);
+  for (int j = 0; j < kSlots; ++j)
 #pragma unroll
-    for (int k = 0; k < kChannelChunk; ++k) {
+    for (int e = 0; e < kVec; ++e) {
+      float zn;
+      ss[j][e] = spatial_scale(norm, ss[j][e], zn);
+    }
+  for (int c0 = t.c_begin; c0 < t.c_end; c0 += kChunk) {
+    float scale[kChunk];
+    load_channel_values(cs, c0, t.c_end, scale);
+    float v[kChunk][kSlots][kVec];
+    load_chunk<kChunk, T, kVec, kSlots, kVectorLoads>(x, p.x_channel_stride, p.x_pixel_stride, s, c0, t.c_end, v);
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
       const int c = c0 + k;
       if (c >= t.c_end) break;
-      const float scale = cs[c];
-      T* row = out + c * p.out_channel_stride;
+      T* row = out + static_cast<int64_t>(c) * p.out_channel_stride;
 #pragma unroll
-      for (int j = 0; j < kMaxLanePixels; ++j)
-        if (valid[j]) row[pixel[j] * p.out_pixel_stride] = from_float<T>((v[k][j] * scale) * ss[j]);
+      for (int j = 0; j < kSlots; ++j) {
+        if (!s.valid[j]) continue;
+        float y[kVec];
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) y[e] = (v[k][j][e] * scale[k]) * ss[j][e];
+        store_slot<T, kVec, kVectorLoads>(row, p.out_pixel_stride, s.first[j], y);
+      }
     }
   }
 }
@@ -231,70 +371,93 @@ __global__ void __launch_bounds__(kCbamThreads) apply_kernel(const CbamParams p)
 // backward
 // ---------------------------------------------------------------------------------------------
 
-// Per pixel: d spatial logit = sum_c g * x * cs * ss (1 - ss), and its per-tile BatchNorm sums;
-// per (b, c, tile): sum_p g * x * ss (the direct path of d cs).
-template <typename T>
+// Per pixel: d spatial logit = sum_c g * x * cs * ss (1 - ss), and its per-tile BatchNorm sums (with
+// a channel split: per-split sum_c g * x * cs maps for spatial_backward_merge_kernel); per (b, c,
+// tile): sum_p g * x * ss (the direct path of d cs).
+template <typename T, int kVec, int kSlots, bool kVectorLoads>
 __global__ void __launch_bounds__(kCbamThreads) bwd_spatial_kernel(const CbamParams p) {
-  __shared__ float shared_acc[kCbamWarps][32 * kMaxLanePixels];
+  constexpr int kChunk = chunk_channels(kPairLoadFloats, kVec * kSlots);
   const WarpTile t = warp_tile(p);
-  const T* x = static_cast<const T*>(p.x) + t.b * p.x_batch_stride;
-  const T* g = static_cast<const T*>(p.grad) + t.b * p.grad_batch_stride;
-  const float* cs = p.cs + static_cast<int64_t>(t.b) * p.channels;
+  const T* __restrict__ x = static_cast<const T*>(p.x) + t.b * p.x_batch_stride;
+  const T* __restrict__ g = static_cast<const T*>(p.grad) + t.b * p.grad_batch_stride;
+  const float* __restrict__ cs = p.cs + static_cast<int64_t>(t.b) * p.channels;
   const float* z = p.pix + (static_cast<int64_t>(t.b) * kPixRows + kPixZ) * p.hw;
-  int pixel[kMaxLanePixels];
-  bool valid[kMaxLanePixels];
-  lane_pixels(p, t, pixel, valid);
-  float ss[kMaxLanePixels], zn[kMaxLanePixels], acc[kMaxLanePixels];
+  const LaneSlots<kVec, kSlots> s = lane_slots<kVec, kSlots>(p, t);
+  const SpatialNorm norm = spatial_norm(p);
+  float ss[kSlots][kVec], acc[kSlots][kVec];
+  load_map(z, s, ss);
 #pragma unroll
-  for (int j = 0; j < kMaxLanePixels; ++j) {
-    zn[j] = 0.0f;
-    ss[j] = valid[j] ? spatial_scale(p, z[pixel[j]], zn[j]) : 0.0f;
-    acc[j] = 0.0f;
-  }
+  for (int j = 0; j < kSlots; ++j)
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      float zn;
+      ss[j][e] = s.valid[j] ? spatial_scale(norm, ss[j][e], zn) : 0.0f;
+      acc[j][e] = 0.0f;
+    }
   if (t.tile_valid) {
-    for (int c0 = t.c_begin; c0 < t.c_end; c0 += kPairChunk) {
-      float v[kPairChunk][kMaxLanePixels], gv[kPairChunk][kMaxLanePixels];
-      load_chunk(x, p.x_channel_stride, p.x_pixel_stride, pixel, valid, c0, t.c_end, v);
-      load_chunk(g, p.grad_channel_stride, p.grad_pixel_stride, pixel, valid, c0, t.c_end, gv);
+    for (int c0 = t.c_begin; c0 < t.c_end; c0 += kChunk) {
+      float scale[kChunk];
+      load_channel_values(cs, c0, t.c_end, scale);
+      float v[kChunk][kSlots][kVec], gv[kChunk][kSlots][kVec];
+      load_chunk<kChunk, T, kVec, kSlots, kVectorLoads>(x, p.x_channel_stride, p.x_pixel_stride, s, c0, t.c_end, v);
+      load_chunk<kChunk, T, kVec, kSlots, kVectorLoads>(g, p.grad_channel_stride, p.grad_pixel_stride, s, c0, t.c_end, gv);
 #pragma unroll
-      for (int k = 0; k < kPairChunk; ++k) {
+      for (int k = 0; k < kChunk; ++k) {
         const int c = c0 + k;
         if (c >= t.c_end) break;
-        const float scale = cs[c];
         float direct = 0.0f;
 #pragma unroll
-        for (int j = 0; j < kMaxLanePixels; ++j) {
-          const float gx = gv[k][j] * v[k][j];
-          acc[j] += gx * scale;
-          direct += gx * ss[j];
-        }
+        for (int j = 0; j < kSlots; ++j)
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            const float gx = gv[k][j][e] * v[k][j][e];
+            acc[j][e] += gx * scale[k];
+            direct += gx * ss[j][e];
+          }
         direct = warp_sum(direct);
         if (t.lane == 0)
           p.dcs_parts[(static_cast<int64_t>(t.b) * p.channels + c) * p.num_pixel_tiles + t.tile] = direct;
       }
     }
   }
-  if (p.channel_groups > 1) {
+  if constexpr (kSlots == 1) {
+    __shared__ float shared_acc[kCbamWarps][32 * kVec];
+    if (p.channel_groups > 1) {
 #pragma unroll
-    for (int j = 0; j < kMaxLanePixels; ++j) shared_acc[t.warp][j * 32 + t.lane] = acc[j];
-    __syncthreads();
-    if (t.local_group == 0) {
-      for (int gi = 1; gi < p.channel_groups; ++gi) {
+      for (int e = 0; e < kVec; ++e) shared_acc[t.warp][e * 32 + t.lane] = acc[0][e];
+      __syncthreads();
+      if (t.local_group == 0) {
+        for (int gi = 1; gi < p.channel_groups; ++gi) {
 #pragma unroll
-        for (int j = 0; j < kMaxLanePixels; ++j) acc[j] += shared_acc[t.warp + gi][j * 32 + t.lane];
+          for (int e = 0; e < kVec; ++e) acc[0][e] += shared_acc[t.warp + gi][e * 32 + t.lane];
+        }
       }
     }
   }
   if (t.local_group != 0 || !t.tile_valid) return;
+  if (p.channel_splits > 1) {
+    float* part = p.pixel_parts + (static_cast<int64_t>(t.split) * p.batch + t.b) * p.hw;
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+      if (!s.valid[j]) continue;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) part[s.first[j] + e] = acc[j][e];
+    }
+    return;
+  }
   float* ds_row = p.bpix + (static_cast<int64_t>(t.b) * kBpixRows + kBpixDs) * p.hw;
   float sum_ds = 0.0f, sum_ds_zn = 0.0f;
 #pragma unroll
-  for (int j = 0; j < kMaxLanePixels; ++j) {
-    if (!valid[j]) continue;
-    const float ds = acc[j] * ss[j] * (1.0f - ss[j]);
-    ds_row[pixel[j]] = ds;
-    sum_ds += ds;
-    sum_ds_zn += ds * zn[j];
+  for (int j = 0; j < kSlots; ++j) {
+    if (!s.valid[j]) continue;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const int q = s.first[j] + e;
+      const float ds = acc[j][e] * ss[j][e] * (1.0f - ss[j][e]);
+      ds_row[q] = ds;
+      sum_ds += ds;
+      sum_ds_zn += ds * ((z[q] - norm.mean) * norm.invstd);
+    }
   }
   sum_ds = warp_sum(sum_ds);
   sum_ds_zn = warp_sum(sum_ds_zn);
@@ -305,91 +468,100 @@ __global__ void __launch_bounds__(kCbamThreads) bwd_spatial_kernel(const CbamPar
   }
 }
 
-// Adds the max / mean-map paths to the d cs partials: sum_p d_gated * x, where d_gated =
+// The max / mean-map paths of d cs per (b, c, tile): sum_p d_gated * x, where d_gated =
 // d mean-map / C + [x * cs is the pixel's max over C] * d max-map / ties.
-template <typename T>
+template <typename T, int kVec, int kSlots, bool kVectorLoads>
 __global__ void __launch_bounds__(kCbamThreads) bwd_channel_kernel(const CbamParams p) {
+  constexpr int kChunk = chunk_channels(kLoadFloats, kVec * kSlots);
   const WarpTile t = warp_tile(p);
   if (!t.tile_valid) return;
-  const T* x = static_cast<const T*>(p.x) + t.b * p.x_batch_stride;
-  const float* cs = p.cs + static_cast<int64_t>(t.b) * p.channels;
+  const T* __restrict__ x = static_cast<const T*>(p.x) + t.b * p.x_batch_stride;
+  const float* __restrict__ cs = p.cs + static_cast<int64_t>(t.b) * p.channels;
   const float* pix = p.pix + static_cast<int64_t>(t.b) * kPixRows * p.hw;
   const float* bpix = p.bpix + static_cast<int64_t>(t.b) * kBpixRows * p.hw;
-  int pixel[kMaxLanePixels];
-  bool valid[kMaxLanePixels];
-  lane_pixels(p, t, pixel, valid);
-  float y_max[kMaxLanePixels], d_max[kMaxLanePixels], d_mean[kMaxLanePixels];
+  const LaneSlots<kVec, kSlots> s = lane_slots<kVec, kSlots>(p, t);
+  float y_max[kSlots][kVec], d_max[kSlots][kVec], d_mean[kSlots][kVec];
+  load_map(pix + kPixMax * p.hw, s, y_max);
+  load_map(bpix + kBpixDMax * p.hw, s, d_max);
+  load_map(bpix + kBpixDMean * p.hw, s, d_mean);
+  for (int c0 = t.c_begin; c0 < t.c_end; c0 += kChunk) {
+    float scale[kChunk];
+    load_channel_values(cs, c0, t.c_end, scale);
+    float v[kChunk][kSlots][kVec];
+    load_chunk<kChunk, T, kVec, kSlots, kVectorLoads>(x, p.x_channel_stride, p.x_pixel_stride, s, c0, t.c_end, v);
 #pragma unroll
-  for (int j = 0; j < kMaxLanePixels; ++j) {
-    y_max[j] = valid[j] ? pix[kPixMax * p.hw + pixel[j]] : 0.0f;
-    d_max[j] = valid[j] ? bpix[kBpixDMax * p.hw + pixel[j]] : 0.0f;
-    d_mean[j] = valid[j] ? bpix[kBpixDMean * p.hw + pixel[j]] : 0.0f;
-  }
-  for (int c0 = t.c_begin; c0 < t.c_end; c0 += kChannelChunk) {
-    float v[kChannelChunk][kMaxLanePixels];
-    load_chunk(x, p.x_channel_stride, p.x_pixel_stride, pixel, valid, c0, t.c_end, v);
-#pragma unroll
-    for (int k = 0; k < kChannelChunk; ++k) {
+    for (int k = 0; k < kChunk; ++k) {
       const int c = c0 + k;
       if (c >= t.c_end) break;
-      const float scale = cs[c];
       float acc = 0.0f;
 #pragma unroll
-      for (int j = 0; j < kMaxLanePixels; ++j) {
-        const float y = v[k][j] * scale;
-        acc += (d_mean[j] + (y == y_max[j] ? d_max[j] : 0.0f)) * v[k][j];
-      }
+      for (int j = 0; j < kSlots; ++j)
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          const float y = v[k][j][e] * scale[k];
+          acc += (d_mean[j][e] + (y == y_max[j][e] ? d_max[j][e] : 0.0f)) * v[k][j][e];
+        }
       acc = warp_sum(acc);
-      if (t.lane == 0) p.dcs_parts[(static_cast<int64_t>(t.b) * p.channels + c) * p.num_pixel_tiles + t.tile] += acc;
+      if (t.lane == 0) p.dcs_parts2[(static_cast<int64_t>(t.b) * p.channels + c) * p.num_pixel_tiles + t.tile] = acc;
     }
   }
 }
 
 // dx = (g * ss + d mean-map + [max over C] d max-map) * cs + d avg / HW + [max over HW] d max / ties.
-template <typename T>
+template <typename T, int kVec, int kSlots, bool kVectorLoads>
 __global__ void __launch_bounds__(kCbamThreads) bwd_apply_kernel(const CbamParams p) {
+  constexpr int kChunk = chunk_channels(kPairLoadFloats, kVec * kSlots);
   const WarpTile t = warp_tile(p);
   if (!t.tile_valid) return;
-  const T* x = static_cast<const T*>(p.x) + t.b * p.x_batch_stride;
-  const T* g = static_cast<const T*>(p.grad) + t.b * p.grad_batch_stride;
-  T* dx = static_cast<T*>(p.out) + t.b * p.out_batch_stride;
+  const T* __restrict__ x = static_cast<const T*>(p.x) + t.b * p.x_batch_stride;
+  const T* __restrict__ g = static_cast<const T*>(p.grad) + t.b * p.grad_batch_stride;
+  T* __restrict__ dx = static_cast<T*>(p.out) + t.b * p.out_batch_stride;
   const int64_t bc = static_cast<int64_t>(t.b) * p.channels;
   const float* pix = p.pix + static_cast<int64_t>(t.b) * kPixRows * p.hw;
   const float* bpix = p.bpix + static_cast<int64_t>(t.b) * kBpixRows * p.hw;
-  const float* chan = p.chan + static_cast<int64_t>(t.b) * kChanRows * p.channels;
-  const float* dchan = p.dchan + bc * 2;
-  int pixel[kMaxLanePixels];
-  bool valid[kMaxLanePixels];
-  lane_pixels(p, t, pixel, valid);
-  float ss[kMaxLanePixels], y_max[kMaxLanePixels], d_max[kMaxLanePixels], d_mean[kMaxLanePixels];
+  const float* __restrict__ cs = p.cs + bc;
+  const float* __restrict__ x_max_row = p.chan + (static_cast<int64_t>(t.b) * kChanRows + kChanMax) * p.channels;
+  const float* __restrict__ d_avg_row = p.dchan + bc * 2;
+  const float* __restrict__ d_xmax_row = d_avg_row + p.channels;
+  const LaneSlots<kVec, kSlots> s = lane_slots<kVec, kSlots>(p, t);
+  const SpatialNorm norm = spatial_norm(p);
+  float ss[kSlots][kVec], y_max[kSlots][kVec], d_max[kSlots][kVec], d_mean[kSlots][kVec];
+  load_map(pix + kPixZ * p.hw, s, ss);
+  load_map(pix + kPixMax * p.hw, s, y_max);
+  load_map(bpix + kBpixDMax * p.hw, s, d_max);
+  load_map(bpix + kBpixDMean * p.hw, s, d_mean);
 #pragma unroll
-  for (int j = 0; j < kMaxLanePixels; ++j) {
-    float zn;
-    ss[j] = valid[j] ? spatial_scale(p, pix[kPixZ * p.hw + pixel[j]], zn) : 0.0f;
-    y_max[j] = valid[j] ? pix[kPixMax * p.hw + pixel[j]] : 0.0f;
-    d_max[j] = valid[j] ? bpix[kBpixDMax * p.hw + pixel[j]] : 0.0f;
-    d_mean[j] = valid[j] ? bpix[kBpixDMean * p.hw + pixel[j]] : 0.0f;
-  }
-  for (int c0 = t.c_begin; c0 < t.c_end; c0 += kPairChunk) {
-    float v[kPairChunk][kMaxLanePixels], gv[kPairChunk][kMaxLanePixels];
-    load_chunk(x, p.x_channel_stride, p.x_pixel_stride, pixel, valid, c0, t.c_end, v);
-    load_chunk(g, p.grad_channel_stride, p.grad_pixel_stride, pixel, valid, c0, t.c_end, gv);
+  for (int j = 0; j < kSlots; ++j)
 #pragma unroll
-    for (int k = 0; k < kPairChunk; ++k) {
+    for (int e = 0; e < kVec; ++e) {
+      float zn;
+      ss[j][e] = spatial_scale(norm, ss[j][e], zn);
+    }
+  for (int c0 = t.c_begin; c0 < t.c_end; c0 += kChunk) {
+    float scale[kChunk], x_max[kChunk], d_avg[kChunk], d_xmax[kChunk];
+    load_channel_values(cs, c0, t.c_end, scale);
+    load_channel_values(x_max_row, c0, t.c_end, x_max);
+    load_channel_values(d_avg_row, c0, t.c_end, d_avg);
+    load_channel_values(d_xmax_row, c0, t.c_end, d_xmax);
+    float v[kChunk][kSlots][kVec], gv[kChunk][kSlots][kVec];
+    load_chunk<kChunk, T, kVec, kSlots, kVectorLoads>(x, p.x_channel_stride, p.x_pixel_stride, s, c0, t.c_end, v);
+    load_chunk<kChunk, T, kVec, kSlots, kVectorLoads>(g, p.grad_channel_stride, p.grad_pixel_stride, s, c0, t.c_end, gv);
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
       const int c = c0 + k;
       if (c >= t.c_end) break;
-      const float scale = p.cs[bc + c];
-      const float x_max = chan[kChanMax * p.channels + c];
-      const float d_avg = dchan[c];
-      const float d_xmax = dchan[p.channels + c];
-      T* row = dx + c * p.out_channel_stride;
+      T* row = dx + static_cast<int64_t>(c) * p.out_channel_stride;
 #pragma unroll
-      for (int j = 0; j < kMaxLanePixels; ++j) {
-        if (!valid[j]) continue;
-        const float y = v[k][j] * scale;
-        const float d_gated = gv[k][j] * ss[j] + d_mean[j] + (y == y_max[j] ? d_max[j] : 0.0f);
-        const float grad_x = d_gated * scale + d_avg + (v[k][j] == x_max ? d_xmax : 0.0f);
-        row[pixel[j] * p.out_pixel_stride] = from_float<T>(grad_x);
+      for (int j = 0; j < kSlots; ++j) {
+        if (!s.valid[j]) continue;
+        float grad_x[kVec];
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          const float y = v[k][j][e] * scale[k];
+          const float d_gated = gv[k][j][e] * ss[j][e] + d_mean[j][e] + (y == y_max[j][e] ? d_max[j][e] : 0.0f);
+          grad_x[e] = d_gated * scale[k] + d_avg[k] + (v[k][j][e] == x_max[k] ? d_xmax[k] : 0.0f);
+        }
+        store_slot<T, kVec, kVectorLoads>(row, p.out_pixel_stride, s.first[j], grad_x);
       }
     }
   }
@@ -399,10 +571,10 @@ __global__ void __launch_bounds__(kCbamThreads) bwd_apply_kernel(const CbamParam
 // sequences
 // ---------------------------------------------------------------------------------------------
 
-inline dim3 x_pass_grid(const CbamParams& p, bool reduces_over_channels) {
+inline dim3 x_pass_grid(const CbamParams& p) {
   const int tiles_per_block = kCbamWarps / p.channel_groups;
   return dim3(static_cast<unsigned>(cbam_ceil_div(p.num_pixel_tiles, tiles_per_block)), static_cast<unsigned>(p.batch),
-              static_cast<unsigned>(reduces_over_channels ? 1 : p.grid_channel_groups));
+              static_cast<unsigned>(p.channel_splits));
 }
 
 #define CBAM_RETURN_IF_ERROR(expr)                \
@@ -411,35 +583,73 @@ inline dim3 x_pass_grid(const CbamParams& p, bool reduces_over_channels) {
     if (cbam_status_ != 0) return cbam_status_;   \
   } while (0)
 
+template <typename T, int kVec, int kSlots, bool kVectorLoads>
+int forward_with(const CbamParams& p, cudaStream_t s) {
+  const dim3 grid = x_pass_grid(p);
+  pool_hw_kernel<T, kVec, kSlots, kVectorLoads><<<grid, kCbamThreads, 0, s>>>(p);
+  CBAM_RETURN_IF_ERROR(static_cast<int>(cudaGetLastError()));
+  CBAM_RETURN_IF_ERROR(cbam_launch_channel_gate(p, s));
+  spatial_pool_kernel<T, kVec, kSlots, kVectorLoads><<<grid, kCbamThreads, 0, s>>>(p);
+  CBAM_RETURN_IF_ERROR(static_cast<int>(cudaGetLastError()));
+  if (p.channel_splits > 1) CBAM_RETURN_IF_ERROR(cbam_launch_spatial_pool_merge(p, s));
+  CBAM_RETURN_IF_ERROR(cbam_launch_spatial_conv(p, s));
+  CBAM_RETURN_IF_ERROR(cbam_launch_bn_stats(p, s));
+  apply_kernel<T, kVec, kSlots, kVectorLoads><<<grid, kCbamThreads, 0, s>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T, int kVec, int kSlots, bool kVectorLoads>
+int backward_with(const CbamParams& p, cudaStream_t s) {
+  const dim3 grid = x_pass_grid(p);
+  bwd_spatial_kernel<T, kVec, kSlots, kVectorLoads><<<grid, kCbamThreads, 0, s>>>(p);
+  CBAM_RETURN_IF_ERROR(static_cast<int>(cudaGetLastError()));
+  if (p.channel_splits > 1) CBAM_RETURN_IF_ERROR(cbam_launch_spatial_backward_merge(p, s));
+  CBAM_RETURN_IF_ERROR(cbam_launch_bn_backward(p, s));
+  CBAM_RETURN_IF_ERROR(cbam_launch_spatial_conv_backward(p, s));
+  bwd_channel_kernel<T, kVec, kSlots, kVectorLoads><<<grid, kCbamThreads, 0, s>>>(p);
+  CBAM_RETURN_IF_ERROR(static_cast<int>(cudaGetLastError()));
+  CBAM_RETURN_IF_ERROR(cbam_launch_channel_gate_backward(p, s));
+  CBAM_RETURN_IF_ERROR(cbam_launch_param_grads(p, s));
+  bwd_apply_kernel<T, kVec, kSlots, kVectorLoads><<<grid, kCbamThreads, 0, s>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+// The lane layout (pixels per slot, slots per lane, 16-byte loads or not) as template arguments:
+// fixed-size register arrays, no dead slots.
+template <typename T, template <typename, int, int, bool> class Sequence>
+int dispatch_layout(const CbamParams& p, void* stream) {
+  constexpr int kVec = kCbamVectorBytes / static_cast<int>(sizeof(T));
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  // channel groups merge through shared memory sized for one slot per lane
+  if (p.pixels_per_lane != 1 && p.channel_groups != 1) return static_cast<int>(cudaErrorInvalidConfiguration);
+  if (p.vector_width == 1) {
+    if (p.vector_loads) return static_cast<int>(cudaErrorInvalidConfiguration);
+    return p.pixels_per_lane == 1 ? Sequence<T, 1, 1, false>::run(p, s) : Sequence<T, 1, 2, false>::run(p, s);
+  }
+  if (p.vector_width != kVec) return static_cast<int>(cudaErrorInvalidConfiguration);
+  if (p.vector_loads)
+    return p.pixels_per_lane == 1 ? Sequence<T, kVec, 1, true>::run(p, s) : Sequence<T, kVec, 2, true>::run(p, s);
+  return p.pixels_per_lane == 1 ? Sequence<T, kVec, 1, false>::run(p, s) : Sequence<T, kVec, 2, false>::run(p, s);
+}
+
+template <typename T, int kVec, int kSlots, bool kVectorLoads>
+struct ForwardSequence {
+  static int run(const CbamParams& p, cudaStream_t s) { return forward_with<T, kVec, kSlots, kVectorLoads>(p, s); }
+};
+
+template <typename T, int kVec, int kSlots, bool kVectorLoads>
+struct BackwardSequence {
+  static int run(const CbamParams& p, cudaStream_t s) { return backward_with<T, kVec, kSlots, kVectorLoads>(p, s); }
+};
+
 template <typename T>
 int forward(const CbamParams& p, void* stream) {
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const dim3 split_grid = x_pass_grid(p, false), whole_grid = x_pass_grid(p, true);
-  pool_hw_kernel<T><<<split_grid, kCbamThreads, 0, s>>>(p);
-  CBAM_RETURN_IF_ERROR(static_cast<int>(cudaGetLastError()));
-  CBAM_RETURN_IF_ERROR(cbam_launch_channel_gate(p, stream));
-  spatial_pool_kernel<T><<<whole_grid, kCbamThreads, 0, s>>>(p);
-  CBAM_RETURN_IF_ERROR(static_cast<int>(cudaGetLastError()));
-  CBAM_RETURN_IF_ERROR(cbam_launch_spatial_conv(p, stream));
-  CBAM_RETURN_IF_ERROR(cbam_launch_bn_stats(p, stream));
-  apply_kernel<T><<<split_grid, kCbamThreads, 0, s>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  return dispatch_layout<T, ForwardSequence>(p, stream);
 }
 
 template <typename T>
 int backward(const CbamParams& p, void* stream) {
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const dim3 split_grid = x_pass_grid(p, false), whole_grid = x_pass_grid(p, true);
-  bwd_spatial_kernel<T><<<whole_grid, kCbamThreads, 0, s>>>(p);
-  CBAM_RETURN_IF_ERROR(static_cast<int>(cudaGetLastError()));
-  CBAM_RETURN_IF_ERROR(cbam_launch_bn_backward(p, stream));
-  CBAM_RETURN_IF_ERROR(cbam_launch_spatial_conv_backward(p, stream));
-  bwd_channel_kernel<T><<<split_grid, kCbamThreads, 0, s>>>(p);
-  CBAM_RETURN_IF_ERROR(static_cast<int>(cudaGetLastError()));
-  CBAM_RETURN_IF_ERROR(cbam_launch_channel_gate_backward(p, stream));
-  CBAM_RETURN_IF_ERROR(cbam_launch_param_grads(p, stream));
-  bwd_apply_kernel<T><<<split_grid, kCbamThreads, 0, s>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  return dispatch_layout<T, BackwardSequence>(p, stream);
 }
 
 }  // namespace cbam
