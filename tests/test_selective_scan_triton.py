@@ -13,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from triton_scan_parity import check_multiaxial, check_selective_scan, multiaxial_inputs, rel_err, scan_inputs
+from triton_scan_parity import (STRICT_FP32_FLOOR, check_multiaxial, check_selective_scan, multiaxial_inputs,
+                                rel_err, scan_inputs)
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
@@ -42,6 +43,16 @@ def _triton():
     return triton_scan
 
 
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """On the GPU every buffer the Triton ops allocate (outputs, chunk states, the per-program partials
+    of dA / dB / dC / dD / ddelta_bias) starts as NaN, so an element no kernel writes fails the checks.
+    (The interpreter cases set DERMOMAMBA_POISON_OUTPUTS=1 themselves; nothing Triton is imported here
+    without CUDA.)"""
+    if HAS_CUDA:
+        monkeypatch.setattr(_triton().ops, "POISON_OUTPUTS", True)
+
+
 def _cuda_backend_reason():
     from dermomamba_kernels import unavailable_reasons
 
@@ -64,6 +75,46 @@ def test_selective_scan_gpu(seed, case, dtype):
     inputs = scan_inputs(batch, dim, length, dstate, "cuda", delta_softplus=softplus, **options)
     print(check_selective_scan(_triton().selective_scan_triton, inputs, dtype, delta_softplus=softplus,
                                oracle="recurrent"))
+
+
+def _gpu_chunk():
+    return _triton().ops.GPU_TILE  # positions per chunk of a 1-D scan on the GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["variable", "constant"])
+@pytest.mark.parametrize("length", ["1", "2", "chunk+1"])
+def test_selective_scan_gpu_edge_lengths(seed, length, layout):
+    """One position (dA must be exactly 0: the compiled kernel once left b_t's rounding in h_t - b_t
+    there, through an FMA the interpreter does not make), one step, one position past a chunk."""
+    length = _gpu_chunk() + 1 if length == "chunk+1" else int(length)
+    inputs = scan_inputs(1, 4, length, 16, "cuda", b_layout=layout, c_layout=layout)
+    print(check_selective_scan(_triton().selective_scan_triton, inputs, torch.float32, oracle="recurrent",
+                               floor=STRICT_FP32_FLOOR))
+
+
+@pytest.mark.gpu
+def test_selective_scan_gpu_as_accurate_as_a_sequential_scan(seed):
+    """The interpreter's accuracy test at the GPU's chunk length: fp32 output, last state and every
+    gradient within twice the sequential fp32 reference's error plus 16 fp32 epsilons, with mamba's
+    A = -(1..N) and steps around 1 (delta * A summing to hundreds over a chunk)."""
+    batch, dim, dstate = 2, 16, 16
+    length = 3 * _gpu_chunk() - 1
+    inputs = scan_inputs(batch, dim, length, dstate, "cuda")
+    inputs["A"] = -torch.arange(1, dstate + 1, dtype=torch.float64, device="cuda").repeat(dim, 1)
+    inputs["delta"] = torch.rand(batch, dim, length, dtype=torch.float64, device="cuda")
+    print(check_selective_scan(_triton().selective_scan_triton, inputs, torch.float32, oracle="recurrent",
+                               floor=STRICT_FP32_FLOOR))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("plane", [(1, 1), (1, 5), (4, 1), (1, 257), (3, 129)], ids=lambda p: f"{p[0]}x{p[1]}")
+def test_multiaxial_gpu_degenerate_planes(seed, plane):
+    """A single pixel (dA_logs exactly 0), a single row / column, rows one past a chunk."""
+    height, width = plane
+    inputs = multiaxial_inputs(1, 4, height, width, 16, "cuda")
+    print(check_multiaxial(_triton().multiaxial_triton, inputs, torch.float32, oracle="recurrent",
+                           floor=STRICT_FP32_FLOOR))
 
 
 @pytest.mark.gpu

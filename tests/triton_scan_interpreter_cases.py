@@ -18,8 +18,8 @@ import torch  # noqa: E402
 
 from dermomamba_kernels.selective_scan import triton as triton_scan  # noqa: E402
 from dermomamba_kernels.selective_scan.triton import kernels, ops  # noqa: E402
-from triton_scan_parity import (check_multiaxial, check_selective_scan, multiaxial_inputs,  # noqa: E402
-                                scan_inputs)
+from triton_scan_parity import (STRICT_FP32_FLOOR, check_multiaxial, check_selective_scan,  # noqa: E402
+                                multiaxial_inputs, scan_inputs)
 
 assert type(kernels.fwd_output_kernel).__name__ == "InterpretedFunction", "kernels were defined before TRITON_INTERPRET"
 
@@ -44,6 +44,47 @@ def test_selective_scan_parity(seed, case, dtype):
     softplus = options.get("with_bias", True)
     inputs = scan_inputs(batch, dim, length, dstate, "cpu", delta_softplus=softplus, **options)
     print(check_selective_scan(triton_scan.selective_scan_triton, inputs, dtype, delta_softplus=softplus))
+
+
+# Lengths at the chunking's edges: one position (the whole dA is exactly 0, the state before the
+# sequence being 0), one step of the recurrence, and one position past a chunk (a second chunk of one
+# position, whose first position is also its last).
+EDGE_LENGTHS = [1, 2, ops.INTERPRETER_TILE + 1]
+
+
+@pytest.mark.parametrize("layout", ["variable", "constant"])
+@pytest.mark.parametrize("length", EDGE_LENGTHS)
+def test_selective_scan_edge_lengths(seed, length, layout):
+    options = dict(b_layout=layout, c_layout=layout)
+    inputs = scan_inputs(1, 3, length, 4, "cpu", **options)
+    print(check_selective_scan(triton_scan.selective_scan_triton, inputs, torch.float32, floor=STRICT_FP32_FLOOR))
+
+
+# Chunk length of the accuracy test below: a chunk's delta * A sums to tens (slow states) and hundreds
+# (fast ones), as in the GPU's 128-position chunks, while the interpreter stays fast.
+ACCURACY_CHUNK = 32
+
+
+def test_selective_scan_as_accurate_as_a_sequential_scan(seed, monkeypatch):
+    """fp32 output, last state and every gradient within the project's rule over several long chunks:
+    at most twice the error of the sequential fp32 reference against float64, plus 16 fp32 epsilons.
+
+    A chunk's state from a zero start weights position t by exp(A * (sum of delta after t)). Formed as
+    exp(A * (chunk total - prefix_t)), that sum carries the rounding error of the whole chunk's total
+    (eps * total, times |A| in the exponent) into the terms nearest the chunk's end, which dominate the
+    state: last_state was 100 - 140 fp32 epsilons off here (20 times mamba-ssm's error on the GPU),
+    and FP32_NOISE (1e-5) was loose enough to let that pass. 16 sequences, so that the draw cannot
+    dodge it by every chunk total rounding the same way as its prefix.
+    """
+    monkeypatch.setattr(ops, "INTERPRETER_TILE", ACCURACY_CHUNK)
+    batch, dim, dstate = 2, 8, 8
+    length = 3 * ACCURACY_CHUNK - 1  # the last chunk nearly full: its total sets last_state's error
+    assert ops._ss_geometry(length, torch.device("cpu")).nchunks == 3
+    inputs = scan_inputs(batch, dim, length, dstate, "cpu")
+    # mamba's S4D-real initialisation A = -(1, ..., N), and steps around 1 (softplus of 0..1 + bias).
+    inputs["A"] = -torch.arange(1, dstate + 1, dtype=torch.float64).repeat(dim, 1)
+    inputs["delta"] = torch.rand(batch, dim, length, dtype=torch.float64)
+    print(check_selective_scan(triton_scan.selective_scan_triton, inputs, torch.float32, floor=STRICT_FP32_FLOOR))
 
 
 MULTIAXIAL_CASES = {
@@ -159,9 +200,11 @@ def test_split_backward(seed, monkeypatch):
     print(check_selective_scan(triton_scan.selective_scan_triton, inputs, torch.float32))
 
 
-def test_degenerate_sizes(seed):
-    """Single-row and single-column planes, and a sequence of one position."""
-    for height, width in ((1, 5), (4, 1)):
-        print(check_multiaxial(triton_scan.multiaxial_triton, multiaxial_inputs(1, 2, height, width, 2, "cpu"),
-                               torch.float32))
-    print(check_selective_scan(triton_scan.selective_scan_triton, scan_inputs(1, 2, 1, 2, "cpu"), torch.float32))
+@pytest.mark.parametrize("plane", [(1, 1), (1, 5), (4, 1), (1, ops.INTERPRETER_TILE + 1)],
+                         ids=lambda p: f"{p[0]}x{p[1]}")
+def test_degenerate_planes(seed, plane):
+    """Single pixel (each direction a sequence of one position: dA_logs exactly 0), single row and
+    single column (lines of one position in one orientation), a row one past a chunk."""
+    height, width = plane
+    print(check_multiaxial(triton_scan.multiaxial_triton, multiaxial_inputs(1, 2, height, width, 2, "cpu"),
+                           torch.float32, floor=STRICT_FP32_FLOOR))

@@ -85,6 +85,23 @@ def _load_state_tile(ptr, base, s_n, s_line, s_pos, nn, lines, pos, mask3):
 
 
 @triton.jit
+def _decayed_previous_state(h, bterm, acc_a, h_in, pos, seg_start, LEN, BJ: tl.constexpr, REV: tl.constexpr):
+    """a_t h_{t-1} of h_t = a_t h_{t-1} + b_t over a chunk's tile (NP, LINES, BJ), for dA and ddelta.
+
+    Inside the chunk it is h_t - b_t, which needs no shifted copy of the state. At the chunk's first
+    position in scan order h_{t-1} is the entering state h_in and the scanned decay acc_a is a_t itself,
+    so the product is formed exactly there. That is where the exact value can be 0 (a sequence's first
+    position: all of dA at L = 1), and h_t - b_t is not 0 there on the GPU: the compiler fuses b_t's
+    product into the subtraction (an FMA), which then returns b_t's rounding error.
+    """
+    if REV:
+        first = pos == tl.minimum(seg_start + BJ, LEN) - 1
+    else:
+        first = pos == seg_start
+    return tl.where(first[None, :, :], acc_a * h_in[:, :, None], h - bterm)
+
+
+@triton.jit
 def fwd_chunk_summary_kernel(
         u_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, dsum_ptr, loc_ptr,
         DK, DPB, DPG_B, NSTATE, NLINES, LEN, NSEG, NCH,
@@ -119,10 +136,13 @@ def fwd_chunk_summary_kernel(
             _, dt = _load_delta(dt_ptr + b * sdt_b + r * sdt_r + d * sdt_d, lines * sdt_line + pos * sdt_pos, mask,
                                 bias, HAS_BIAS, SOFTPLUS)
             A = tl.load(A_ptr + ch * NP + nn)
-            # Decay from position t to the chunk's end (in scan order) is exp(A * (total - prefix_t)).
-            prefix = tl.cumsum(dt, axis=1, reverse=r == 1)
+            # Decay from position t to the chunk's end (in scan order): exp(A * the sum of delta after t).
+            # That sum is a suffix sum of its own: as (total - prefix_t) it would carry the rounding
+            # error of the whole chunk's total (eps * total, times |A| in the exponent) into the very
+            # terms that dominate the state, those near the chunk's end.
+            after = tl.cumsum(dt, axis=1, reverse=r == 0) - dt
             total = tl.sum(dt, axis=1)
-            decay = tl.exp(A[:, None, None] * (total[:, None] - prefix)[None, :, :])
+            decay = tl.exp(A[:, None, None] * after[None, :, :])
             state = tl.sum(decay * ((dt * u)[None, :, :] * Bt), axis=2)
             seq = (b * NDIR + r) * DK + d
             tl.store(dsum_ptr + seq * NCH + chunk_1d, total, mask=line_ok)
@@ -375,8 +395,11 @@ def _bwd_one_direction(
         g_in = tl.load(genter_ptr + chunk_offs, mask=line_ok[None, :], other=0.0)
         dtu = dt * u
         bterm = dtu[None, :, :] * Bt
-        acc_a, acc_b = tl.associative_scan((tl.exp(dt[None, :, :] * A), bterm), 2, _linear_combine, reverse=REV)
+        acc_a, acc_b = tl.associative_scan((tl.exp(dt[None, :, :] * A), bterm), 2, _linear_combine,
+                                          reverse=REV)
         h = acc_a * h_in[:, :, None] + acc_b
+        # Formed next to h from acc_a and bterm, which need not outlive it.
+        h_minus_b = _decayed_previous_state(h, bterm, acc_a, h_in, pos, seg_start, LEN, BJ, REV)
         if HAS_Z:
             y = tl.sum(h * Ct, axis=0)
             if HAS_D:
@@ -388,7 +411,6 @@ def _bwd_one_direction(
         acc_p, acc_g = tl.associative_scan((tl.exp(dt_next[None, :, :] * A), Ct * dy[None, :, :]), 2,
                                            _linear_combine, reverse=AGAINST)
         g = acc_g + acc_p * g_in[:, :, None]
-        h_minus_b = h - bterm
         gB = tl.sum(g * Bt, axis=0)
         ddt = tl.sum(g * A * h_minus_b, axis=0) + u * gB
         du = dt * gB
@@ -451,7 +473,7 @@ def bwd_grads_split_kernel(
     programs, at the price of a per-direction du buffer that the caller sums.
 
     With h_t = a_t h_{t-1} + b_t, a_t = exp(delta_t A), b_t = delta_t u_t B_t and y_t = C_t . h_t:
-      g_t = C_t dy_t + a_{t+1} g_{t+1};   a_t h_{t-1} = h_t - b_t (no division, no shifted state);
+      g_t = C_t dy_t + a_{t+1} g_{t+1};   a_t h_{t-1} = h_t - b_t (a_t h_in at a chunk's first position);
       ddelta_t = sum_n g (A (h - b) + B u);  du_t = delta_t sum_n g B;  dA = sum_t g delta (h - b);
       dB_t = g delta u;  dC_t = dy h.
     du is written per direction (stride sdu_r); the caller sums the directions.
@@ -508,7 +530,7 @@ def bwd_grads_kernel(
     up in registers and is written once (ACCUMULATE adds it to what is already there).
 
     With h_t = a_t h_{t-1} + b_t, a_t = exp(delta_t A), b_t = delta_t u_t B_t and y_t = C_t . h_t:
-      g_t = C_t dy_t + a_{t+1} g_{t+1};   a_t h_{t-1} = h_t - b_t (no division, no shifted state);
+      g_t = C_t dy_t + a_{t+1} g_{t+1};   a_t h_{t-1} = h_t - b_t (a_t h_in at a chunk's first position);
       ddelta_t = sum_n g (A (h - b) + B u);  du_t = delta_t sum_n g B;  dA = sum_t g delta (h - b);
       dB_t = g delta u;  dC_t = dy h.
     """
@@ -586,8 +608,11 @@ def bwd_grads_kernel(
             g_in = tl.load(genter_ptr + chunk_offs, mask=line_ok[None, :], other=0.0)
             dtu = dt * u
             bterm = dtu[None, :, :] * Bt
-            acc_a, acc_b = tl.associative_scan((tl.exp(dt[None, :, :] * A), bterm), 2, _linear_combine, reverse=r == 1)
+            acc_a, acc_b = tl.associative_scan((tl.exp(dt[None, :, :] * A), bterm), 2, _linear_combine,
+                                              reverse=r == 1)
             h = acc_a * h_in[:, :, None] + acc_b
+            # Formed next to h from acc_a and bterm, which need not outlive it.
+            h_minus_b = _decayed_previous_state(h, bterm, acc_a, h_in, pos, seg_start, LEN, BJ, r == 1)
             if HAS_Z:
                 y = tl.sum(h * Ct, axis=0)
                 if HAS_D:
@@ -598,7 +623,6 @@ def bwd_grads_kernel(
             acc_p, acc_g = tl.associative_scan((tl.exp(dt_next[None, :, :] * A), Ct * dy[None, :, :]), 2,
                                                _linear_combine, reverse=r == 0)
             g = acc_g + acc_p * g_in[:, :, None]
-            h_minus_b = h - bterm
             gB = tl.sum(g * Bt, axis=0)
             ddt = tl.sum(g * A * h_minus_b, axis=0) + u * gB
             du += dt * gB

@@ -377,9 +377,10 @@ def _multiaxial_backward(dy, x, delta, A, BC, D, delta_bias, delta_softplus, sta
     else:  # one slice per direction (programs of one direction never share them); summed below
         dx_dirs = _alloc((batch, NUM_DIRECTIONS, dim, height, width), f32, device)
     ddelta = _alloc(tuple(delta.shape), delta.dtype, device)
-    dA = torch.empty(NUM_DIRECTIONS, dim, nstate, dtype=f32, device=device)
-    dD = torch.empty(NUM_DIRECTIONS, dim, dtype=f32, device=device)
-    dbias = torch.empty(NUM_DIRECTIONS, dim, dtype=f32, device=device)
+    # Filled direction pair by direction pair below (from the partials); poisoned like the rest.
+    dA = _alloc((NUM_DIRECTIONS, dim, nstate), f32, device)
+    dD = _alloc((NUM_DIRECTIONS, dim), f32, device)
+    dbias = _alloc((NUM_DIRECTIONS, dim), f32, device)
     opts = _launch_opts(device, backward=True)
     geos = _orientations(height, width, device)
     dpbs = [_multiaxial_channel_blocks(g, batch, dim) for g in geos]
