@@ -22,8 +22,9 @@
 #   epoch    benchmarks/bench_epoch.py on every visible GPU count up to 2 (issue 7; EPOCH_ARGS)
 #   ddp      the two-GPU torchrun train + resume test of tests/test_cli.py (issue 7; needs two GPUs)
 # Each benchmark step has its own timeout (<STEP>_TIMEOUT, seconds).
-# TESTS_ON_GPU=<index> (a machine with two GPUs): "tests" and "parity" run in the background on that GPU
-# while the benchmarks run on GPU 0 (the epoch step waits for them and then uses every GPU).
+# The steps that need every GPU ("epoch", "ddp") run first, right after the build.
+# TESTS_ON_GPU=<index> (a machine with two GPUs): then "tests" and "parity" run in the background on that
+# GPU while the benchmarks run on GPU 0.
 # Failures are written to $OUT/failures.log the moment they happen (a run cut short by the limit never
 # prints pytest's summary).
 set -uo pipefail
@@ -69,6 +70,25 @@ wait_for_mamba() {
 # beside the tests instead, which then skip those parity tests.
 ls .bench-deps/prebuilt/selective_scan_cuda* >/dev/null 2>&1 && wait_for_mamba
 
+bench() {  # bench <step> <default timeout> <command...>
+  local step=$1 limit=$2; shift 2
+  local var; var="$(echo "$step" | tr a-z A-Z)_TIMEOUT"
+  stamp "benchmark: $step"
+  timeout "${!var:-$limit}" "$@" > "$OUT/bench_$step.log" 2>&1
+  echo "$step rc=$?"; tail -40 "$OUT/bench_$step.log"
+}
+# The steps that use every GPU run first, while no test or benchmark holds one of them.
+if has epoch; then
+  gpus=$(python3 -c "import torch; print(' '.join(str(n) for n in range(1, min(torch.cuda.device_count(), 2) + 1)))")
+  bench epoch 480 python3 benchmarks/bench_epoch.py --gpus $gpus --markdown "$OUT/bench_epoch.md" ${EPOCH_ARGS:-}
+fi
+if has ddp; then
+  stamp "two-GPU torchrun test"
+  DERMOMAMBA_FAILURE_LOG="$OUT/failures.log" timeout "${DDP_TIMEOUT:-240}" python3 -m pytest tests/test_cli.py -q -rfEs \
+    -p no:cacheprovider -k two_gpu > "$OUT/ddp.log" 2>&1
+  echo "ddp rc=$?"; tail -5 "$OUT/ddp.log"
+fi
+
 run_tests() {
   if has tests; then
     stamp "tests"
@@ -107,13 +127,6 @@ wait_for_tests() {
 }
 
 wait_for_mamba
-bench() {  # bench <step> <default timeout> <command...>
-  local step=$1 limit=$2; shift 2
-  local var; var="$(echo "$step" | tr a-z A-Z)_TIMEOUT"
-  stamp "benchmark: $step"
-  timeout "${!var:-$limit}" "$@" > "$OUT/bench_$step.log" 2>&1
-  echo "$step rc=$?"; tail -40 "$OUT/bench_$step.log"
-}
 has quick && bench quick 120 python3 -m dermomamba.cli benchmark
 has cbam && bench cbam 240 python3 benchmarks/bench_cbam.py --json "$OUT/bench_cbam.json" --profile --graphs
 has layers && bench layers 420 python3 benchmarks/bench_layers.py --baseline mamba --json "$OUT/bench_layers.json" \
@@ -121,17 +134,5 @@ has layers && bench layers 420 python3 benchmarks/bench_layers.py --baseline mam
 has model && bench model 420 python3 benchmarks/bench_model.py --json "$OUT/bench_model.json" \
   --markdown "$OUT/bench_model.md" --plot "$OUT/bench_model.png" ${BENCH_MODEL_ARGS:-}
 has scan && bench scan 240 bash -c "python3 benchmarks/bench_scan.py && python3 benchmarks/bench_triton_scan.py"
-if has epoch; then
-  wait_for_tests
-  gpus=$(python3 -c "import torch; print(' '.join(str(n) for n in range(1, min(torch.cuda.device_count(), 2) + 1)))")
-  bench epoch 480 python3 benchmarks/bench_epoch.py --gpus $gpus --markdown "$OUT/bench_epoch.md" ${EPOCH_ARGS:-}
-fi
-if has ddp; then
-  wait_for_tests
-  stamp "two-GPU torchrun test"
-  DERMOMAMBA_FAILURE_LOG="$OUT/failures.log" timeout "${DDP_TIMEOUT:-240}" python3 -m pytest tests/test_cli.py -q -rfEs \
-    -p no:cacheprovider -k two_gpu > "$OUT/ddp.log" 2>&1
-  echo "ddp rc=$?"; tail -5 "$OUT/ddp.log"
-fi
 wait_for_tests
 stamp "done"
