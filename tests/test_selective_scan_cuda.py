@@ -345,24 +345,40 @@ def check_multiaxial(inp, softplus, tag, chunk=CHUNK, deterministic=False):
         assert_close_measured(f"{tag}/d{key}", g, ref_g[key], hi_g[key])
 
 
+# The multiaxial forward has three kernels (csrc/cuda/selective_scan_cuda.cpp reads
+# DERMOMAMBA_SCAN_FWD_KERNEL on every call): "warp" (the default), "lane" (scan v3: a lane per
+# state) and "lane4" (v3 with 4 lanes x 4 states per sequence, N <= 16). All must write the same y
+# and chunk_states, and the one backward must give the reference's gradients from any one's
+# chunk_states, so the multiaxial parity tests run once per forward kernel.
+FWD_KERNEL_VARIABLE = "DERMOMAMBA_SCAN_FWD_KERNEL"
+FWD_KERNELS = ["warp", "lane", "lane4"]
+LANE4_MAX_STATES = 16
+
+
+@pytest.fixture(params=FWD_KERNELS)
+def fwd_kernel(request, monkeypatch):
+    monkeypatch.setenv(FWD_KERNEL_VARIABLE, request.param)
+    return request.param
+
+
 @requires_cuda_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hw", [(5, 7), (9, 4), (1, 13), (12, 11)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_multiaxial_parity(seed, dtype, hw):
+def test_multiaxial_parity(seed, dtype, hw, fwd_kernel):
     inp = make_multiaxial(2, 8, hw[0], hw[1], 16, dtype)
     check_multiaxial(inp, softplus=True, tag=f"ma/{dtype}/{hw[0]}x{hw[1]}", chunk=16)
 
 
 @requires_cuda_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_multiaxial_fp32_projections(seed, dtype):
+def test_multiaxial_fp32_projections(seed, dtype, fwd_kernel):
     inp = make_multiaxial(1, 4, 6, 9, 16, dtype, fp32_params=True)
     check_multiaxial(inp, softplus=True, tag=f"ma/{dtype}/fp32proj", chunk=16)
 
 
 @requires_cuda_kernels
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_multiaxial_permuted_and_wide(seed, deterministic):
+def test_multiaxial_permuted_and_wide(seed, deterministic, fwd_kernel):
     # dim 32: four blocks share each direction's B, C, exercising the dB / dC reduction paths.
     inp = make_multiaxial(1, 32, 10, 7, 8, torch.float32, permuted=True)
     assert not inp["x"].is_contiguous()
@@ -372,7 +388,7 @@ def test_multiaxial_permuted_and_wide(seed, deterministic):
 
 @requires_cuda_kernels
 @pytest.mark.parametrize("column", [True, False], ids=["W1", "H1"])
-def test_multiaxial_one_row_or_column_views(seed, column):
+def test_multiaxial_one_row_or_column_views(seed, column, fwd_kernel):
     """x a transposed view with a size-1 axis whose stride is arbitrary (torch ignores it and calls the
     view contiguous): the kernels must take positions from the other axis's stride."""
     # Made with the other shape, then transposed: (2, 8, 11, 1) -> W == 1, or (2, 8, 1, 11) -> H == 1.
@@ -385,9 +401,107 @@ def test_multiaxial_one_row_or_column_views(seed, column):
 
 
 @requires_cuda_kernels
-def test_multiaxial_no_softplus_batch1(seed):
+def test_multiaxial_no_softplus_batch1(seed, fwd_kernel):
     inp = make_multiaxial(1, 3, 8, 5, 5, torch.float32, softplus=False)
     check_multiaxial(inp, softplus=False, tag="ma/no_softplus", chunk=8)
+
+
+def chunk_states_ref(inp, softplus, chunk, dtype):
+    """The state entering every chunk, (batch, 4, dim, chunks, N), by the recurrence in `dtype`."""
+    batch, dim, height, width = inp["x"].shape
+    length = height * width
+    A = inp["A"].to(dtype)
+    xs = direction_sequences(inp["x"].to(dtype)).reshape(batch, NUM_DIRECTIONS * dim, length)
+    delta = directional(inp["delta"].to(dtype)).reshape(batch, NUM_DIRECTIONS * dim, length)
+    delta = delta + inp["delta_bias"].to(dtype)[:, None]
+    if softplus:
+        delta = F.softplus(delta)
+    Bs = directional(inp["B"].to(dtype)).repeat_interleave(dim, dim=1)
+    state = xs.new_zeros(batch, NUM_DIRECTIONS * dim, A.shape[1])
+    entering = []
+    for t in range(length):
+        if t % chunk == 0:
+            entering.append(state)
+        state = torch.exp(delta[:, :, t, None] * A) * state + (delta[:, :, t] * xs[:, :, t])[..., None] * Bs[..., t]
+    return torch.stack(entering, 2).view(batch, NUM_DIRECTIONS, dim, len(entering), A.shape[1])
+
+
+def wrapper_layout(inp, rank=1):
+    """B, C as the wrapper passes them: (batch, 4, N, H, W) views of one channel-last
+    (batch, H, W, 4, R + 2N) projection (state stride 1, position strides 4 (R + 2N))."""
+    batch, _, dstate, height, width = inp["B"].shape
+    x_dbl = torch.randn(batch, height, width, NUM_DIRECTIONS, rank + 2 * dstate, device=DEVICE).to(inp["B"].dtype)
+    x_dbl[..., rank:rank + dstate] = inp["B"].permute(0, 3, 4, 1, 2)
+    x_dbl[..., rank + dstate:] = inp["C"].permute(0, 3, 4, 1, 2)
+    out = dict(inp)
+    out["B"] = x_dbl[..., rank:rank + dstate].permute(0, 3, 4, 1, 2)
+    out["C"] = x_dbl[..., rank + dstate:].permute(0, 3, 4, 1, 2)
+    return out
+
+
+# (batch, dim, H, W, N, chunk, wrapper's B / C layout): shapes the lane kernel treats specially:
+# N below its 16-lane group (idle lanes) with an odd dim (idle groups), N above 16 (32-lane groups),
+# a chunk shorter than a position block, chunk_size >= L, and a long L cut into many splits.
+LANE_CASES = [
+    (1, 3, 8, 5, 5, 8, False),
+    (2, 5, 7, 9, 20, 16, False),
+    (1, 2, 6, 5, 32, 1000, False),
+    (2, 8, 9, 11, 16, 5, True),
+    (1, 8, 24, 40, 16, 64, True),
+    (1, 4, 30, 20, 16, 128, True),
+]
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("case", LANE_CASES, ids=lambda c: f"b{c[0]}d{c[1]}_{c[2]}x{c[3]}_N{c[4]}_chunk{c[5]}"
+                         + ("_wrapperBC" if c[6] else ""))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_multiaxial_forward_y_and_chunk_states(seed, case, dtype, fwd_kernel):
+    """y and every chunk state against float64, each forward kernel, then the gradients through the
+    backward reading that kernel's chunk_states."""
+    batch, dim, height, width, dstate, chunk, wrapper_bc = case
+    inp = make_multiaxial(batch, dim, height, width, dstate, dtype)
+    if wrapper_bc:
+        inp = wrapper_layout(inp)
+    if fwd_kernel == "lane4" and dstate > LANE4_MAX_STATES:
+        with pytest.raises(RuntimeError, match=r"lane4\) supports a state size N up to 16"):
+            run_multiaxial_op(inp, True, chunk=chunk)
+        return
+    # Outputs land in a caching allocator just filled with NaN: an unwritten element would surface.
+    poison = torch.full((64 << 20,), float("nan"), device=DEVICE)
+    del poison
+    y, states, _ = run_multiaxial_op(inp, True, chunk=chunk)
+    length = height * width
+    assert states.shape == (batch, NUM_DIRECTIONS, dim, -(-length // min(chunk, length)), dstate)
+    assert torch.isfinite(y).all() and torch.isfinite(states).all(), "unwritten or non-finite output"
+    assert torch.equal(states[:, :, :, 0], torch.zeros_like(states[:, :, :, 0])), "chunk 0 must enter with zero"
+    tag = f"ma-{fwd_kernel}/{dtype}/{'x'.join(map(str, case[:6]))}"
+    states_lowp = chunk_states_ref(inp, True, min(chunk, length), torch.float32)
+    states_hi = chunk_states_ref(inp, True, min(chunk, length), torch.float64)
+    assert_close_measured(f"{tag}/chunk_states", states, states_lowp, states_hi)
+    check_multiaxial(inp, softplus=True, tag=tag, chunk=chunk)
+
+
+@requires_cuda_kernels
+def test_multiaxial_forward_kernel_choice_errors(seed, monkeypatch):
+    m = make_multiaxial(1, 4, 5, 6, 8, torch.float32)
+    args = (m["x"], m["delta"], m["A"], m["B"], m["C"], m["D"], m["delta_bias"], True, 16)
+    monkeypatch.setenv(FWD_KERNEL_VARIABLE, "lanes")
+    with pytest.raises(RuntimeError, match=f"{FWD_KERNEL_VARIABLE} must be 'warp', 'lane' or 'lane4'"):
+        ops().multiaxial_scan_fwd(*args)
+    monkeypatch.setenv(FWD_KERNEL_VARIABLE, "lane")
+    big = make_multiaxial(1, 4, 5, 6, 33, torch.float32)
+    with pytest.raises(RuntimeError, match=r"lane kernel .*=lane\) supports a state size N up to 32"):
+        ops().multiaxial_scan_fwd(big["x"], big["delta"], big["A"], big["B"], big["C"], big["D"], big["delta_bias"],
+                                  True, 16)
+    monkeypatch.setenv(FWD_KERNEL_VARIABLE, "lane4")
+    wide = make_multiaxial(1, 4, 5, 6, LANE4_MAX_STATES + 1, torch.float32)
+    with pytest.raises(RuntimeError, match=r"=lane4\) supports a state size N up to 16"):
+        ops().multiaxial_scan_fwd(wide["x"], wide["delta"], wide["A"], wide["B"], wide["C"], wide["D"],
+                                  wide["delta_bias"], True, 16)
+    monkeypatch.setenv(FWD_KERNEL_VARIABLE, "warp")
+    ops().multiaxial_scan_fwd(big["x"], big["delta"], big["A"], big["B"], big["C"], big["D"], big["delta_bias"],
+                              True, 16)
 
 
 # ---- determinism ----

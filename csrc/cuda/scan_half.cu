@@ -1,5 +1,6 @@
 // Selective-scan kernels with B and C in __half; one file per dtype so that nvcc builds them in parallel.
 #include "scan_kernels.cuh"
+#include "scan_lane_kernels.cuh"
 
 namespace dermomamba {
 namespace cuda {
@@ -10,6 +11,12 @@ int scan_forward_half(const ScanParams& params, bool multiaxial, void* stream) {
 
 int scan_backward_half(const ScanParams& params, bool multiaxial, void* stream) {
   return scan_backward<__half>(params, multiaxial, stream);
+}
+
+// The lane forms of the multiaxial forward (scan_lane_kernels.cuh; selected by
+// DERMOMAMBA_SCAN_FWD_KERNEL=lane / lane4 in selective_scan_cuda.cpp).
+int scan_forward_multiaxial_lane_half(const ScanParams& params, int states_per_lane, void* stream) {
+  return scan_forward_multiaxial_lane<__half>(params, states_per_lane, stream);
 }
 
 }  // namespace cuda

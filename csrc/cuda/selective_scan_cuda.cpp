@@ -7,13 +7,24 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include "cuda/scan_params.h"
 
 namespace dermomamba {
+namespace cuda {
+// The lane form of the multiaxial forward (scan v3, csrc/cuda/scan_lane_kernels.cuh), one launcher
+// per dtype of B and C in scan_{float,half,bfloat16}.cu. Declared here rather than in
+// scan_params.h while the lane form is an opt-in under verification.
+int scan_forward_multiaxial_lane_float(const ScanParams& params, int states_per_lane, void* stream);
+int scan_forward_multiaxial_lane_half(const ScanParams& params, int states_per_lane, void* stream);
+int scan_forward_multiaxial_lane_bfloat16(const ScanParams& params, int states_per_lane, void* stream);
+}  // namespace cuda
+
 namespace {
 
 using cuda::ScanParams;
@@ -387,6 +398,59 @@ selective_scan_bwd_cuda(const at::Tensor& dout, const at::Tensor& u, const at::T
 
 // ---- the multiaxial (SS2D) scan ----
 
+// Which kernel runs multiaxial_scan_fwd: "warp" (default; one warp per sequence,
+// scan_kernels.cuh), "lane" (one lane per (sequence, state), scan_lane_kernels.cuh) or "lane4"
+// (the lane form with 4 lanes x 4 states per sequence, N <= 16). All write the same y and
+// chunk_states, so the backward is the same. Read on every call (a getenv costs far less than a
+// launch) so that tests can switch it per test.
+constexpr const char* kForwardKernelVariable = "DERMOMAMBA_SCAN_FWD_KERNEL";
+// The lane form keeps all N states of a sequence in one warp; lane4 in 4 lanes of 4 states.
+constexpr int64_t kLaneMaxStateDim = cuda::kWarpSize;
+constexpr int64_t kNarrowLaneGroup = 16;  // N <= 16: two sequences per warp
+constexpr int64_t kWideLaneGroup = 4;
+constexpr int64_t kWideStatesPerLane = 4;
+
+enum class ForwardKernel { kWarp, kLane, kLaneWide };
+
+ForwardKernel multiaxial_forward_kernel(const char* op) {
+  const char* value = std::getenv(kForwardKernelVariable);
+  const std::string choice = value == nullptr ? "" : value;
+  if (choice.empty() || choice == "warp") return ForwardKernel::kWarp;
+  if (choice == "lane") return ForwardKernel::kLane;
+  if (choice == "lane4") return ForwardKernel::kLaneWide;
+  TORCH_CHECK(false, op, ": environment variable ", kForwardKernelVariable,
+              " must be 'warp', 'lane' or 'lane4' (or unset), got '", choice, "'");
+}
+
+// Lanes per sequence in the lane forms (the kernels' lane::group_size_for and lane::LaneShape;
+// repeated here because this file does not include device code).
+int64_t lane_group_size(int64_t dstate, ForwardKernel kernel) {
+  if (kernel == ForwardKernel::kLaneWide) return kWideLaneGroup;
+  return dstate <= kNarrowLaneGroup ? kNarrowLaneGroup : kLaneMaxStateDim;
+}
+
+// choose_splits for the lane forms: their unit of parallel work is a warp of 32 / group sequences.
+void choose_splits_lane(ScanParams& p, int device, ForwardKernel kernel) {
+  const int64_t sequences_per_warp = cuda::kWarpSize / lane_group_size(p.dstate, kernel);
+  const int64_t warps = static_cast<int64_t>(p.batch) * p.num_directions *
+                        ceil_div(p.dim, sequences_per_warp);
+  const int64_t sms = std::max(1, cuda::device_multiprocessor_count(device));
+  int64_t splits = 1;
+  if (warps < sms * kMinWarpsPerSMWithoutSplits)
+    splits = std::min<int64_t>(p.num_chunks, ceil_div(sms * kTargetWarpsPerSM, warps));
+  p.chunks_per_split = static_cast<int>(ceil_div(p.num_chunks, splits));
+  p.num_splits = static_cast<int>(ceil_div(p.num_chunks, p.chunks_per_split));
+}
+
+int run_forward_lane(const ScanParams& p, at::ScalarType bc_dtype, ForwardKernel kernel, cudaStream_t stream) {
+  const int states_per_lane = kernel == ForwardKernel::kLaneWide ? static_cast<int>(kWideStatesPerLane) : 1;
+  switch (bc_dtype) {
+    case at::kFloat: return cuda::scan_forward_multiaxial_lane_float(p, states_per_lane, stream);
+    case at::kHalf: return cuda::scan_forward_multiaxial_lane_half(p, states_per_lane, stream);
+    default: return cuda::scan_forward_multiaxial_lane_bfloat16(p, states_per_lane, stream);
+  }
+}
+
 ScanParams multiaxial_params(const char* op, const at::Tensor& x, const at::Tensor& delta, const at::Tensor& A,
                              const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
                              const at::Tensor& delta_bias, bool delta_softplus, int64_t chunk_size) {
@@ -434,7 +498,15 @@ std::tuple<at::Tensor, at::Tensor> multiaxial_scan_fwd_cuda(const at::Tensor& x,
                                                             const at::Tensor& delta_bias, bool delta_softplus,
                                                             int64_t chunk_size) {
   const char* op = "multiaxial_scan_fwd";
+  const ForwardKernel kernel = multiaxial_forward_kernel(op);
+  const bool lanes = kernel != ForwardKernel::kWarp;
   ScanParams p = multiaxial_params(op, x, delta, A, B_in, C_in, D, delta_bias, delta_softplus, chunk_size);
+  const int64_t lane_max_dstate =
+      kernel == ForwardKernel::kLaneWide ? kWideLaneGroup * kWideStatesPerLane : kLaneMaxStateDim;
+  TORCH_CHECK(!lanes || p.dstate <= lane_max_dstate, op, ": the lane kernel (", kForwardKernelVariable, "=",
+              kernel == ForwardKernel::kLaneWide ? "lane4" : "lane", ") supports a state size N up to ",
+              lane_max_dstate, " (A.shape[1]), got ", p.dstate, "; unset ", kForwardKernelVariable,
+              " or set it to 'warp' for larger N");
   const c10::cuda::CUDAGuard guard(x.device());
   auto [B, C] = common_bc(B_in, C_in);
   set_bc(p, B, C, /*multiaxial=*/true);
@@ -446,11 +518,17 @@ std::tuple<at::Tensor, at::Tensor> multiaxial_scan_fwd_cuda(const at::Tensor& x,
   auto chunk_states = at::empty({p.batch, kMultiaxialDirections, p.dim, p.num_chunks, p.dstate}, fp32);
   p.out = y.data_ptr();
   p.chunk_states = chunk_states.data_ptr<float>();
-  choose_splits(p, x.get_device());
+  if (lanes) {
+    choose_splits_lane(p, x.get_device(), kernel);
+  } else {
+    choose_splits(p, x.get_device());
+  }
   SplitScratch scratch;
   allocate_split_scratch(p, fp32, scratch, /*backward=*/false);
   const auto stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
-  check_launch(run_forward(p, B.scalar_type(), /*multiaxial=*/true, stream), op);
+  check_launch(lanes ? run_forward_lane(p, B.scalar_type(), kernel, stream)
+                     : run_forward(p, B.scalar_type(), /*multiaxial=*/true, stream),
+               op);
   return {y, chunk_states};
 }
 
