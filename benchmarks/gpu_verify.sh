@@ -19,6 +19,7 @@
 #   layers   benchmarks/bench_layers.py, drop-in layers vs mamba-ssm (issue 8)
 #   model    benchmarks/bench_model.py, whole network vs the published path (issue 9; BENCH_MODEL_ARGS)
 #   scan     benchmarks/bench_scan.py and bench_triton_scan.py (issues 3 and 4)
+#   scanv3   benchmarks/bench_scan_v3.py: the scan forward, warp vs lane vs lane4 kernels vs mamba-ssm
 #   epoch    benchmarks/bench_epoch.py on every visible GPU count up to 2 (issue 7; EPOCH_ARGS)
 #   ddp      the two-GPU torchrun train + resume test of tests/test_cli.py (issue 7; needs two GPUs)
 # Each benchmark step has its own timeout (<STEP>_TIMEOUT, seconds).
@@ -43,7 +44,7 @@ stamp() { echo "[gpu_verify $(date -u +%H:%M:%S)] $*"; }
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/env.log"
 
 mamba_pid=
-if has build && { has tests || has parity || has layers || has model || has scan; }; then
+if has build && { has tests || has parity || has layers || has model || has scan || has scanv3; }; then
   bash benchmarks/build_mamba_ssm.sh "$OUT/mamba_build.log" &
   mamba_pid=$!
 fi
@@ -134,5 +135,6 @@ has layers && bench layers 420 python3 benchmarks/bench_layers.py --baseline mam
 has model && bench model 420 python3 benchmarks/bench_model.py --json "$OUT/bench_model.json" \
   --markdown "$OUT/bench_model.md" --plot "$OUT/bench_model.png" ${BENCH_MODEL_ARGS:-}
 has scan && bench scan 240 bash -c "python3 benchmarks/bench_scan.py && python3 benchmarks/bench_triton_scan.py"
+has scanv3 && bench scanv3 120 python3 benchmarks/bench_scan_v3.py --out "$OUT"
 wait_for_tests
 stamp "done"
