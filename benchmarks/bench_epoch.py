@@ -70,6 +70,11 @@ def train_command(processes: int, args, data_root: str, output: str) -> list[str
     return [sys.executable, "-m", "dermomamba.cli"] + train_args
 
 
+def progress(message: str) -> None:
+    print(f"[bench_epoch {datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {message}", file=sys.stderr,
+          flush=True)
+
+
 def read_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.csv")
     if not os.path.exists(path):
@@ -83,11 +88,14 @@ def run_one(processes: int, args, data_root: str, scratch: str) -> dict:
     command = train_command(processes, args, data_root, output)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), REPO_ROOT])))
     started = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    progress(f"{processes} process(es): {shlex.join(command)}")
+    # The run's own output streams through (to stderr): on the GPU machine a run cut short by a time
+    # limit then still shows how far it got.
+    result = subprocess.run(command, env=env, stdout=sys.stderr, stderr=sys.stderr)
     wall = time.perf_counter() - started
+    progress(f"{processes} process(es): exit {result.returncode} after {wall:.1f} s")
     if result.returncode != 0:
-        raise RuntimeError(f"{shlex.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
-                           f"{result.stderr[-4000:]}")
+        raise RuntimeError(f"{shlex.join(command)} failed ({result.returncode}); its output is above")
     rows = read_metrics(output)
     later = rows[1:] if len(rows) > 1 else rows
     return {"processes": processes, "command": shlex.join(command), "wall_seconds": wall,
@@ -143,7 +151,9 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="dermomamba-epoch-") as scratch:
         data_root = args.data_root or os.path.join(scratch, "isic-synthetic")
+        progress(f"writing {args.images} synthetic images to {data_root}")
         write_seconds = write_dataset(data_root, args.images, sizes, args.seed)
+        progress(f"written in {write_seconds:.1f} s")
         results = [run_one(n, args, data_root, scratch) for n in args.gpus]
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -26,8 +26,10 @@
 # The steps that need every GPU ("epoch", "ddp") run first, right after the build.
 # TESTS_ON_GPU=<index> (a machine with two GPUs): then "tests" and "parity" run in the background on that
 # GPU while the benchmarks run on GPU 0.
-# Failures are written to $OUT/failures.log the moment they happen (a run cut short by the limit never
-# prints pytest's summary).
+# Failures are written to $OUT/failures.log the moment they happen, and pytest runs verbose (one line per
+# test as it finishes): a run cut short by the limit never prints pytest's summary. $OUT returns at most
+# 8 files: wrap the call as `...; cd $OUT && tar czf logs.tgz --exclude=logs.tgz . && find . -type f ! -name
+# logs.tgz -delete`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -96,7 +98,7 @@ run_tests() {
     workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
     skip_parity=$(has parity && echo "--ignore=tests/test_mamba_ssm_parity.py" || echo "")
     DERMOMAMBA_FAILURE_LOG="$OUT/failures.log" timeout "${TEST_TIMEOUT:-330}" python3 -m pytest ${TEST_PATHS:-tests} \
-      -q -rfE $workers -p no:cacheprovider --durations=25 $skip_parity -k "${TEST_SELECT:-}" ${TEST_ARGS:-} \
+      -v -rfE $workers -p no:cacheprovider --durations=25 $skip_parity -k "${TEST_SELECT:-}" ${TEST_ARGS:-} \
       > "$OUT/tests.log" 2>&1
     echo "pytest rc=$?"
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40

@@ -282,9 +282,13 @@ def device_description(device: torch.device) -> str:
 
 
 def git_commit(root: str) -> str:
-    """The short commit of the git checkout at ``root``; DERMOMAMBA_COMMIT (else "unknown") where there is
-    none, as on the GPU machine (a copy without .git) or for an installed package."""
-    fallback = os.environ.get("DERMOMAMBA_COMMIT", "unknown")
+    """DERMOMAMBA_COMMIT when set, else the short commit of the git checkout at ``root`` (else "unknown").
+
+    The variable wins: the GPU machine's copy of the tree is not a checkout of the commit that was sent (a
+    ``.git`` left there by an earlier call named a stale commit, seen 2026-11-27)."""
+    if os.environ.get("DERMOMAMBA_COMMIT"):
+        return os.environ["DERMOMAMBA_COMMIT"]
+    fallback = "unknown"
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True).stdout.strip() or fallback
