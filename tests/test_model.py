@@ -599,7 +599,13 @@ def test_cross_scale_block_float32_within_rounding_of_the_three_calls(seed):
     block.load_state_dict(initial)
     baseline = _run_block(_three_published_calls, block, x, grad_out)
 
-    floor = 4 * torch.finfo(torch.float32).eps
+    # The batched call and the three calls sum every parameter gradient in different (equally valid)
+    # orders; with float32 errors of 1-12 eps on both sides, one draw of the three calls' error is no scale
+    # for another order's. Measured over 150 seeds: ours - 2 x baseline reached 7.2 eps (in_proj.weight;
+    # 4.6 eps on the 1056-element x_proj_weight); 4 eps failed CI once (out_norm.bias, 8.7 vs 2.4 eps).
+    # 16 eps is the project's floor for such sums (tests/test_layers.py) and stays far below any real
+    # error of the stacking (a wrong branch or order of concatenation is off by O(1)).
+    floor = 16 * torch.finfo(torch.float32).eps
     pairs = [("output", ours[0], baseline[0], oracle[0]), ("x.grad", ours[1], baseline[1], oracle[1])]
     pairs += [(name, ours[2][name], baseline[2][name], oracle[2][name]) for name in oracle[2]]
     for name, got, base, truth in pairs:
