@@ -12,7 +12,15 @@ Before timing, the lane kernels' outputs are compared with the warp kernel's at 
 chunk_states, relative difference).
 Medians of triton.testing.do_bench (L2 flushed between runs), ms.
 
-Usage: python benchmarks/bench_scan_v3.py [--out DIR] [--quick] [--chunk 128]
+Second table: forward + backward (multiaxial_scan_fwd then multiaxial_scan_bwd, non-deterministic
+gradients, the training default) for every (forward kernel, backward kernel) pair; the backward is
+chosen by DERMOMAMBA_SCAN_BWD_KERNEL=warp|lane. Before timing, the lane backward's gradients are
+compared with the warp backward's on the same chunk_states (largest relative difference over the
+seven gradients). mamba-ssm: its scan's forward + backward (fp32, its own materialised inputs).
+
+Usage: python benchmarks/bench_scan_v3.py [--out DIR] [--quick] [--chunk 128] [--skip-backward]
+       python benchmarks/bench_scan_v3.py --small-case   (one small lane forward + backward of each
+       kind, atomic and deterministic, for compute-sanitizer; no timing)
 Writes DIR/bench_scan_v3.json and .md (DIR defaults to $OUT, else benchmarks/out).
 """
 
@@ -37,6 +45,9 @@ from dermomamba_kernels.selective_scan import extension  # noqa: E402,F401  (fak
 KERNEL_VARIABLE = "DERMOMAMBA_SCAN_FWD_KERNEL"
 KERNELS = ("warp", "lane", "lane4")
 LANE_KERNELS = KERNELS[1:]
+BWD_KERNEL_VARIABLE = "DERMOMAMBA_SCAN_BWD_KERNEL"
+BWD_KERNELS = ("warp", "lane")
+PAIRS = [(f, b) for f in KERNELS for b in BWD_KERNELS]
 
 
 def forward_with(kernel, args):
@@ -48,14 +59,112 @@ def rel_diff(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def backward_with(kernel, dy, op_args, states):
+    os.environ[BWD_KERNEL_VARIABLE] = kernel
+    return torch.ops.dermomamba.multiaxial_scan_bwd(dy, *op_args[:8], states, op_args[8], False)
+
+
+def forward_backward_table(args, copy_gbs, mamba_fn):
+    """Forward + backward per (forward kernel, backward kernel) pair at every shape."""
+    lines = ["\n## forward + backward, per (forward kernel, backward kernel)\n",
+             "| d_model | HxW | dtype | f+b floor MB | " + " | ".join(f"{f}+{b} ms" for f, b in PAIRS)
+             + " | best pair | best % copy | best vs warp+warp | mamba-ssm scan f+b ms | best vs mamba | "
+             "lane bwd vs warp bwd max rel diff |",
+             "|" + "---|" * (len(PAIRS) + 10)]
+    rows = []
+    for d_model, height, width in SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            inputs = make_ss2d_inputs(d_model, height, width, dtype)
+            x = inputs[0].detach()
+            with torch.no_grad():
+                delta, B, C, A, D, bias = projections_native(x, [p.detach() for p in inputs[1:]])
+                delta = delta.contiguous()
+            op_args = (x, delta, A, B, C, D, bias, True, args.chunk)
+            dy = torch.randn(x.shape, device=x.device)
+            states = forward_with("warp", op_args)[1]
+            grads = {k: backward_with(k, dy, op_args, states) for k in BWD_KERNELS}
+            diff = max(rel_diff(a, b) for a, b in zip(grads["lane"], grads["warp"]))
+            del grads
+            times = {}
+            for fwd_kernel, bwd_kernel in PAIRS:
+                def fwd_bwd():
+                    _, st = forward_with(fwd_kernel, op_args)
+                    backward_with(bwd_kernel, dy, op_args, st)
+
+                times[(fwd_kernel, bwd_kernel)] = time_ms(fwd_bwd, args.quick)
+            mamba_ms = None
+            if mamba_fn is not None and dtype == torch.float32:
+                batch, dim = x.shape[:2]
+                length = height * width
+                xs = torch.randn(batch, NUM_DIRECTIONS * dim, length, device="cuda", requires_grad=True)
+                dts = delta.reshape(batch, -1, length).float().clone().requires_grad_()
+                Bs = torch.randn(batch, NUM_DIRECTIONS, DSTATE, length, device="cuda", requires_grad=True)
+                Cs = torch.randn(batch, NUM_DIRECTIONS, DSTATE, length, device="cuda", requires_grad=True)
+                As, Ds = A.clone().requires_grad_(), D.clone().requires_grad_()
+                grad_out = torch.randn(batch, NUM_DIRECTIONS * dim, length, device="cuda")
+
+                def mamba_fwd_bwd():
+                    out = mamba_fn(xs, dts, As, Bs, Cs, Ds, delta_bias=bias, delta_softplus=True)
+                    torch.autograd.grad(out, (xs, dts, As, Bs, Cs, Ds), grad_out)
+
+                mamba_ms = time_ms(mamba_fwd_bwd, args.quick)
+                del xs, dts, Bs, Cs
+            itemsize = torch.finfo(dtype).bits // 8
+            fwd_floor, bwd_floor = multiaxial_floor_bytes(BATCH, x.shape[1], height, width, DSTATE, itemsize, itemsize,
+                                                          args.chunk)
+            floor = fwd_floor + bwd_floor
+            best_pair = min(times, key=times.get)
+            best = times[best_pair]
+            rows.append({"d_model": d_model, "H": height, "W": width, "dtype": str(dtype), "floor_bytes": floor,
+                         "ms": {f"{f}+{b}": t for (f, b), t in times.items()}, "mamba_scan_fb_ms": mamba_ms,
+                         "lane_vs_warp_bwd_max_rel_diff": diff})
+            lines.append(f"| {d_model} | {height}x{width} | {str(dtype)[6:]} | {floor / 1e6:.1f} | "
+                         + " | ".join(f"{times[p]:.3f}" for p in PAIRS)
+                         + f" | {'+'.join(best_pair)} | {100 * floor / best / 1e6 / copy_gbs:.1f}% | "
+                         f"{times[('warp', 'warp')] / best:.2f}x | "
+                         f"{'-' if mamba_ms is None else f'{mamba_ms:.3f}'} | "
+                         f"{'-' if mamba_ms is None else f'{mamba_ms / best:.2f}x'} | {diff:.1e} |")
+            print(lines[-1], flush=True)
+            del inputs, x, delta, B, C, states
+            torch.cuda.empty_cache()
+    return lines, rows
+
+
+def small_case():
+    """One small multiaxial forward + backward per (lane forward, backward) pair, both gradient modes:
+    odd sizes, several blocks per direction, splits (what compute-sanitizer should look at)."""
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    for dim, height, width, dstate, chunk in ((12, 9, 13, 16, 32), (5, 7, 6, 20, 16)):
+        x = torch.randn(1, dim, height, width, device="cuda")
+        delta = 0.5 * torch.randn(1, NUM_DIRECTIONS, dim, height, width, device="cuda") - 1.5
+        B, C = (torch.randn(1, NUM_DIRECTIONS, dstate, height, width, device="cuda") for _ in range(2))
+        A = -torch.rand(NUM_DIRECTIONS * dim, dstate, device="cuda") - 0.5
+        D, bias = (torch.randn(NUM_DIRECTIONS * dim, device="cuda") for _ in range(2))
+        op_args = (x, delta, A, B, C, D, bias, True, chunk)
+        dy = torch.randn(x.shape, device="cuda")
+        for fwd_kernel in ("lane", "warp"):
+            states = forward_with(fwd_kernel, op_args)[1]
+            for deterministic in (False, True):
+                os.environ[BWD_KERNEL_VARIABLE] = "lane"
+                grads = torch.ops.dermomamba.multiaxial_scan_bwd(dy, *op_args[:8], states, chunk, deterministic)
+                torch.cuda.synchronize()
+                assert all(torch.isfinite(g).all() for g in grads), "non-finite gradient"
+    print("small case done")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "out")))
     parser.add_argument("--quick", action="store_true", help="few repetitions (smoke test)")
     parser.add_argument("--chunk", type=int, default=extension.chunk_size_for(torch.device("cuda")))
+    parser.add_argument("--skip-backward", action="store_true", help="forward table only")
+    parser.add_argument("--small-case", action="store_true", help="one small lane fwd + bwd for compute-sanitizer")
     args = parser.parse_args()
+    if args.small_case:
+        small_case()
+        return
     os.makedirs(args.out, exist_ok=True)
-    previous = os.environ.get(KERNEL_VARIABLE)
+    previous = {name: os.environ.get(name) for name in (KERNEL_VARIABLE, BWD_KERNEL_VARIABLE)}
 
     mamba_fn, mamba_err = import_mamba_ssm()
     copy_gbs = copy_bandwidth_gbs(lambda fn: time_ms(fn, args.quick))
@@ -122,12 +231,19 @@ def main():
             del inputs, x, delta, B, C
             torch.cuda.empty_cache()
 
-    if previous is None:
-        os.environ.pop(KERNEL_VARIABLE, None)
-    else:
-        os.environ[KERNEL_VARIABLE] = previous
+    fb_rows = []
+    if not args.skip_backward:
+        fb_lines, fb_rows = forward_backward_table(args, copy_gbs, mamba_fn)
+        lines += fb_lines
+
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     with open(os.path.join(args.out, "bench_scan_v3.json"), "w") as handle:
-        json.dump({"header": header, "copy_gbs": copy_gbs, "rows": rows}, handle, indent=1)
+        json.dump({"header": header, "copy_gbs": copy_gbs, "rows": rows, "forward_backward_rows": fb_rows}, handle,
+                  indent=1)
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "bench_scan_v3.md"), "w") as handle:
         handle.write(text)

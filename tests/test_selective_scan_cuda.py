@@ -361,24 +361,38 @@ def fwd_kernel(request, monkeypatch):
     return request.param
 
 
+# The multiaxial backward has two kernels, chosen by DERMOMAMBA_SCAN_BWD_KERNEL on every call:
+# "warp" (the default) and "lane" (scan v3 backward: a lane per (sequence, state), N <= 32). Both
+# read any forward kernel's chunk_states, so the parity tests run over every (forward, backward) pair.
+BWD_KERNEL_VARIABLE = "DERMOMAMBA_SCAN_BWD_KERNEL"
+BWD_KERNELS = ["warp", "lane"]
+LANE_BWD_MAX_STATES = 32
+
+
+@pytest.fixture(params=BWD_KERNELS)
+def bwd_kernel(request, monkeypatch):
+    monkeypatch.setenv(BWD_KERNEL_VARIABLE, request.param)
+    return request.param
+
+
 @requires_cuda_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hw", [(5, 7), (9, 4), (1, 13), (12, 11)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_multiaxial_parity(seed, dtype, hw, fwd_kernel):
+def test_multiaxial_parity(seed, dtype, hw, fwd_kernel, bwd_kernel):
     inp = make_multiaxial(2, 8, hw[0], hw[1], 16, dtype)
     check_multiaxial(inp, softplus=True, tag=f"ma/{dtype}/{hw[0]}x{hw[1]}", chunk=16)
 
 
 @requires_cuda_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_multiaxial_fp32_projections(seed, dtype, fwd_kernel):
+def test_multiaxial_fp32_projections(seed, dtype, fwd_kernel, bwd_kernel):
     inp = make_multiaxial(1, 4, 6, 9, 16, dtype, fp32_params=True)
     check_multiaxial(inp, softplus=True, tag=f"ma/{dtype}/fp32proj", chunk=16)
 
 
 @requires_cuda_kernels
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_multiaxial_permuted_and_wide(seed, deterministic, fwd_kernel):
+def test_multiaxial_permuted_and_wide(seed, deterministic, fwd_kernel, bwd_kernel):
     # dim 32: four blocks share each direction's B, C, exercising the dB / dC reduction paths.
     inp = make_multiaxial(1, 32, 10, 7, 8, torch.float32, permuted=True)
     assert not inp["x"].is_contiguous()
@@ -388,7 +402,7 @@ def test_multiaxial_permuted_and_wide(seed, deterministic, fwd_kernel):
 
 @requires_cuda_kernels
 @pytest.mark.parametrize("column", [True, False], ids=["W1", "H1"])
-def test_multiaxial_one_row_or_column_views(seed, column, fwd_kernel):
+def test_multiaxial_one_row_or_column_views(seed, column, fwd_kernel, bwd_kernel):
     """x a transposed view with a size-1 axis whose stride is arbitrary (torch ignores it and calls the
     view contiguous): the kernels must take positions from the other axis's stride."""
     # Made with the other shape, then transposed: (2, 8, 11, 1) -> W == 1, or (2, 8, 1, 11) -> H == 1.
@@ -401,7 +415,7 @@ def test_multiaxial_one_row_or_column_views(seed, column, fwd_kernel):
 
 
 @requires_cuda_kernels
-def test_multiaxial_no_softplus_batch1(seed, fwd_kernel):
+def test_multiaxial_no_softplus_batch1(seed, fwd_kernel, bwd_kernel):
     inp = make_multiaxial(1, 3, 8, 5, 5, torch.float32, softplus=False)
     check_multiaxial(inp, softplus=False, tag="ma/no_softplus", chunk=8)
 
@@ -456,7 +470,7 @@ LANE_CASES = [
 @pytest.mark.parametrize("case", LANE_CASES, ids=lambda c: f"b{c[0]}d{c[1]}_{c[2]}x{c[3]}_N{c[4]}_chunk{c[5]}"
                          + ("_wrapperBC" if c[6] else ""))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_multiaxial_forward_y_and_chunk_states(seed, case, dtype, fwd_kernel):
+def test_multiaxial_forward_y_and_chunk_states(seed, case, dtype, fwd_kernel, bwd_kernel):
     """y and every chunk state against float64, each forward kernel, then the gradients through the
     backward reading that kernel's chunk_states."""
     batch, dim, height, width, dstate, chunk, wrapper_bc = case
@@ -504,11 +518,84 @@ def test_multiaxial_forward_kernel_choice_errors(seed, monkeypatch):
                               True, 16)
 
 
+# Shapes the lane backward treats specially (batch, dim, H, W, N, chunk, wrapper's B / C layout):
+# several blocks per direction (dim above one block's 8 channels at N <= 16, 2 at N > 16: dB / dC
+# by atomics or partials), idle lanes and groups, a chunk that is not a multiple of the 16- or
+# 32-position block, the largest chunk (16 checkpoints), one chunk >= L, long L cut into many splits.
+LANE_BWD_CASES = [
+    (1, 20, 9, 13, 16, 40, False),
+    (2, 3, 11, 6, 5, 7, True),
+    (1, 5, 17, 9, 20, 50, False),
+    (1, 4, 24, 40, 16, 256, True),
+    (1, 2, 30, 33, 16, 250, True),
+    (2, 9, 5, 7, 16, 1000, False),
+    (1, 8, 64, 48, 16, 128, True),
+]
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("case", LANE_BWD_CASES, ids=lambda c: f"b{c[0]}d{c[1]}_{c[2]}x{c[3]}_N{c[4]}_chunk{c[5]}"
+                         + ("_wrapperBC" if c[6] else ""))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_multiaxial_backward_lane_shapes(seed, case, dtype, deterministic, monkeypatch):
+    """Every gradient of the lane backward against float64, from the lane forward's chunk_states."""
+    batch, dim, height, width, dstate, chunk, wrapper_bc = case
+    monkeypatch.setenv(FWD_KERNEL_VARIABLE, "lane")
+    monkeypatch.setenv(BWD_KERNEL_VARIABLE, "lane")
+    inp = make_multiaxial(batch, dim, height, width, dstate, dtype)
+    if wrapper_bc:
+        inp = wrapper_layout(inp)
+    # Outputs land in a caching allocator just filled with NaN: an unwritten element would surface.
+    poison = torch.full((64 << 20,), float("nan"), device=DEVICE)
+    del poison
+    check_multiaxial(inp, softplus=True, tag=f"ma-lane-bwd/{dtype}/{'x'.join(map(str, case[:6]))}", chunk=chunk,
+                     deterministic=deterministic)
+
+
+@requires_cuda_kernels
+def test_multiaxial_backward_lane_matches_warp(seed, monkeypatch):
+    """The two backward kernels on the same chunk_states: equal up to fp32 summation order."""
+    inp = make_multiaxial(2, 16, 24, 20, 16, torch.float32)
+    dy = torch.randn(2, 16, 24, 20, device=DEVICE)
+    _, states, _ = run_multiaxial_op(inp, True, chunk=64)
+    args = (dy, inp["x"], inp["delta"], inp["A"], inp["B"], inp["C"], inp["D"], inp["delta_bias"], True, states, 64,
+            True)
+    monkeypatch.setenv(BWD_KERNEL_VARIABLE, "warp")
+    warp = ops().multiaxial_scan_bwd(*args)
+    monkeypatch.setenv(BWD_KERNEL_VARIABLE, "lane")
+    lane = ops().multiaxial_scan_bwd(*args)
+    # Measured (lane backward in the warp emulator vs the CPU op, this shape): 1.5e-7 (dx) to 4.4e-7 (dA);
+    # both kernels are checked against float64 elsewhere, this checks they agree to fp32 summation order.
+    for name, a, b in zip(GRAD_NAMES_MA, lane, warp):
+        assert rel_err(a, b) <= FP32_FLOOR, f"d{name}: lane vs warp backward differ by {rel_err(a, b):.2e}"
+
+
+@requires_cuda_kernels
+def test_multiaxial_backward_kernel_choice_errors(seed, monkeypatch):
+    def backward_args(m):
+        _, states, _ = run_multiaxial_op(m, True, chunk=16)
+        dy = torch.randn_like(m["x"], dtype=torch.float32)
+        return (dy, m["x"], m["delta"], m["A"], m["B"], m["C"], m["D"], m["delta_bias"], True, states, 16, False)
+
+    monkeypatch.setenv(FWD_KERNEL_VARIABLE, "warp")
+    args = backward_args(make_multiaxial(1, 4, 5, 6, 8, torch.float32))
+    monkeypatch.setenv(BWD_KERNEL_VARIABLE, "lanes")
+    with pytest.raises(RuntimeError, match=f"{BWD_KERNEL_VARIABLE} must be 'warp' or 'lane'"):
+        ops().multiaxial_scan_bwd(*args)
+    big = backward_args(make_multiaxial(1, 4, 5, 6, LANE_BWD_MAX_STATES + 1, torch.float32))
+    monkeypatch.setenv(BWD_KERNEL_VARIABLE, "lane")
+    with pytest.raises(RuntimeError, match=rf"{BWD_KERNEL_VARIABLE}=lane\) supports a state size N up to 32"):
+        ops().multiaxial_scan_bwd(*big)
+    monkeypatch.setenv(BWD_KERNEL_VARIABLE, "warp")
+    ops().multiaxial_scan_bwd(*big)
+
+
 # ---- determinism ----
 
 @requires_cuda_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_deterministic_backward_bit_identical(seed, dtype):
+def test_deterministic_backward_bit_identical(seed, dtype, bwd_kernel):
     inp = make_multiaxial(2, 32, 16, 24, 16, dtype)
     dy = torch.randn(2, 32, 16, 24, device=DEVICE)
     first = run_multiaxial_op(inp, True, chunk=32, dy=dy, deterministic=True)[2]

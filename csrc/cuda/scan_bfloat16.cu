@@ -1,6 +1,7 @@
 // Selective-scan kernels with B and C in __nv_bfloat16; one file per dtype so that nvcc builds them in parallel.
 #include "scan_kernels.cuh"
 #include "scan_lane_kernels.cuh"
+#include "scan_lane_bwd_kernels.cuh"
 
 namespace dermomamba {
 namespace cuda {
@@ -17,6 +18,12 @@ int scan_backward_bfloat16(const ScanParams& params, bool multiaxial, void* stre
 // DERMOMAMBA_SCAN_FWD_KERNEL=lane / lane4 in selective_scan_cuda.cpp).
 int scan_forward_multiaxial_lane_bfloat16(const ScanParams& params, int states_per_lane, void* stream) {
   return scan_forward_multiaxial_lane<__nv_bfloat16>(params, states_per_lane, stream);
+}
+
+// The lane form of the multiaxial backward (scan_lane_bwd_kernels.cuh; selected by
+// DERMOMAMBA_SCAN_BWD_KERNEL=lane in selective_scan_cuda.cpp).
+int scan_backward_multiaxial_lane_bfloat16(const ScanParams& params, void* stream) {
+  return scan_backward_multiaxial_lane<__nv_bfloat16>(params, stream);
 }
 
 }  // namespace cuda

@@ -1,6 +1,7 @@
 // Selective-scan kernels with B and C in __half; one file per dtype so that nvcc builds them in parallel.
 #include "scan_kernels.cuh"
 #include "scan_lane_kernels.cuh"
+#include "scan_lane_bwd_kernels.cuh"
 
 namespace dermomamba {
 namespace cuda {
@@ -17,6 +18,12 @@ int scan_backward_half(const ScanParams& params, bool multiaxial, void* stream) 
 // DERMOMAMBA_SCAN_FWD_KERNEL=lane / lane4 in selective_scan_cuda.cpp).
 int scan_forward_multiaxial_lane_half(const ScanParams& params, int states_per_lane, void* stream) {
   return scan_forward_multiaxial_lane<__half>(params, states_per_lane, stream);
+}
+
+// The lane form of the multiaxial backward (scan_lane_bwd_kernels.cuh; selected by
+// DERMOMAMBA_SCAN_BWD_KERNEL=lane in selective_scan_cuda.cpp).
+int scan_backward_multiaxial_lane_half(const ScanParams& params, void* stream) {
+  return scan_backward_multiaxial_lane<__half>(params, stream);
 }
 
 }  // namespace cuda

@@ -23,6 +23,10 @@ namespace cuda {
 int scan_forward_multiaxial_lane_float(const ScanParams& params, int states_per_lane, void* stream);
 int scan_forward_multiaxial_lane_half(const ScanParams& params, int states_per_lane, void* stream);
 int scan_forward_multiaxial_lane_bfloat16(const ScanParams& params, int states_per_lane, void* stream);
+// The lane form of the multiaxial backward (csrc/cuda/scan_lane_bwd_kernels.cuh), same convention.
+int scan_backward_multiaxial_lane_float(const ScanParams& params, void* stream);
+int scan_backward_multiaxial_lane_half(const ScanParams& params, void* stream);
+int scan_backward_multiaxial_lane_bfloat16(const ScanParams& params, void* stream);
 }  // namespace cuda
 
 namespace {
@@ -200,11 +204,13 @@ struct GradBC {
   int64_t blocks_per_group = 1;
 };
 
-void setup_grad_bc(ScanParams& p, const at::Tensor& B, const at::Tensor& C, bool deterministic, GradBC& g) {
+// blocks_per_group: how many blocks add into each (batch, group)'s dB / dC.
+void setup_grad_bc_blocks(ScanParams& p, const at::Tensor& B, const at::Tensor& C, bool deterministic,
+                          int64_t blocks_per_group, GradBC& g) {
   const auto fp32 = B.options().dtype(at::kFloat);
   g.dB = at::empty(B.sizes(), B.options().memory_format(at::MemoryFormat::Contiguous));
   g.dC = at::empty(C.sizes(), C.options().memory_format(at::MemoryFormat::Contiguous));
-  g.blocks_per_group = p.channels_per_group / p.warps_per_block;
+  g.blocks_per_group = blocks_per_group;
   if (g.blocks_per_group == 1) {
     p.grad_bc_mode = cuda::kGradBCDirect;
     p.dB = g.dB.data_ptr();
@@ -223,6 +229,10 @@ void setup_grad_bc(ScanParams& p, const at::Tensor& B, const at::Tensor& C, bool
     p.dB = g.dB_buf.data_ptr();
     p.dC = g.dC_buf.data_ptr();
   }
+}
+
+void setup_grad_bc(ScanParams& p, const at::Tensor& B, const at::Tensor& C, bool deterministic, GradBC& g) {
+  setup_grad_bc_blocks(p, B, C, deterministic, p.channels_per_group / p.warps_per_block, g);
 }
 
 void finish_grad_bc(const ScanParams& p, GradBC& g) {
@@ -451,6 +461,44 @@ int run_forward_lane(const ScanParams& p, at::ScalarType bc_dtype, ForwardKernel
   }
 }
 
+// Which kernel runs multiaxial_scan_bwd: "warp" (default, scan_kernels.cuh) or "lane" (one lane
+// per (sequence, state), scan_lane_bwd_kernels.cuh, N <= 32). Both read the same chunk_states
+// (from any forward kernel) and return the same gradients. Read on every call, like the forward's.
+constexpr const char* kBackwardKernelVariable = "DERMOMAMBA_SCAN_BWD_KERNEL";
+// Warps per block of the lane backward, by lanes per sequence (lane::BwdBlock; repeated here
+// because this file does not include device code): it fixes how many blocks share a direction's
+// dB / dC, i.e. the shape of their partials.
+constexpr int64_t kLaneBackwardWarpsNarrow = 4;
+constexpr int64_t kLaneBackwardWarpsWide = 2;
+
+enum class BackwardKernel { kWarp, kLane };
+
+BackwardKernel multiaxial_backward_kernel(const char* op) {
+  const char* value = std::getenv(kBackwardKernelVariable);
+  const std::string choice = value == nullptr ? "" : value;
+  if (choice.empty() || choice == "warp") return BackwardKernel::kWarp;
+  if (choice == "lane") return BackwardKernel::kLane;
+  TORCH_CHECK(false, op, ": environment variable ", kBackwardKernelVariable, " must be 'warp' or 'lane' (or unset), got '",
+              choice, "'");
+}
+
+// Blocks of the lane backward per (batch, direction): each covers warps x (32 / group) channels.
+int64_t lane_backward_channel_blocks(int64_t dim, int64_t dstate) {
+  const int64_t group = lane_group_size(dstate, ForwardKernel::kLane);
+  const int64_t sequences_per_warp = cuda::kWarpSize / group;
+  const int64_t max_warps = group == kNarrowLaneGroup ? kLaneBackwardWarpsNarrow : kLaneBackwardWarpsWide;
+  const int64_t warps = std::min(ceil_div(dim, sequences_per_warp), max_warps);
+  return ceil_div(dim, warps * sequences_per_warp);
+}
+
+int run_backward_lane(const ScanParams& p, at::ScalarType bc_dtype, cudaStream_t stream) {
+  switch (bc_dtype) {
+    case at::kFloat: return cuda::scan_backward_multiaxial_lane_float(p, stream);
+    case at::kHalf: return cuda::scan_backward_multiaxial_lane_half(p, stream);
+    default: return cuda::scan_backward_multiaxial_lane_bfloat16(p, stream);
+  }
+}
+
 ScanParams multiaxial_params(const char* op, const at::Tensor& x, const at::Tensor& delta, const at::Tensor& A,
                              const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
                              const at::Tensor& delta_bias, bool delta_softplus, int64_t chunk_size) {
@@ -538,7 +586,12 @@ multiaxial_scan_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
                          const at::Tensor& delta_bias, bool delta_softplus, const at::Tensor& chunk_states_in,
                          int64_t chunk_size, bool deterministic) {
   const char* op = "multiaxial_scan_bwd";
+  const BackwardKernel kernel = multiaxial_backward_kernel(op);
+  const bool lanes = kernel == BackwardKernel::kLane;
   ScanParams p = multiaxial_params(op, x, delta, A, B_in, C_in, D, delta_bias, delta_softplus, chunk_size);
+  TORCH_CHECK(!lanes || p.dstate <= kLaneMaxStateDim, op, ": the lane kernel (", kBackwardKernelVariable,
+              "=lane) supports a state size N up to ", kLaneMaxStateDim, " (A.shape[1]), got ", p.dstate, "; unset ",
+              kBackwardKernelVariable, " or set it to 'warp' for larger N");
   check_cuda_float(dy, x, op, "dy");
   check_shape(dy, x.sizes(), op, "dy");
   check_fp32_param(chunk_states_in, x, {p.batch, kMultiaxialDirections, p.dim, p.num_chunks, p.dstate}, op,
@@ -575,12 +628,20 @@ multiaxial_scan_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
   p.dD_partial = dD_partial.data_ptr<float>();
   p.ddelta_bias_partial = dbias_partial.data_ptr<float>();
   GradBC grads;
-  setup_grad_bc(p, B, C, deterministic, grads);
-  choose_splits(p, x.get_device());
+  if (lanes) {
+    // The lane form's blocks per direction differ from the warp form's (channels / warps_per_block).
+    setup_grad_bc_blocks(p, B, C, deterministic, lane_backward_channel_blocks(p.dim, p.dstate), grads);
+    choose_splits_lane(p, x.get_device(), ForwardKernel::kLane);
+  } else {
+    setup_grad_bc(p, B, C, deterministic, grads);
+    choose_splits(p, x.get_device());
+  }
   SplitScratch scratch;
   allocate_split_scratch(p, fp32, scratch, /*backward=*/true);
   const auto stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
-  check_launch(run_backward(p, B.scalar_type(), /*multiaxial=*/true, stream), op);
+  check_launch(lanes ? run_backward_lane(p, B.scalar_type(), stream)
+                     : run_backward(p, B.scalar_type(), /*multiaxial=*/true, stream),
+               op);
   finish_grad_bc(p, grads);
 
   at::Tensor dx = deterministic ? dx_buf.sum(0) : dx_buf;
