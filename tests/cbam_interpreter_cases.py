@@ -13,7 +13,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from cbam_parity import NAMES, SUMMATION_ORDERS, Case, check_parity, judge  # noqa: E402
+from cbam_parity import CONV_WEIGHT, IDENTITY, NAMES, SUMMATION_ORDERS, Case, check_parity, judge  # noqa: E402
 from dermomamba_kernels._dispatch import last_backend  # noqa: E402
 from dermomamba_kernels.cbam import cbam  # noqa: E402
 from dermomamba_kernels.cbam import triton_ops  # noqa: E402
@@ -57,16 +57,32 @@ def test_strided_views(seed):
     base = torch.randn(2, 40, 6, 7)
     case = Case(2, 32, 6, 7, device="cpu")
     grad = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
-    results = {}
-    for backend, dtype in (("triton", torch.float32), ("reference", torch.float32), ("reference", torch.float64)):
-        x_base = base.to(dtype, copy=True).requires_grad_(True)
-        params = [p.to(dtype).requires_grad_(True) for p in case.params]
+
+    def run(backend, dtype, variant=IDENTITY):
+        reverse_batch, mirror_width = variant
+
+        def move(t):  # an involution, as in Case.run: the same map takes results back
+            t = t.flip(0) if reverse_batch else t
+            return t.flip(-1) if mirror_width else t
+
+        x_base = move(base.to(dtype, copy=True)).contiguous().requires_grad_(True)
+        params = [p.to(dtype).clone() for p in case.params]
+        if mirror_width:
+            params[CONV_WEIGHT] = params[CONV_WEIGHT].flip(-1)
+        params = [p.requires_grad_(True) for p in params]
         out = cbam(x_base[:, 4:36], *params, training=True, backend=backend)
-        out.backward(grad.to(dtype))
-        results[backend, dtype] = [out, x_base.grad] + [p.grad for p in params]
+        out.backward(move(grad.to(dtype)).contiguous(memory_format=torch.channels_last))
+        grads = [p.grad for p in params]
+        if mirror_width:
+            grads[CONV_WEIGHT] = grads[CONV_WEIGHT].flip(-1)
+        return [move(out.detach()), move(x_base.grad)] + grads
+
+    fused = run("triton", torch.float32)
+    exact = run("reference", torch.float64)
+    references = [run("reference", torch.float32, order) for order in SUMMATION_ORDERS]
     names = ["out", "d_base"] + list(NAMES[2:9])
-    for name, fused, ref, exact in zip(names, *results.values()):
-        judge(name, fused, ref, exact)
+    for i, name in enumerate(names):
+        judge(name, fused[i], [r[i] for r in references], exact[i])
 
 
 def test_one_column_views(seed):
