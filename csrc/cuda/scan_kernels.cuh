@@ -25,6 +25,7 @@
 
 #include "scan_params.h"
 #include "dtype_convert.cuh"
+#include "scan_kind_access.cuh"
 
 namespace dermomamba {
 namespace cuda {
@@ -33,24 +34,6 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
 // torch.nn.functional.softplus's default threshold: above it softplus(x) == x in float.
 constexpr float kSoftplusThreshold = 20.f;
-
-// Tensors other than B and C are read and written in their own dtype, chosen at run time; the
-// branch is uniform across the grid and these accesses sit outside the per-state loop.
-__device__ __forceinline__ float load_kind(const void* base, int64_t index, int kind) {
-  if (kind == kFloat32) return static_cast<const float*>(base)[index];
-  if (kind == kFloat16) return __half2float(static_cast<const __half*>(base)[index]);
-  return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[index]);
-}
-
-__device__ __forceinline__ void store_kind(void* base, int64_t index, int kind, float value) {
-  if (kind == kFloat32) {
-    static_cast<float*>(base)[index] = value;
-  } else if (kind == kFloat16) {
-    static_cast<__half*>(base)[index] = __float2half_rn(value);
-  } else {
-    static_cast<__nv_bfloat16*>(base)[index] = __float2bfloat16_rn(value);
-  }
-}
 
 // Place (h, w) in the native layout of scan position t of a direction: 0 row-major, 1
 // column-major, 2 and 3 those two read backwards. The 1-D scan is row-major over 1 x L.

@@ -109,7 +109,7 @@ __device__ __forceinline__ BwdPosition load_bwd_position(const ScanParams& p, co
   if (b.in.valid && r.seq_ok) {
     const int h = b.in.native / p.width;
     const int w = b.in.native - h * p.width;
-    b.dy = load_as_float(p.dout,
+    b.dy = load_kind(p.dout,
                          r.batch * p.dout_batch_stride + r.channel * p.dout_dim_stride + h * p.dout_h_stride +
                              w * p.dout_w_stride,
                          p.dout_kind);
@@ -120,16 +120,6 @@ __device__ __forceinline__ BwdPosition load_bwd_position(const ScanParams& p, co
 template <typename S>
 __device__ __forceinline__ void stage_step(const BwdPosition& b, int n, float4* step_row) {
   step_row[n] = make_float4(b.delta, b.delta * b.in.u, __int_as_float(b.in.offset_B), __int_as_float(b.in.offset_C));
-}
-
-__device__ __forceinline__ void store_as_kind(void* base, int64_t index, int kind, float value) {
-  if (kind == kFloat32) {
-    static_cast<float*>(base)[index] = value;
-  } else if (kind == kFloat16) {
-    static_cast<__half*>(base)[index] = __float2half_rn(value);
-  } else {
-    static_cast<__nv_bfloat16*>(base)[index] = __float2bfloat16_rn(value);
-  }
 }
 
 template <typename S>
@@ -365,7 +355,7 @@ __global__ void __launch_bounds__(BwdBlock<S::kGroup>::kWarps* kWarpSize) scan_l
         dD += own.dy * own.in.u;
         dbias += ddelta_raw;
         if (r.seq_ok) {
-          store_as_kind(p.ddelta, r.seq_index * p.length + own.in.native, p.delta_kind, ddelta_raw);
+          store_kind(p.ddelta, r.seq_index * p.length + own.in.native, p.delta_kind, ddelta_raw);
           if (p.dx_per_direction != nullptr) {
             p.dx_per_direction[r.direction * x_plane + x_base + own.in.native] = du;
           } else {

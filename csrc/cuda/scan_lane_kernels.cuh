@@ -43,6 +43,7 @@
 
 #include "scan_params.h"
 #include "dtype_convert.cuh"
+#include "scan_kind_access.cuh"
 
 namespace dermomamba {
 namespace cuda {
@@ -66,12 +67,6 @@ constexpr int kNarrowGroup = 16;
 __host__ __device__ inline int group_size_for(int dstate) { return dstate <= kNarrowGroup ? kNarrowGroup : kWarpSize; }
 constexpr int kWideGroup = 4;
 constexpr int kWideStatesPerLane = 4;
-
-__device__ __forceinline__ float load_as_float(const void* base, int64_t index, int kind) {
-  if (kind == kFloat32) return static_cast<const float*>(base)[index];
-  if (kind == kFloat16) return __half2float(static_cast<const __half*>(base)[index]);
-  return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[index]);
-}
 
 // Shape of the work of one warp: kGroup lanes per sequence, kStates states per lane (lane n owns
 // states n kStates .. n kStates + kStates - 1), kBlock positions per block (at least 16, so that
@@ -180,8 +175,8 @@ __device__ __forceinline__ OwnPosition load_own_position(const ScanParams& p, co
     const int64_t base_u = r.batch * p.u_batch_stride + r.channel * p.u_dim_stride;
     const int64_t base_delta =
         r.batch * p.delta_batch_stride + r.direction * p.delta_dir_stride + r.channel * p.delta_dim_stride;
-    o.u = load_as_float(p.u, base_u + h * p.u_h_stride + w * p.u_w_stride, p.u_kind);
-    o.delta_raw = load_as_float(p.delta, base_delta + h * p.delta_h_stride + w * p.delta_w_stride, p.delta_kind);
+    o.u = load_kind(p.u, base_u + h * p.u_h_stride + w * p.u_w_stride, p.u_kind);
+    o.delta_raw = load_kind(p.delta, base_delta + h * p.delta_h_stride + w * p.delta_w_stride, p.delta_kind);
   }
   return o;
 }

@@ -101,14 +101,19 @@ int warps_per_block_for(int64_t channels_per_group) {
   return warps;
 }
 
-void choose_splits(ScanParams& p, int device) {
-  const int64_t sequences = static_cast<int64_t>(p.batch) * p.num_seqs;
+// Cuts each sequence into splits when `warps` (the kernel's units of parallel work) leave the SMs short.
+void choose_splits_for_warps(ScanParams& p, int device, int64_t warps) {
   const int64_t sms = std::max(1, cuda::device_multiprocessor_count(device));
   int64_t splits = 1;
-  if (sequences < sms * kMinWarpsPerSMWithoutSplits)
-    splits = std::min<int64_t>(p.num_chunks, ceil_div(sms * kTargetWarpsPerSM, sequences));
+  if (warps < sms * kMinWarpsPerSMWithoutSplits)
+    splits = std::min<int64_t>(p.num_chunks, ceil_div(sms * kTargetWarpsPerSM, warps));
   p.chunks_per_split = static_cast<int>(ceil_div(p.num_chunks, splits));
   p.num_splits = static_cast<int>(ceil_div(p.num_chunks, p.chunks_per_split));
+}
+
+// The warp form scans one sequence per warp.
+void choose_splits(ScanParams& p, int device) {
+  choose_splits_for_warps(p, device, static_cast<int64_t>(p.batch) * p.num_seqs);
 }
 
 void set_common(ScanParams& p, int64_t batch, int64_t num_seqs, int64_t dim, int64_t directions, int64_t height,
@@ -442,14 +447,8 @@ int64_t lane_group_size(int64_t dstate, ForwardKernel kernel) {
 // choose_splits for the lane forms: their unit of parallel work is a warp of 32 / group sequences.
 void choose_splits_lane(ScanParams& p, int device, ForwardKernel kernel) {
   const int64_t sequences_per_warp = cuda::kWarpSize / lane_group_size(p.dstate, kernel);
-  const int64_t warps = static_cast<int64_t>(p.batch) * p.num_directions *
-                        ceil_div(p.dim, sequences_per_warp);
-  const int64_t sms = std::max(1, cuda::device_multiprocessor_count(device));
-  int64_t splits = 1;
-  if (warps < sms * kMinWarpsPerSMWithoutSplits)
-    splits = std::min<int64_t>(p.num_chunks, ceil_div(sms * kTargetWarpsPerSM, warps));
-  p.chunks_per_split = static_cast<int>(ceil_div(p.num_chunks, splits));
-  p.num_splits = static_cast<int>(ceil_div(p.num_chunks, p.chunks_per_split));
+  choose_splits_for_warps(p, device, static_cast<int64_t>(p.batch) * p.num_directions *
+                                         ceil_div(p.dim, sequences_per_warp));
 }
 
 int run_forward_lane(const ScanParams& p, at::ScalarType bc_dtype, ForwardKernel kernel, cudaStream_t stream) {
