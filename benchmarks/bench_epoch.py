@@ -53,7 +53,7 @@ def write_dataset(root: str, images: int, sizes, seed: int) -> float:
             return 0.0
     except Exception:  # noqa: BLE001 - absent or partial folder: write it again
         pass
-    write_synthetic_dataset(root, images, layout="isic2018", sizes=sizes, seed=seed)
+    write_synthetic_dataset(root, images, layout="isic2018", sizes=sizes, seed=seed, workers=os.cpu_count() or 1)
     return time.perf_counter() - started
 
 

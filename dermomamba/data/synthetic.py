@@ -294,8 +294,32 @@ class SyntheticLesionDataset(torch.utils.data.Dataset):
         }
 
 
+def _write_sample(root: str, layout: str, seed: int, index: int, size: tuple[int, int], subset: str) -> str:
+    image, mask = render_lesion(seed, index, size)
+    image_pil = Image.fromarray(image)
+    mask_pil = Image.fromarray(mask * 255)
+    if layout == "isic2018":
+        sample_id = f"ISIC_{index:07d}"
+        image_pil.save(os.path.join(root, f"ISIC2018_Task1-2_{subset}_Input", sample_id + ".jpg"), quality=95)
+        mask_pil.save(os.path.join(root, f"ISIC2018_Task1_{subset}_GroundTruth", sample_id + "_segmentation.png"))
+    elif layout == "ph2":
+        sample_id = f"IMD{index + 2:03d}"
+        case = os.path.join(root, "PH2 Dataset images", sample_id)
+        os.makedirs(os.path.join(case, f"{sample_id}_Dermoscopic_Image"), exist_ok=True)
+        os.makedirs(os.path.join(case, f"{sample_id}_lesion"), exist_ok=True)
+        image_pil.save(os.path.join(case, f"{sample_id}_Dermoscopic_Image", f"{sample_id}.bmp"))
+        # PH2's lesion masks read as 3-channel images.
+        mask_pil.convert("RGB").save(os.path.join(case, f"{sample_id}_lesion", f"{sample_id}_lesion.bmp"))
+    else:
+        sample_id = f"case{index:04d}"
+        image_pil.save(os.path.join(root, "images", sample_id + ".png"))
+        mask_pil.save(os.path.join(root, "masks", sample_id + ".png"))
+    return sample_id
+
+
 def write_synthetic_dataset(root: str | os.PathLike, num_samples: int, layout: str = "folder",
-                            sizes=((192, 256),), seed: int = 0, subset: str = "Training") -> list[str]:
+                            sizes=((192, 256),), seed: int = 0, subset: str = "Training",
+                            workers: int = 0) -> list[str]:
     """Write synthetic samples to disk in one of the supported folder layouts; returns the ids.
 
     Args:
@@ -307,6 +331,8 @@ def write_synthetic_dataset(root: str | os.PathLike, num_samples: int, layout: s
         sizes: (height, width) pairs cycled over the samples, so images vary in size as real ones do.
         seed: synthetic stream seed.
         subset: ISIC subset name in the folder names ("Training", "Validation", "Test").
+        workers: processes that render and encode samples (0: in this process). A 768x1024 sample takes
+            most of a second to render, so large folders want several.
 
         >>> ids = write_synthetic_dataset("/tmp/synth", 4, layout="isic2018", sizes=[(60, 80), (75, 100)])
     """
@@ -316,7 +342,6 @@ def write_synthetic_dataset(root: str | os.PathLike, num_samples: int, layout: s
     sizes = [tuple(int(v) for v in s) for s in sizes]
     if not sizes:
         raise ValueError("sizes must hold at least one (height, width) pair")
-    ids = []
     if layout == "isic2018":
         image_dir = os.path.join(root, f"ISIC2018_Task1-2_{subset}_Input")
         mask_dir = os.path.join(root, f"ISIC2018_Task1_{subset}_GroundTruth")
@@ -329,25 +354,10 @@ def write_synthetic_dataset(root: str | os.PathLike, num_samples: int, layout: s
     elif layout == "folder":
         os.makedirs(os.path.join(root, "images"), exist_ok=True)
         os.makedirs(os.path.join(root, "masks"), exist_ok=True)
-    for i in range(num_samples):
-        image, mask = render_lesion(seed, i, sizes[i % len(sizes)])
-        image_pil = Image.fromarray(image)
-        mask_pil = Image.fromarray(mask * 255)
-        if layout == "isic2018":
-            sample_id = f"ISIC_{i:07d}"
-            image_pil.save(os.path.join(image_dir, sample_id + ".jpg"), quality=95)
-            mask_pil.save(os.path.join(mask_dir, sample_id + "_segmentation.png"))
-        elif layout == "ph2":
-            sample_id = f"IMD{i + 2:03d}"
-            case = os.path.join(root, "PH2 Dataset images", sample_id)
-            os.makedirs(os.path.join(case, f"{sample_id}_Dermoscopic_Image"), exist_ok=True)
-            os.makedirs(os.path.join(case, f"{sample_id}_lesion"), exist_ok=True)
-            image_pil.save(os.path.join(case, f"{sample_id}_Dermoscopic_Image", f"{sample_id}.bmp"))
-            # PH2's lesion masks read as 3-channel images.
-            mask_pil.convert("RGB").save(os.path.join(case, f"{sample_id}_lesion", f"{sample_id}_lesion.bmp"))
-        else:
-            sample_id = f"case{i:04d}"
-            image_pil.save(os.path.join(root, "images", sample_id + ".png"))
-            mask_pil.save(os.path.join(root, "masks", sample_id + ".png"))
-        ids.append(sample_id)
+    jobs = [(root, layout, seed, i, sizes[i % len(sizes)], subset) for i in range(num_samples)]
+    if workers > 0 and num_samples > 1:
+        with ProcessPoolExecutor(min(workers, num_samples)) as pool:
+            ids = list(pool.map(_write_sample, *zip(*jobs), chunksize=4))
+    else:
+        ids = [_write_sample(*job) for job in jobs]
     return ids

@@ -1,0 +1,91 @@
+"""Where the time of one training step goes (issue 9): torch.profiler over our step, per-op GPU time.
+
+Runs our network's training step (forward under autocast, Guide Fusion Loss, backward, Adam with a
+GradScaler under fp16) at each batch size given, and prints the operators and kernels sorted by their
+total GPU time, plus the step's wall time and the GPU-busy time of the profiled steps. Comparing two
+batch sizes shows which part grows faster than the batch.
+
+Usage:
+  python benchmarks/profile_step.py --batches 4 16 --precision fp16 [--loss gfl|bce_dice] [--top 40]
+      [--trace-dir DIR]   # also write a Chrome trace per batch size
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.append(REPO_ROOT)
+
+from dermomamba.benchmark import bce_dice_loss, make_train_step, random_batch, synchronize  # noqa: E402
+from dermomamba.loss import GuideFusionLoss  # noqa: E402
+from dermomamba.models import create_model  # noqa: E402
+
+
+def profile_batch(model_name, img_size, batch, precision, loss, steps, top, trace_dir, device):
+    torch.manual_seed(0)
+    model = create_model(model_name, img_size=img_size).to(device)
+    images, masks = random_batch(batch, img_size, device)
+    criterion = GuideFusionLoss("published") if loss == "gfl" else bce_dice_loss
+    step = make_train_step(model, images, masks, criterion, precision=precision)
+    for _ in range(3):
+        step()
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    wall_ms = (time.perf_counter() - started) * 1e3 / steps
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    gpu_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+    print(f"\n=== {model_name} {img_size[0]}x{img_size[1]} batch {batch} {precision} loss {loss}: "
+          f"step wall {wall_ms:.1f} ms ({wall_ms / batch:.2f} ms/image); profiled GPU self time "
+          f"{gpu_us / 1e3 / steps:.1f} ms/step", flush=True)
+    print(events.table(sort_by=sort_key, row_limit=top, max_name_column_width=70), flush=True)
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort_key, row_limit=top // 2,
+                                                            max_name_column_width=50, max_shapes_column_width=70),
+          flush=True)
+    if trace_dir:
+        os.makedirs(trace_dir, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(trace_dir, f"step_b{batch}_{precision}_{loss}.json"))
+    del model, step
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="dermomamba")
+    parser.add_argument("--img-size", type=int, nargs=2, default=(192, 256), metavar=("H", "W"))
+    parser.add_argument("--batches", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--precision", default="fp16")
+    parser.add_argument("--loss", default="gfl", choices=("gfl", "bce_dice"))
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps per batch size")
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--trace-dir", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    for batch in args.batches:
+        profile_batch(args.model, tuple(args.img_size), batch, args.precision, args.loss, args.steps, args.top,
+                      args.trace_dir, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
