@@ -142,7 +142,7 @@ def small_case():
         D, bias = (torch.randn(NUM_DIRECTIONS * dim, device="cuda") for _ in range(2))
         op_args = (x, delta, A, B, C, D, bias, True, chunk)
         dy = torch.randn(x.shape, device="cuda")
-        for fwd_kernel in ("lane", "warp"):
+        for fwd_kernel in ("lane", "lane4", "warp"):
             states = forward_with(fwd_kernel, op_args)[1]
             for deterministic in (False, True):
                 os.environ[BWD_KERNEL_VARIABLE] = "lane"

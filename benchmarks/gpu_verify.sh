@@ -20,6 +20,7 @@
 #   model    benchmarks/bench_model.py, whole network vs the published path (issue 9; BENCH_MODEL_ARGS)
 #   scan     benchmarks/bench_scan.py and bench_triton_scan.py (issues 3 and 4)
 #   scanv3   benchmarks/bench_scan_v3.py: the scan forward, warp vs lane vs lane4 kernels vs mamba-ssm
+#   sanitize compute-sanitizer memcheck and racecheck on benchmarks/sanitize_cases.py (every CUDA kernel, small)
 #   epoch    benchmarks/bench_epoch.py on every visible GPU count up to 2 (issue 7; EPOCH_ARGS)
 #   ddp      the two-GPU torchrun train + resume test of tests/test_cli.py (issue 7; needs two GPUs)
 # Each benchmark step has its own timeout (<STEP>_TIMEOUT, seconds).
@@ -131,12 +132,19 @@ wait_for_tests() {
 
 wait_for_mamba
 has quick && bench quick 120 python3 -m dermomamba.cli benchmark
-has cbam && bench cbam 240 python3 benchmarks/bench_cbam.py --json "$OUT/bench_cbam.json" --profile --graphs
 has layers && bench layers 420 python3 benchmarks/bench_layers.py --baseline mamba --json "$OUT/bench_layers.json" \
   --markdown "$OUT/bench_layers.md" ${BENCH_LAYERS_ARGS:-}
 has model && bench model 420 python3 benchmarks/bench_model.py --json "$OUT/bench_model.json" \
   --markdown "$OUT/bench_model.md" --plot "$OUT/bench_model.png" ${BENCH_MODEL_ARGS:-}
 has scan && bench scan 240 bash -c "python3 benchmarks/bench_scan.py && python3 benchmarks/bench_triton_scan.py"
 has scanv3 && bench scanv3 120 python3 benchmarks/bench_scan_v3.py --out "$OUT"
+if has sanitize; then
+  SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  # --kernel-name limits the (slow) checking to our kernels; torch's own still run, unchecked.
+  bench sanitize 240 bash -c "for tool in memcheck racecheck; do echo \"== \$tool\"; \
+    '$SAN' --tool \$tool --kernel-name regex:dermomamba --error-exitcode 9 --print-limit 20 \
+    python3 benchmarks/sanitize_cases.py; echo \"\$tool rc=\$?\"; done"
+fi
+has cbam && bench cbam 240 python3 benchmarks/bench_cbam.py --json "$OUT/bench_cbam.json" --profile --graphs ${CBAM_ARGS:-}
 wait_for_tests
 stamp "done"
