@@ -20,6 +20,7 @@
 #   model    benchmarks/bench_model.py, whole network vs the published path (issue 9; BENCH_MODEL_ARGS)
 #   scan     benchmarks/bench_scan.py and bench_triton_scan.py (issues 3 and 4)
 #   scanv3   benchmarks/bench_scan_v3.py: the scan forward, warp vs lane vs lane4 kernels vs mamba-ssm
+#   ncu      Nsight Compute on each scan kernel form at 192x256 (benchmarks/ncu_scan_case.py; $OUT/ncu.log)
 #   sanitize compute-sanitizer memcheck and racecheck on benchmarks/sanitize_cases.py (every CUDA kernel, small)
 #   epoch    benchmarks/bench_epoch.py on every visible GPU count up to 2 (issue 7; EPOCH_ARGS)
 #   ddp      the two-GPU torchrun train + resume test of tests/test_cli.py (issue 7; needs two GPUs)
@@ -131,6 +132,13 @@ wait_for_tests() {
 }
 
 wait_for_mamba
+if has ncu; then
+  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  bench ncu 200 "$NCU" --kernel-name regex:"scan_(lane_)?(fwd|bwd)_(main|split_aggregate)" --launch-count 12 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    python3 benchmarks/ncu_scan_case.py
+fi
 has quick && bench quick 120 python3 -m dermomamba.cli benchmark
 has layers && bench layers 420 python3 benchmarks/bench_layers.py --baseline mamba --json "$OUT/bench_layers.json" \
   --markdown "$OUT/bench_layers.md" ${BENCH_LAYERS_ARGS:-}
@@ -142,7 +150,7 @@ if has sanitize; then
   SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   # --kernel-name limits the (slow) checking to our kernels; torch's own still run, unchecked.
   bench sanitize 240 bash -c "for tool in memcheck racecheck; do echo \"== \$tool\"; \
-    '$SAN' --tool \$tool --kernel-name regex:dermomamba --error-exitcode 9 --print-limit 20 \
+    '$SAN' --tool \$tool --kernel-name kns=dermomamba --error-exitcode 9 --print-limit 20 \
     python3 benchmarks/sanitize_cases.py; echo \"\$tool rc=\$?\"; done"
 fi
 has cbam && bench cbam 240 python3 benchmarks/bench_cbam.py --json "$OUT/bench_cbam.json" --profile --graphs ${CBAM_ARGS:-}
