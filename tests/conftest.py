@@ -55,6 +55,19 @@ def seed(request):
     yield value
 
 
+@pytest.fixture
+def float32_without_tf32():
+    """cuDNN runs float32 convolutions in TF32 by default (10-bit mantissa). A graph that picks other
+    convolution algorithms than eager (inductor, a CUDA-graph capture) then errs independently at TF32's
+    level (seen 2026-11-27: a reduce-overhead loss 3.1e-5 from the float64 truth against eager's 1.3e-5; a
+    replayed step's loss 1.8e-5 from eager's), which says nothing about the graph. Tests that judge float32
+    arithmetic take this fixture and run without TF32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

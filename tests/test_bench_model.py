@@ -211,12 +211,12 @@ MAX_REPLAYS = 24
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision,loss", [("fp32", "bce_dice"), ("fp16", "gfl")])
-def test_graphed_train_step_replays_on_new_batches(seed, precision, loss):
+def test_graphed_train_step_replays_on_new_batches(seed, float32_without_tf32, precision, loss):
     """The captured step (fused capturable Adam, under fp16 the GradScaler on the device, the Guide
     Fusion Loss's GPU distance transform inside) replays on fresh batches copied into its inputs: each
-    replay's loss is the eager loss at the weights the replay started from; each replay moves exactly
-    the weights that have a nonzero gradient, or (fp16, an overflow the scaler caught) none; in fp32
-    every replay moves them, in fp16 the replays after the scale has settled do."""
+    replay's loss is the eager loss at the weights the replay started from; each replay moves every
+    weight that has a nonzero gradient, or (fp16, an overflow the scaler caught) none; in fp32 every
+    replay moves them, in fp16 the replays after the scale has settled do."""
     from dermomamba.benchmark import make_graphed_train_step
     from dermomamba.loss import GuideFusionLoss
 
@@ -247,13 +247,13 @@ def test_graphed_train_step_replays_on_new_batches(seed, precision, loss):
             assert torch.isfinite(replayed)
             assert (replayed - first).abs().item() <= _eager_spread_bound(first, second), (replayed, first, second)
         moved = {k for k, p in parameters.items() if not torch.equal(p.detach(), before[k])}
-        # Adam moves exactly the weights with a nonzero gradient. Some have none by construction: the tiny
-        # model's CBAM channel MLPs have one hidden unit, which a ReLU can leave dead for a whole batch.
+        # Adam moves every weight with a nonzero gradient (and also those whose momentum from earlier steps
+        # is nonzero). Some have no gradient by construction: the tiny model's CBAM channel MLPs have one
+        # hidden unit, which a ReLU can leave dead for a whole batch.
         with_gradient = {k for k, p in parameters.items() if p.grad is not None and bool((p.grad != 0).any())}
         assert len(with_gradient) > len(parameters) // 2, f"replay {replay}: only {len(with_gradient)} gradients"
         if moved or precision == "fp32":
-            assert moved == with_gradient, (f"replay {replay}: moved without a gradient {sorted(moved - with_gradient)}, "
-                                            f"a gradient but not moved {sorted(with_gradient - moved)}")
+            assert with_gradient <= moved, f"replay {replay}: a gradient but not moved {sorted(with_gradient - moved)}"
         moved_replays += bool(moved)
         if moved_replays >= 3:
             break

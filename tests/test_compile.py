@@ -72,15 +72,8 @@ def test_dynamo_explain_counts_no_graph_break_in_eval_mode(seed):
 # --- GPU -------------------------------------------------------------------------------------------
 
 @pytest.fixture(autouse=True)
-def float32_without_tf32():
-    """cuDNN runs float32 convolutions in TF32 by default (10-bit mantissa). A compiled graph that picks
-    other convolution algorithms than eager then errs independently at TF32's level (seen 2026-11-27: a
-    reduce-overhead loss 3.1e-5 from the float64 truth against eager's 1.3e-5, a ratio of 2.3 that
-    says nothing about the compilation). These tests judge float32 arithmetic, so they run without TF32."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+def _float32_tests_without_tf32(float32_without_tf32):
+    """These tests judge float32 arithmetic: no TF32 (see the fixture in conftest.py)."""
 
 
 def _require_cuda_kernels():
