@@ -196,7 +196,7 @@ def test_tiny_model_compiles_on_gpu(seed):
 def test_tiny_train_step_captures_in_one_cuda_graph(seed):
     """Forward, BCE + Dice loss, backward and a capturable Adam step as one CUDA graph: captured once,
     replayed on two fresh batches; each replay's loss and gradients agree with eager and the float64
-    truth of the weights it started from, and its Adam step moved the weights."""
+    truth of the weights it started from, and its Adam step moved every weight that has a gradient."""
     _require_cuda_kernels()
     model = _tiny(GPU_SIZE).cuda().train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, capturable=True)
@@ -235,8 +235,13 @@ def test_tiny_train_step_captures_in_one_cuda_graph(seed):
 
         truth = _float64_truth(before, images, masks)
         _assert_within_float32_error(replayed, _float32_references(before, images, masks), truth, "CUDA graph")
-        moved = [name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])]
-        assert len(moved) == len(list(model.parameters())), "the captured Adam step left weights unchanged"
+        moved = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+        # Every weight with a nonzero gradient moves (Adam's momentum may move others too). Some have no
+        # gradient by construction: the tiny model's CBAM channel MLPs have one hidden unit, which a ReLU
+        # can leave dead for a whole batch.
+        with_gradient = {name for name, g in replayed[1].items() if bool((g != 0).any())}
+        assert len(with_gradient) > len(moved) // 2 and with_gradient <= moved, \
+            f"the captured Adam step left weights with a gradient unchanged: {sorted(with_gradient - moved)}"
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
