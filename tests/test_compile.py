@@ -240,7 +240,7 @@ def test_tiny_train_step_captures_in_one_cuda_graph(seed):
         # gradient by construction: the tiny model's CBAM channel MLPs have one hidden unit, which a ReLU
         # can leave dead for a whole batch.
         with_gradient = {name for name, g in replayed[1].items() if bool((g != 0).any())}
-        assert len(with_gradient) > len(moved) // 2 and with_gradient <= moved, \
+        assert len(with_gradient) > len(replayed[1]) // 2 and with_gradient <= moved, \
             f"the captured Adam step left weights with a gradient unchanged: {sorted(with_gradient - moved)}"
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
