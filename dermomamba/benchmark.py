@@ -158,7 +158,8 @@ def make_graphed_train_step(model, images, masks, criterion, precision: str = "f
     accumulating. ``images`` and ``masks`` are the graph's inputs: copy new batches into them.
 
     Shapes: images (B, 3, H, W), masks (B, 1, H, W), CUDA tensors. Returns a callable whose result is
-    the loss tensor of the last replay (overwritten by the next one).
+    the loss tensor of the last replay (overwritten by the next one); its ``optimizer`` attribute is the
+    captured Adam (read its state; changing its settings does not change the recorded step).
 
     Example (needs a GPU):
         >>> step = make_graphed_train_step(model, images, masks, bce_dice_loss, "fp16")  # doctest: +SKIP
@@ -188,6 +189,7 @@ def make_graphed_train_step(model, images, masks, criterion, precision: str = "f
         graph.replay()
         return loss
 
+    replay.optimizer = optimizer  # its state (step counters, moments) for inspection; the graph owns the step
     return replay
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import dermomamba
 import dermomamba_kernels as dk
 from dermomamba.benchmark import DICE_SMOOTH, bce_dice_loss, random_batch
+from adam_step_check import adam_steps, assert_adam_step_applied
 
 # Small enough for a float64 CPU oracle in seconds, large enough that every scan has several steps
 # (the bottleneck is 1x2) and H != W everywhere.
@@ -196,7 +197,7 @@ def test_tiny_model_compiles_on_gpu(seed):
 def test_tiny_train_step_captures_in_one_cuda_graph(seed):
     """Forward, BCE + Dice loss, backward and a capturable Adam step as one CUDA graph: captured once,
     replayed on two fresh batches; each replay's loss and gradients agree with eager and the float64
-    truth of the weights it started from, and its Adam step moved every weight that has a gradient."""
+    truth of the weights it started from, and its Adam step is Adam's update of every weight."""
     _require_cuda_kernels()
     model = _tiny(GPU_SIZE).cuda().train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, capturable=True)
@@ -229,19 +230,17 @@ def test_tiny_train_step_captures_in_one_cuda_graph(seed):
         static_images.copy_(images)
         static_masks.copy_(masks)
         before = {k: v.clone() for k, v in model.state_dict().items()}
+        steps_before = adam_steps(optimizer)
         graph.replay()
         torch.cuda.synchronize()
         replayed = (static_loss.clone(), {name: p.grad.clone() for name, p in model.named_parameters()})
 
         truth = _float64_truth(before, images, masks)
         _assert_within_float32_error(replayed, _float32_references(before, images, masks), truth, "CUDA graph")
-        moved = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
-        # Every weight with a nonzero gradient moves (Adam's momentum may move others too). Some have no
-        # gradient by construction: the tiny model's CBAM channel MLPs have one hidden unit, which a ReLU
-        # can leave dead for a whole batch.
-        with_gradient = {name for name, g in replayed[1].items() if bool((g != 0).any())}
-        assert len(with_gradient) > len(replayed[1]) // 2 and with_gradient <= moved, \
-            f"the captured Adam step left weights with a gradient unchanged: {sorted(with_gradient - moved)}"
+        # Adam's update of every weight, from its state after the replay. Whether a weight "moved" is not
+        # the test: one whose gradient is far below Adam's eps stays put (seen: a bottleneck dt projection).
+        stepped = assert_adam_step_applied(optimizer, model.named_parameters(), before, steps_before)
+        assert stepped == len(replayed[1]), f"the captured Adam step updated {stepped} of {len(replayed[1])} weights"
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
