@@ -5,6 +5,7 @@ Ops (each with ``backend="auto" | "cuda" | "triton" | "cpu" | "reference"``):
   multiaxial_selective_scan  VMamba SS2D's four-direction scan, fused
   distance_transform_edt     exact Euclidean distance transform (scipy semantics)
   cbam                       CBAM attention (channel then spatial gate), fused
+  layer_norm                 LayerNorm over the last dim (a Triton kernel for few channels, opt-in)
 and their pure-PyTorch specifications (``*_ref``). Layers live in ``dermomamba_kernels.layers``.
 """
 
@@ -13,6 +14,7 @@ from ._dispatch import (BACKEND_ENV_VAR, BACKENDS, BackendUnavailableError, avai
 from ._ext import compiled_with_cuda, extension_error, extension_loaded
 from .cbam import cbam, cbam_ref
 from .distance_transform import distance_transform_edt, distance_transform_edt_ref
+from .layer_norm import layer_norm, layer_norm_ref
 from .selective_scan import (multiaxial_selective_scan, multiaxial_selective_scan_ref, selective_scan_fn,
                              selective_scan_ref)
 
@@ -32,6 +34,8 @@ __all__ = [
     "extension_loaded",
     "distance_transform_edt",
     "distance_transform_edt_ref",
+    "layer_norm",
+    "layer_norm_ref",
     "multiaxial_selective_scan",
     "multiaxial_selective_scan_ref",
     "selective_scan_fn",

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dermomamba_kernels.layers import CBAM, SS2D, VSSBlock
+from dermomamba_kernels.layers import CBAM, SS2D, LayerNorm, VSSBlock
 
 from ..hub import HubMixin
 from ._registry import register_model
@@ -227,7 +227,7 @@ class SweepMamba(nn.Module):
         height, width = spatial_size
         hidden = dim // ratio
         self.spatial_size = (height, width)
-        self.ln = nn.LayerNorm(dim)
+        self.ln = LayerNorm(dim)
         self.proj_in = nn.Linear(dim, hidden)
         self.mamba1 = SS2D(d_model=hidden, d_state=d_state, backend=backend)
         self.mamba2 = SS2D(d_model=height, d_state=d_state, backend=backend)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..selective_scan import multiaxial_selective_scan
+from .layer_norm import LayerNorm
 
 # The four scan directions of the core: row-major, column-major and both reversed.
 NUM_DIRECTIONS = 4
@@ -118,7 +119,9 @@ class SS2D(nn.Module):
         self.A_logs._no_weight_decay = True
         self.Ds._no_weight_decay = True
 
-        self.out_norm = nn.LayerNorm(self.d_inner, **factory)
+        # Not given `backend`: that one names the scan's backend; the norm runs "auto" (PyTorch's
+        # native kernel until the Triton one is timed on a GPU).
+        self.out_norm = LayerNorm(self.d_inner, **factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 

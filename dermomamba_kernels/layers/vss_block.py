@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from .layer_norm import LayerNorm
 from .ss2d import SS2D
 
 
@@ -60,7 +61,7 @@ class VSSBlock(nn.Module):
     """
 
     def __init__(self, hidden_dim: int, drop_path: float = 0.0,
-                 norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+                 norm_layer: Callable[[int], nn.Module] = partial(LayerNorm, eps=1e-6),
                  attn_drop_rate: float = 0.0, d_state: int = 16, backend: Optional[str] = None, **ss2d_kwargs):
         super().__init__()
         self.ln_1 = norm_layer(hidden_dim)

@@ -1,0 +1,139 @@
+"""LayerNorm with a dispatch point, and a Triton kernel for a small normalized (last) dimension.
+
+DermoMamba normalizes channels-last maps over 4-128 channels with millions of rows, where
+PyTorch's kernels (one thread block per row) run far below memory bandwidth; the Triton backend
+gives each program a tile of rows instead.
+
+Backends: "reference" (``torch.nn.functional.layer_norm`` itself, PyTorch's native kernels, any
+device), "cpu" (the same native kernel, CPU tensors), "triton" (CUDA tensors; CPU tensors under
+``TRITON_INTERPRET=1``). The specification is :func:`layer_norm_ref` (naive.py).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .. import _dispatch
+from .._dispatch import BackendUnavailableError, OpDispatcher, always, cpu_tensors
+from .naive import layer_norm_ref
+
+# "auto" runs PyTorch's native kernel on every device. The Triton kernel joins "auto" (before
+# "reference" on CUDA) once benchmarks/bench_small_layernorm.py shows it faster on a GPU: it has
+# not been timed on one yet.
+AUTO_ORDER = {"cuda": ("reference",), "cpu": ("cpu", "reference")}
+layer_norm_dispatcher = OpDispatcher("layer_norm", auto_order=AUTO_ORDER)
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Device types whose autocast runs layer_norm in fp32 (inputs cast up, output fp32): CUDA's list
+# (AT_FORALL_FP32 in ATen/autocast_mode.h) has layer_norm; the CPU's does not (under CPU autocast
+# F.layer_norm returns x's dtype; checked on torch 2.14). The Triton op matches both without a cast
+# pass: it reads x as it is and writes fp32 where autocast would.
+AUTOCAST_FP32_DEVICE_TYPES = ("cuda",)
+
+ShapeArg = Union[int, Sequence[int], torch.Size]
+
+
+def _as_shape(normalized_shape: ShapeArg) -> tuple:
+    if isinstance(normalized_shape, numbers.Integral):
+        return (int(normalized_shape),)
+    return tuple(normalized_shape)
+
+
+def layer_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, eps: float = 1e-5, *, backend: Optional[str] = None):
+    """LayerNorm as ``torch.nn.functional.layer_norm``, with a choice of backend.
+
+    Shapes: x (..., C) (any layout; see below); normalized_shape (C,) (or more trailing dims on
+    the reference backends); weight, bias (C,) or None. Output: x's shape, contiguous, in x's dtype
+    (fp32 under CUDA autocast, as F.layer_norm). Differentiable in x, weight and bias.
+
+    ``backend``: "auto" (default, or ``DERMOMAMBA_BACKEND``; today PyTorch's native kernel on
+    every device), "reference" (F.layer_norm), "cpu" (the same, CPU tensors) or "triton" (one last
+    dim of at most 8192, weight and bias given, fp32/fp16/bf16; reads x in place when its last dim
+    is contiguous and its leading dims collapse to one stride, e.g. channels-last maps or a slice of
+    channels, else copies it).
+
+    Example:
+        >>> x = torch.randn(2, 6, 10, 8)   # (B, H, W, C) channels-last map
+        >>> layer_norm(x, (8,), torch.ones(8), torch.zeros(8), 1e-6).shape
+        torch.Size([2, 6, 10, 8])
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
+    return layer_norm_dispatcher(backend, x.device, x, _as_shape(normalized_shape), weight, bias, eps)
+
+
+@layer_norm_dispatcher.register("cpu", cpu_tensors)
+@layer_norm_dispatcher.register("reference", always)
+def _native(x, normalized_shape, weight, bias, eps):
+    return F.layer_norm(x, normalized_shape, weight, bias, eps)
+
+
+def autocast_runs_fp32(x: torch.Tensor) -> bool:
+    """True where F.layer_norm on x would run in fp32 under autocast (all inputs cast up, fp32 output)."""
+    return x.device.type in AUTOCAST_FP32_DEVICE_TYPES and torch.is_autocast_enabled(x.device.type)
+
+
+def _check_triton_inputs(x, normalized_shape, weight, bias, eps, autocast_fp32):
+    from .triton_kernels import MAX_COLUMNS
+
+    if x.dim() == 0:
+        raise ValueError("x: expected a tensor of shape (..., C), got a 0-d tensor")
+    channels = x.shape[-1]
+    if len(normalized_shape) != 1:
+        raise BackendUnavailableError(
+            f"layer_norm: the triton backend normalizes over the last dim only, got normalized_shape="
+            f"{normalized_shape}; use backend='reference'")
+    if normalized_shape[0] != channels:
+        raise ValueError(f"normalized_shape: {normalized_shape} does not match x's last dim "
+                         f"(x has shape {tuple(x.shape)})")
+    if weight is None or bias is None:
+        raise BackendUnavailableError(
+            "layer_norm: the triton backend needs both weight and bias (elementwise_affine=True, bias=True); "
+            "use backend='reference'")
+    if x.dtype not in TRITON_DTYPES:
+        raise TypeError(f"x: dtype {x.dtype} is not supported by the triton backend "
+                        f"({', '.join(map(str, TRITON_DTYPES))}); use backend='reference'")
+    if channels == 0:
+        raise ValueError(f"x: the normalized dimension is empty (shape {tuple(x.shape)})")
+    if channels > MAX_COLUMNS:
+        raise ValueError(f"x: a last dim of {channels} exceeds the triton backend's {MAX_COLUMNS} (a row is held "
+                         "in one program's registers); use backend='reference'")
+    for name, param in (("weight", weight), ("bias", bias)):
+        if not isinstance(param, torch.Tensor) or tuple(param.shape) != (channels,):
+            shape = tuple(param.shape) if isinstance(param, torch.Tensor) else type(param).__name__
+            raise ValueError(f"{name}: expected shape ({channels},), got {shape}")
+        if param.device != x.device:
+            raise ValueError(f"{name}: on {param.device}, but x is on {x.device}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"bias: dtype {bias.dtype} differs from weight's {weight.dtype}")
+    # PyTorch's kernels take parameters in x's dtype, or fp32 ones with a half/bf16 x; autocast casts
+    # them all to fp32 first (the kernel reads any of these dtypes as fp32).
+    if autocast_fp32:
+        allowed = TRITON_DTYPES
+    else:
+        allowed = (x.dtype,) if x.dtype == torch.float32 else (x.dtype, torch.float32)
+    if weight.dtype not in allowed:
+        raise TypeError(f"weight: dtype {weight.dtype} does not go with x's {x.dtype} on the triton backend "
+                        f"(expected one of {', '.join(map(str, allowed))})")
+    if not isinstance(eps, numbers.Real) or eps < 0:
+        raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
+
+
+# (_dispatch.triton_kernels is called by its module: a bare name would shadow the submodule triton_kernels)
+@layer_norm_dispatcher.register("triton", _dispatch.triton_kernels(__name__ + ".triton_kernels"))
+def _triton(x, normalized_shape, weight, bias, eps):
+    autocast_fp32 = autocast_runs_fp32(x)
+    _check_triton_inputs(x, normalized_shape, weight, bias, eps, autocast_fp32)
+    out_dtype = torch.float32 if autocast_fp32 else x.dtype
+    from .triton_ops import forward_op  # imported here: the module defines Triton kernels
+
+    y, _, _ = forward_op(x, weight, bias, float(eps), out_dtype)
+    return y
+
+
+__all__ = ["layer_norm", "layer_norm_ref", "layer_norm_dispatcher"]
