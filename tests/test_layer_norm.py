@@ -344,7 +344,10 @@ def test_interp_mixed_parameter_dtypes_and_autocast(seed, poisoned, monkeypatch)
     """Half/bf16 x with fp32 parameters (allowed natively); CPU autocast leaves layer_norm in x's dtype
     (as F.layer_norm); under an autocast that runs layer_norm in fp32 (CUDA's, emulated here on the CPU)
     y is fp32 and equals F.layer_norm of the upcast inputs, while dx keeps x's dtype."""
-    import dermomamba_kernels.layer_norm as ln
+    import importlib
+
+    # The package exports the function layer_norm under the subpackage's name; import_module returns the module.
+    ln = importlib.import_module("dermomamba_kernels.layer_norm")
 
     x, _, _ = _inputs((2, 7, 9, 8), F16)
     w, b = torch.randn(8), torch.randn(8)
