@@ -1,14 +1,15 @@
 """Benchmark of the multiaxial scan's forward alone: the warp kernel (v2) against the lane kernels (v3:
-"lane", one state per lane; "lane4", 4 lanes x 4 states per sequence) and mamba-ssm's
+"lane", one state per lane; "lane4", 4 lanes x 4 states per sequence), the staged kernel (v4: each tile
+staged in shared memory once, one launch with a decoupled look-back) and mamba-ssm's
 selective_scan_fn, at DermoMamba's eight SS2D shapes, on one GPU.
 
-The forward kernel is chosen per call by DERMOMAMBA_SCAN_FWD_KERNEL=warp|lane|lane4 (read by
+The forward kernel is chosen per call by DERMOMAMBA_SCAN_FWD_KERNEL=warp|lane|lane4|staged (read by
 csrc/cuda/selective_scan_cuda.cpp on every call). Inputs are the wrapper's: x (B, d, H, W), delta
 (B, 4, d, H, W) contiguous, B and C channel-last views of one (B, H, W, 4, R + 2N) projection;
 mamba-ssm runs on its own materialised (B, 4 d, L) / (B, 4, N, L) fp32 inputs (the scan alone, no
 copies or einsums counted). Achieved bandwidth = the forward's floor bytes (bench_scan.multiaxial_floor_bytes,
 benchmarks/notes/scan.md section 1) / time, against a device-to-device copy measured in the same run.
-Before timing, the lane kernels' outputs are compared with the warp kernel's at every shape (y and
+Before timing, the other kernels' outputs are compared with the warp kernel's at every shape (y and
 chunk_states, relative difference).
 Medians of triton.testing.do_bench (L2 flushed between runs), ms.
 
@@ -19,8 +20,8 @@ compared with the warp backward's on the same chunk_states (largest relative dif
 seven gradients). mamba-ssm: its scan's forward + backward (fp32, its own materialised inputs).
 
 Usage: python benchmarks/bench_scan_v3.py [--out DIR] [--quick] [--chunk 128] [--skip-backward]
-       python benchmarks/bench_scan_v3.py --small-case   (one small lane forward + backward of each
-       kind, atomic and deterministic, for compute-sanitizer; no timing)
+       python benchmarks/bench_scan_v3.py --small-case   (small forwards of every kind, each followed by
+       the lane backward, atomic and deterministic, for compute-sanitizer; no timing)
 Writes DIR/bench_scan_v3.json and .md (DIR defaults to $OUT, else benchmarks/out).
 """
 
@@ -43,8 +44,8 @@ from common import BATCH, DSTATE, NUM_DIRECTIONS, SHAPES, copy_bandwidth_gbs, gi
 from dermomamba_kernels.selective_scan import extension  # noqa: E402,F401  (fakes + autograd of the ops)
 
 KERNEL_VARIABLE = "DERMOMAMBA_SCAN_FWD_KERNEL"
-KERNELS = ("warp", "lane", "lane4")
-LANE_KERNELS = KERNELS[1:]
+KERNELS = ("warp", "lane", "lane4", "staged")
+OTHER_KERNELS = KERNELS[1:]  # compared with (and against) the default, warp
 BWD_KERNEL_VARIABLE = "DERMOMAMBA_SCAN_BWD_KERNEL"
 BWD_KERNELS = ("warp", "lane")
 PAIRS = [(f, b) for f in KERNELS for b in BWD_KERNELS]
@@ -131,10 +132,11 @@ def forward_backward_table(args, copy_gbs, mamba_fn):
 
 
 def small_case():
-    """One small multiaxial forward + backward per (lane forward, backward) pair, both gradient modes:
-    odd sizes, several blocks per direction, splits (what compute-sanitizer should look at)."""
+    """Small multiaxial forwards of every kind, each followed by the lane backward in both gradient modes:
+    odd sizes, several blocks per direction, splits, and (third shape) ten staged tiles, so that the
+    staged kernel's look-back crosses a milestone (what compute-sanitizer should look at)."""
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
-    for dim, height, width, dstate, chunk in ((12, 9, 13, 16, 32), (5, 7, 6, 20, 16)):
+    for dim, height, width, dstate, chunk in ((12, 9, 13, 16, 32), (5, 7, 6, 20, 16), (8, 48, 53, 16, 16)):
         x = torch.randn(1, dim, height, width, device="cuda")
         delta = 0.5 * torch.randn(1, NUM_DIRECTIONS, dim, height, width, device="cuda") - 1.5
         B, C = (torch.randn(1, NUM_DIRECTIONS, dstate, height, width, device="cuda") for _ in range(2))
@@ -143,7 +145,7 @@ def small_case():
         op_args = (x, delta, A, B, C, D, bias, True, chunk)
         dy = torch.randn(x.shape, device="cuda")
         # lane4 holds 4 states per lane in 4 lanes: N <= 16 only (it raises otherwise, by design).
-        for fwd_kernel in ("lane", "lane4", "warp") if dstate <= 16 else ("lane", "warp"):
+        for fwd_kernel in ("lane", "lane4", "staged", "warp") if dstate <= 16 else ("lane", "staged", "warp"):
             states = forward_with(fwd_kernel, op_args)[1]
             for deterministic in (False, True):
                 os.environ[BWD_KERNEL_VARIABLE] = "lane"
@@ -159,7 +161,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="few repetitions (smoke test)")
     parser.add_argument("--chunk", type=int, default=extension.chunk_size_for(torch.device("cuda")))
     parser.add_argument("--skip-backward", action="store_true", help="forward table only")
-    parser.add_argument("--small-case", action="store_true", help="one small lane fwd + bwd for compute-sanitizer")
+    parser.add_argument("--small-case", action="store_true", help="small fwd + bwd of each kind for compute-sanitizer")
     args = parser.parse_args()
     if args.small_case:
         small_case()
@@ -174,10 +176,10 @@ def main():
               f"chunk_size {args.chunk}; mamba-ssm: {'available' if mamba_fn else 'NOT available (' + str(mamba_err) + ')'}")
     print(header, flush=True)
     lines = [f"# bench_scan_v3: multiaxial scan forward alone\n\n{header}\n",
-             "| d_model | HxW | dtype | floor MB | warp ms | warp % copy | lane ms | lane % copy | lane4 ms | "
-             "lane4 % copy | best lane / warp | mamba-ssm scan fwd ms | best lane vs mamba | "
-             "rel diff to warp y / states: lane; lane4 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| d_model | HxW | dtype | floor MB | " + " | ".join(f"{k} ms | {k} % copy" for k in KERNELS)
+             + " | best other / warp | mamba-ssm scan fwd ms | best other vs mamba | rel diff to warp y / states: "
+             + "; ".join(OTHER_KERNELS) + " |",
+             "|" + "---|" * (2 * len(KERNELS) + 8)]
     rows = []
     for d_model, height, width in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
@@ -189,7 +191,7 @@ def main():
             op_args = (x, delta, A, B, C, D, bias, True, args.chunk)
             outputs = {k: forward_with(k, op_args) for k in KERNELS}
             diffs = {k: (rel_diff(outputs[k][0], outputs["warp"][0]), rel_diff(outputs[k][1], outputs["warp"][1]))
-                     for k in LANE_KERNELS}
+                     for k in OTHER_KERNELS}
             del outputs
             times = {}
             for kernel in KERNELS:
@@ -213,21 +215,21 @@ def main():
             itemsize = torch.finfo(dtype).bits // 8
             floor, _ = multiaxial_floor_bytes(BATCH, x.shape[1], height, width, DSTATE, itemsize, itemsize, args.chunk)
             pct = {k: 100 * floor / times[k] / 1e6 / copy_gbs for k in KERNELS}
-            best = min(times[k] for k in LANE_KERNELS)
+            best = min(times[k] for k in OTHER_KERNELS)
             row = {"d_model": d_model, "H": height, "W": width, "dtype": str(dtype), "floor_bytes": floor,
                    "mamba_scan_fwd_ms": mamba_ms}
             for k in KERNELS:
                 row[f"{k}_ms"] = times[k]
                 row[f"{k}_pct_copy"] = pct[k]
-            for k in LANE_KERNELS:
+            for k in OTHER_KERNELS:
                 row[f"{k}_rel_diff_y"], row[f"{k}_rel_diff_states"] = diffs[k]
             rows.append(row)
             vs_mamba = f"{mamba_ms / best:.2f}x" if mamba_ms else "-"
-            lines.append(f"| {d_model} | {height}x{width} | {str(dtype)[6:]} | {floor / 1e6:.1f} | {times['warp']:.3f} | "
-                         f"{pct['warp']:.1f}% | {times['lane']:.3f} | {pct['lane']:.1f}% | {times['lane4']:.3f} | "
-                         f"{pct['lane4']:.1f}% | {times['warp'] / best:.2f}x | "
-                         f"{mamba_ms if mamba_ms is None else f'{mamba_ms:.3f}'} | {vs_mamba} | "
-                         f"{diffs['lane'][0]:.1e} / {diffs['lane'][1]:.1e}; {diffs['lane4'][0]:.1e} / {diffs['lane4'][1]:.1e} |")
+            lines.append(f"| {d_model} | {height}x{width} | {str(dtype)[6:]} | {floor / 1e6:.1f} | "
+                         + " | ".join(f"{times[k]:.3f} | {pct[k]:.1f}%" for k in KERNELS)
+                         + f" | {times['warp'] / best:.2f}x | {mamba_ms if mamba_ms is None else f'{mamba_ms:.3f}'} | "
+                         f"{vs_mamba} | " + "; ".join(f"{diffs[k][0]:.1e} / {diffs[k][1]:.1e}" for k in OTHER_KERNELS)
+                         + " |")
             print(lines[-1], flush=True)
             del inputs, x, delta, B, C
             torch.cuda.empty_cache()

@@ -134,7 +134,7 @@ wait_for_tests() {
 wait_for_mamba
 if has ncu; then
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-  bench ncu 200 "$NCU" --kernel-name regex:"scan_(lane_)?(fwd|bwd)_(main|split_aggregate)" --launch-count 12 \
+  bench ncu 200 "$NCU" --kernel-name regex:"scan_(lane_)?(fwd|bwd)_(main|split_aggregate)|scan_staged_fwd" --launch-count 13 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
     python3 benchmarks/ncu_scan_case.py
@@ -145,7 +145,7 @@ has layers && bench layers 420 python3 benchmarks/bench_layers.py --baseline mam
 has model && bench model 420 python3 benchmarks/bench_model.py --json "$OUT/bench_model.json" \
   --markdown "$OUT/bench_model.md" --plot "$OUT/bench_model.png" ${BENCH_MODEL_ARGS:-}
 has scan && bench scan 240 bash -c "python3 benchmarks/bench_scan.py && python3 benchmarks/bench_triton_scan.py"
-has scanv3 && bench scanv3 120 python3 benchmarks/bench_scan_v3.py --out "$OUT"
+has scanv3 && bench scanv3 400 python3 benchmarks/bench_scan_v3.py --out "$OUT"
 if has sanitize; then
   SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   # --kernel-name limits the (slow) checking to our kernels; torch's own still run, unchecked.

@@ -1,7 +1,7 @@
-"""One multiaxial scan forward per kernel form (warp, lane, lane4) and one backward per form (warp, lane)
-at DermoMamba's largest SS2D shape (batch 16, d_inner 8, 192x256, N 16, fp32), for Nsight Compute:
+"""One multiaxial scan forward per kernel form (warp, lane, lane4, staged) and one backward per form (warp,
+lane) at DermoMamba's largest SS2D shape (batch 16, d_inner 8, 192x256, N 16, fp32), for Nsight Compute:
 
-  ncu --kernel-name regex:"scan_(lane_)?(fwd|bwd)_(main|split_aggregate)" --section ... \
+  ncu --kernel-name regex:"scan_(lane_)?(fwd|bwd)_(main|split_aggregate)|scan_staged_fwd" --section ... \
       python benchmarks/ncu_scan_case.py
 """
 
@@ -9,7 +9,7 @@ import os
 
 import torch
 
-import dermomamba_kernels  # noqa: F401
+import dermomamba_kernels  # noqa: F401  (registers the ops)
 
 ops = torch.ops.dermomamba
 batch, dim, height, width, dstate, rank = 16, 8, 192, 256, 16, 1
@@ -22,7 +22,7 @@ delta = torch.randn(batch, 4, dim, height, width, device="cuda") - 1
 A = -torch.rand(4 * dim, dstate, device="cuda") - 0.5
 D, bias = torch.randn(4 * dim, device="cuda"), torch.randn(4 * dim, device="cuda")
 states = None
-for kernel in ("warp", "lane", "lane4"):
+for kernel in ("warp", "lane", "lane4", "staged"):
     os.environ["DERMOMAMBA_SCAN_FWD_KERNEL"] = kernel
     y, states = ops.multiaxial_scan_fwd(x, delta, A, B, C, D, bias, True, 128)
 dy = torch.randn_like(y)

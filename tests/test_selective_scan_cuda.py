@@ -345,13 +345,14 @@ def check_multiaxial(inp, softplus, tag, chunk=CHUNK, deterministic=False):
         assert_close_measured(f"{tag}/d{key}", g, ref_g[key], hi_g[key])
 
 
-# The multiaxial forward has three kernels (csrc/cuda/selective_scan_cuda.cpp reads
+# The multiaxial forward has four kernels (csrc/cuda/selective_scan_cuda.cpp reads
 # DERMOMAMBA_SCAN_FWD_KERNEL on every call): "warp" (the default), "lane" (scan v3: a lane per
-# state) and "lane4" (v3 with 4 lanes x 4 states per sequence, N <= 16). All must write the same y
+# state), "lane4" (v3 with 4 lanes x 4 states per sequence, N <= 16) and "staged" (scan v4: tiles
+# staged in shared memory, one launch with a decoupled look-back, N <= 32). All must write the same y
 # and chunk_states, and the one backward must give the reference's gradients from any one's
 # chunk_states, so the multiaxial parity tests run once per forward kernel.
 FWD_KERNEL_VARIABLE = "DERMOMAMBA_SCAN_FWD_KERNEL"
-FWD_KERNELS = ["warp", "lane", "lane4"]
+FWD_KERNELS = ["warp", "lane", "lane4", "staged"]
 LANE4_MAX_STATES = 16
 
 
@@ -513,6 +514,10 @@ def test_multiaxial_forward_kernel_choice_errors(seed, monkeypatch):
     with pytest.raises(RuntimeError, match=r"=lane4\) supports a state size N up to 16"):
         ops().multiaxial_scan_fwd(wide["x"], wide["delta"], wide["A"], wide["B"], wide["C"], wide["D"],
                                   wide["delta_bias"], True, 16)
+    monkeypatch.setenv(FWD_KERNEL_VARIABLE, "staged")
+    with pytest.raises(RuntimeError, match=r"=staged\) supports a state size N up to 32"):
+        ops().multiaxial_scan_fwd(big["x"], big["delta"], big["A"], big["B"], big["C"], big["D"], big["delta_bias"],
+                                  True, 16)
     monkeypatch.setenv(FWD_KERNEL_VARIABLE, "warp")
     ops().multiaxial_scan_fwd(big["x"], big["delta"], big["A"], big["B"], big["C"], big["D"], big["delta_bias"],
                               True, 16)

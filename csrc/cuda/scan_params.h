@@ -73,6 +73,12 @@ struct ScanParams {
   float* last_state;     // (batch, num_seqs, N) or null
   float* split_decay;    // scratch (batch, num_seqs, num_splits, N)
   float* split_state;    // scratch (batch, num_seqs, num_splits, N)
+  // The staged forward (scan_staged_kernels.cuh) only: zeroed int32 scratch. tile_ticket hands
+  // out work in launch order; tile_flags (batch, 4, channel blocks, tiles) says a tile has published
+  // its aggregate (split_decay / split_state at split = tile) or, for a milestone tile, its
+  // inclusive state (chunk_states at the next tile's first chunk).
+  int* tile_ticket;
+  int* tile_flags;
 
   // Backward outputs (contiguous, native layout).
   void* du;              // 1-D: (batch, dim, L) in u's dtype

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cuda/scan_params.h"
+#include "cuda/scan_staged_layout.h"
 
 namespace dermomamba {
 namespace cuda {
@@ -27,6 +28,10 @@ int scan_forward_multiaxial_lane_bfloat16(const ScanParams& params, int states_p
 int scan_backward_multiaxial_lane_float(const ScanParams& params, void* stream);
 int scan_backward_multiaxial_lane_half(const ScanParams& params, void* stream);
 int scan_backward_multiaxial_lane_bfloat16(const ScanParams& params, void* stream);
+// The staged form of the multiaxial forward (scan v4, csrc/cuda/scan_staged_kernels.cuh), same convention.
+int scan_forward_multiaxial_staged_float(const ScanParams& params, void* stream);
+int scan_forward_multiaxial_staged_half(const ScanParams& params, void* stream);
+int scan_forward_multiaxial_staged_bfloat16(const ScanParams& params, void* stream);
 }  // namespace cuda
 
 namespace {
@@ -414,10 +419,11 @@ selective_scan_bwd_cuda(const at::Tensor& dout, const at::Tensor& u, const at::T
 // ---- the multiaxial (SS2D) scan ----
 
 // Which kernel runs multiaxial_scan_fwd: "warp" (default; one warp per sequence,
-// scan_kernels.cuh), "lane" (one lane per (sequence, state), scan_lane_kernels.cuh) or "lane4"
-// (the lane form with 4 lanes x 4 states per sequence, N <= 16). All write the same y and
-// chunk_states, so the backward is the same. Read on every call (a getenv costs far less than a
-// launch) so that tests can switch it per test.
+// scan_kernels.cuh), "lane" (one lane per (sequence, state), scan_lane_kernels.cuh), "lane4"
+// (the lane form with 4 lanes x 4 states per sequence, N <= 16) or "staged" (scan v4: each tile
+// staged in shared memory once, one launch with a decoupled look-back, N <= 32,
+// scan_staged_kernels.cuh). All write the same y and chunk_states, so the backward is the same.
+// Read on every call (a getenv costs far less than a launch) so that tests can switch it per test.
 constexpr const char* kForwardKernelVariable = "DERMOMAMBA_SCAN_FWD_KERNEL";
 // The lane form keeps all N states of a sequence in one warp; lane4 in 4 lanes of 4 states.
 constexpr int64_t kLaneMaxStateDim = cuda::kWarpSize;
@@ -425,7 +431,7 @@ constexpr int64_t kNarrowLaneGroup = 16;  // N <= 16: two sequences per warp
 constexpr int64_t kWideLaneGroup = 4;
 constexpr int64_t kWideStatesPerLane = 4;
 
-enum class ForwardKernel { kWarp, kLane, kLaneWide };
+enum class ForwardKernel { kWarp, kLane, kLaneWide, kStaged };
 
 ForwardKernel multiaxial_forward_kernel(const char* op) {
   const char* value = std::getenv(kForwardKernelVariable);
@@ -433,8 +439,9 @@ ForwardKernel multiaxial_forward_kernel(const char* op) {
   if (choice.empty() || choice == "warp") return ForwardKernel::kWarp;
   if (choice == "lane") return ForwardKernel::kLane;
   if (choice == "lane4") return ForwardKernel::kLaneWide;
+  if (choice == "staged") return ForwardKernel::kStaged;
   TORCH_CHECK(false, op, ": environment variable ", kForwardKernelVariable,
-              " must be 'warp', 'lane' or 'lane4' (or unset), got '", choice, "'");
+              " must be 'warp', 'lane' or 'lane4' (v3) or 'staged' (v4), or unset, got '", choice, "'");
 }
 
 // Lanes per sequence in the lane forms (the kernels' lane::group_size_for and lane::LaneShape;
@@ -449,6 +456,33 @@ void choose_splits_lane(ScanParams& p, int device, ForwardKernel kernel) {
   const int64_t sequences_per_warp = cuda::kWarpSize / lane_group_size(p.dstate, kernel);
   choose_splits_for_warps(p, device, static_cast<int64_t>(p.batch) * p.num_directions *
                                          ceil_div(p.dim, sequences_per_warp));
+}
+
+int run_forward_staged(const ScanParams& p, at::ScalarType bc_dtype, cudaStream_t stream) {
+  switch (bc_dtype) {
+    case at::kFloat: return cuda::scan_forward_multiaxial_staged_float(p, stream);
+    case at::kHalf: return cuda::scan_forward_multiaxial_staged_half(p, stream);
+    default: return cuda::scan_forward_multiaxial_staged_bfloat16(p, stream);
+  }
+}
+
+// The staged forward's tiles (runs of whole chunks, cuda::staged::staged_layout, the function its
+// kernel uses) become p's splits, and its look-back scratch is allocated: the tiles' aggregates in
+// split_decay / split_state, and one zeroed int32 buffer holding the ticket counter and one flag per
+// (batch, direction, channel block, tile). Returns that buffer (kept alive by the caller).
+at::Tensor setup_staged(ScanParams& p, const at::Tensor& x, const char* op) {
+  const cuda::staged::StagedLayout layout = cuda::staged::staged_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
+  TORCH_CHECK(layout.ok, op, ": the staged kernel (", kForwardKernelVariable, "=staged) cannot fit one chunk (",
+              p.chunk_size, " positions) of one channel with N = ", p.dstate, " in its ",
+              cuda::staged::kSharedBudgetBytes, " bytes of shared memory; use a smaller chunk_size, or unset ",
+              kForwardKernelVariable);
+  p.chunks_per_split = layout.chunks_per_tile;
+  p.num_splits = layout.num_tiles;
+  const int64_t flags = static_cast<int64_t>(p.batch) * p.num_directions * layout.channel_blocks * layout.num_tiles;
+  at::Tensor lookback = at::zeros({1 + flags}, x.options().dtype(at::kInt));
+  p.tile_ticket = lookback.data_ptr<int>();
+  p.tile_flags = p.tile_ticket + 1;
+  return lookback;
 }
 
 int run_forward_lane(const ScanParams& p, at::ScalarType bc_dtype, ForwardKernel kernel, cudaStream_t stream) {
@@ -546,8 +580,12 @@ std::tuple<at::Tensor, at::Tensor> multiaxial_scan_fwd_cuda(const at::Tensor& x,
                                                             int64_t chunk_size) {
   const char* op = "multiaxial_scan_fwd";
   const ForwardKernel kernel = multiaxial_forward_kernel(op);
-  const bool lanes = kernel != ForwardKernel::kWarp;
+  const bool lanes = kernel == ForwardKernel::kLane || kernel == ForwardKernel::kLaneWide;
+  const bool staged = kernel == ForwardKernel::kStaged;
   ScanParams p = multiaxial_params(op, x, delta, A, B_in, C_in, D, delta_bias, delta_softplus, chunk_size);
+  TORCH_CHECK(!staged || p.dstate <= cuda::staged::kMaxStateDim, op, ": the staged kernel (", kForwardKernelVariable,
+              "=staged) supports a state size N up to ", cuda::staged::kMaxStateDim, " (A.shape[1]), got ", p.dstate,
+              "; unset ", kForwardKernelVariable, " or set it to 'warp' for larger N");
   const int64_t lane_max_dstate =
       kernel == ForwardKernel::kLaneWide ? kWideLaneGroup * kWideStatesPerLane : kLaneMaxStateDim;
   TORCH_CHECK(!lanes || p.dstate <= lane_max_dstate, op, ": the lane kernel (", kForwardKernelVariable, "=",
@@ -565,7 +603,10 @@ std::tuple<at::Tensor, at::Tensor> multiaxial_scan_fwd_cuda(const at::Tensor& x,
   auto chunk_states = at::empty({p.batch, kMultiaxialDirections, p.dim, p.num_chunks, p.dstate}, fp32);
   p.out = y.data_ptr();
   p.chunk_states = chunk_states.data_ptr<float>();
-  if (lanes) {
+  at::Tensor lookback;
+  if (staged) {
+    lookback = setup_staged(p, x, op);
+  } else if (lanes) {
     choose_splits_lane(p, x.get_device(), kernel);
   } else {
     choose_splits(p, x.get_device());
@@ -573,8 +614,9 @@ std::tuple<at::Tensor, at::Tensor> multiaxial_scan_fwd_cuda(const at::Tensor& x,
   SplitScratch scratch;
   allocate_split_scratch(p, fp32, scratch, /*backward=*/false);
   const auto stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
-  check_launch(lanes ? run_forward_lane(p, B.scalar_type(), kernel, stream)
-                     : run_forward(p, B.scalar_type(), /*multiaxial=*/true, stream),
+  check_launch(staged  ? run_forward_staged(p, B.scalar_type(), stream)
+               : lanes ? run_forward_lane(p, B.scalar_type(), kernel, stream)
+                       : run_forward(p, B.scalar_type(), /*multiaxial=*/true, stream),
                op);
   return {y, chunk_states};
 }

@@ -1,0 +1,119 @@
+// Work and shared-memory layout of the "staged" multiaxial forward (scan v4,
+// csrc/cuda/scan_staged_kernels.cuh; benchmarks/notes/scan.md, "v4"). Plain C++ (no CUDA or torch
+// headers): the host glue (selective_scan_cuda.cpp) sizes the look-back scratch from the same
+// function the kernel uses to find its work, so the two cannot disagree.
+//
+// A block owns one tile (a run of whole chunks) of one (batch, direction) for a group of channels.
+// Its threads are `subs` sub-chunks x channel slots x `group` lanes (one state per lane); sub-chunk s
+// of the tile is `chunks_per_sub` consecutive chunks. The tile's inputs sit in shared memory:
+//   step  float2 [slots][tile_positions]  (delta after bias / softplus, x) per channel and position
+//   place int2   [tile_positions]         (h, w) of each position in the native layout
+//   B, C  float  [tile_positions][group]  states >= N stay zero, so idle lanes add nothing
+//   agg   float2 [subs][slots][group]     each sub-chunk's (decay, end state from zero)
+//   enter float  [subs][slots][group]     the state entering each sub-chunk
+#pragma once
+
+#ifdef __CUDACC__
+#define DERMOMAMBA_HOST_DEVICE __host__ __device__
+#else
+#define DERMOMAMBA_HOST_DEVICE
+#endif
+
+namespace dermomamba {
+namespace cuda {
+namespace staged {
+
+// Largest N: one lane per state, a group of 16 or 32 lanes per channel.
+constexpr int kMaxStateDim = 32;
+constexpr int kNarrowGroup = 16;
+constexpr int kWideGroup = 32;
+constexpr int kLanesPerWarp = 32;
+constexpr int kMaxThreads = 512;
+// Dynamic shared memory per block: two blocks per SM on sm_90 (228 KB per SM, 1 KB reserved per block).
+constexpr int kSharedBudgetBytes = 110 * 1024;
+// A sub-chunk walks at least this many positions (several short chunks when chunk_size is small),
+// so that the per-tile look-back and barriers are shared by enough work.
+constexpr int kMinSubChunkPositions = 64;
+// Every kMilestoneSpan-th tile publishes its inclusive state; the others publish only their
+// aggregate. A tile's entering state is the last milestone's inclusive state folded with the
+// aggregates of the tiles after it, always in the same order, so it does not depend on timing.
+constexpr int kMilestoneSpan = 8;
+
+struct StagedLayout {
+  bool ok;
+  int group;            // lanes per channel (16 or 32)
+  int seqs_per_warp;    // channels per warp: 32 / group
+  int channels;         // channels per block (the last channel block of a direction may have fewer)
+  int slots;            // channel slots per sub-chunk, whole warps (>= channels)
+  int warps_per_sub;
+  int subs;             // sub-chunks per tile
+  int chunks_per_sub;
+  int chunks_per_tile;
+  int tile_positions;   // chunks_per_tile * chunk_size (the sequence's last tile may be shorter)
+  int num_tiles;        // per sequence
+  int channel_blocks;   // blocks per (batch, direction) and tile
+  int threads;
+  // Byte offsets in dynamic shared memory (16-byte aligned) and the total.
+  int step_offset, place_offset, B_offset, C_offset, agg_offset, enter_offset, shared_bytes;
+};
+
+DERMOMAMBA_HOST_DEVICE inline int staged_align16(int bytes) { return (bytes + 15) / 16 * 16; }
+
+DERMOMAMBA_HOST_DEVICE inline void staged_offsets(StagedLayout& l) {
+  const int P = l.tile_positions;
+  l.step_offset = 0;
+  l.place_offset = l.step_offset + staged_align16(l.slots * P * 8);
+  l.B_offset = l.place_offset + staged_align16(P * 8);
+  l.C_offset = l.B_offset + staged_align16(P * l.group * 4);
+  l.agg_offset = l.C_offset + staged_align16(P * l.group * 4);
+  l.enter_offset = l.agg_offset + staged_align16(l.subs * l.slots * l.group * 8);
+  l.shared_bytes = l.enter_offset + staged_align16(l.subs * l.slots * l.group * 4);
+}
+
+// The layout for a call: as many channels per block as kMaxThreads allows, then as many
+// sub-chunks as threads and shared memory allow; if even one sub-chunk of one chunk does not fit,
+// fewer chunks per sub-chunk, then fewer channels. ok == false: N > kMaxStateDim or nothing fits.
+DERMOMAMBA_HOST_DEVICE inline StagedLayout staged_layout(int dim, int dstate, int chunk_size, int num_chunks) {
+  StagedLayout l{};
+  l.ok = false;
+  if (dstate < 1 || dstate > kMaxStateDim || dim < 1 || chunk_size < 1 || num_chunks < 1) return l;
+  l.group = dstate <= kNarrowGroup ? kNarrowGroup : kWideGroup;
+  l.seqs_per_warp = kLanesPerWarp / l.group;
+  int channels = dim < kMaxThreads / l.group ? dim : kMaxThreads / l.group;
+  int chunks_per_sub = (kMinSubChunkPositions + chunk_size - 1) / chunk_size;
+  if (chunks_per_sub > num_chunks) chunks_per_sub = num_chunks;
+  for (;;) {
+    l.channels = channels;
+    l.slots = (channels + l.seqs_per_warp - 1) / l.seqs_per_warp * l.seqs_per_warp;
+    l.warps_per_sub = l.slots / l.seqs_per_warp;
+    const int threads_per_sub = l.warps_per_sub * kLanesPerWarp;
+    l.chunks_per_sub = chunks_per_sub;
+    const int subs_needed = (num_chunks + chunks_per_sub - 1) / chunks_per_sub;
+    int subs = kMaxThreads / threads_per_sub;
+    if (subs > subs_needed) subs = subs_needed;
+    for (; subs >= 1; --subs) {
+      l.subs = subs;
+      l.chunks_per_tile = subs * chunks_per_sub;
+      l.tile_positions = l.chunks_per_tile * chunk_size;
+      staged_offsets(l);
+      if (l.shared_bytes <= kSharedBudgetBytes) break;
+    }
+    if (subs >= 1) break;
+    if (chunks_per_sub > 1) {
+      chunks_per_sub = (chunks_per_sub + 1) / 2;
+    } else if (channels > 1) {
+      channels = (channels + 1) / 2;
+    } else {
+      return l;  // not even one chunk of one channel fits
+    }
+  }
+  l.threads = l.subs * l.warps_per_sub * kLanesPerWarp;
+  l.num_tiles = (num_chunks + l.chunks_per_tile - 1) / l.chunks_per_tile;
+  l.channel_blocks = (dim + l.channels - 1) / l.channels;
+  l.ok = true;
+  return l;
+}
+
+}  // namespace staged
+}  // namespace cuda
+}  // namespace dermomamba
