@@ -1,0 +1,273 @@
+// Block/warp emulator driving csrc/cuda/scan_staged_kernels.cuh's kernel source unmodified, as host C++.
+//  * every GPU thread is a fiber (ucontext) of its block's OS thread; __syncthreads, __syncwarp and the
+//    shuffles are real exchanges (all 32 lanes / all threads must arrive);
+//  * several blocks run at once on separate OS threads, started in a shuffled order with random delays,
+//    so the look-back really waits for tiles that are still running;
+//  * a weak memory model for the published look-back data: a __stcg store becomes visible to other
+//    blocks only when the storing thread executes __threadfence (or when the grid ends), so a missing
+//    fence leaves the reader with the NaN-poisoned scratch;
+//  * a look-back that waits too long (a block waiting for a tile no running block will publish) is
+//    reported as a deadlock (exit code 3).
+#include "scan_staged_kernels.cuh"
+
+#include <ucontext.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <unistd.h>
+#include <vector>
+
+using dermomamba::cuda::ScanParams;
+thread_local uint3 threadIdx;
+thread_local uint3 blockIdx;
+thread_local dim3 blockDim;
+thread_local dim3 gridDim;
+
+namespace {
+
+constexpr size_t kStackBytes = 96 * 1024;
+
+struct Fiber {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  bool done = false;
+  std::vector<std::pair<float*, float>> pending;  // __stcg stores not yet fenced
+};
+
+struct Barrier {
+  int arrived = 0;
+  unsigned generation = 0;
+};
+
+struct BlockRun {
+  std::vector<Fiber> fibers;
+  ucontext_t main;
+  int current = 0;
+  Barrier block_barrier;
+  std::vector<Barrier> warp_barriers;
+  std::vector<float> warp_buf;
+  std::vector<unsigned char> shared;
+  std::mt19937 rng;
+  long spins = 0;
+  std::chrono::steady_clock::time_point first_spin;
+};
+
+thread_local BlockRun* tl_run = nullptr;
+std::mutex g_atomic_mutex;
+std::mutex g_pending_mutex;
+std::vector<std::pair<float*, float>> g_leftover;  // flushed at grid end
+std::atomic<long> g_spins{0};
+std::atomic<long> g_fence_delays{0};
+double g_delay_probability = 0.0;
+ScanParams g_params;
+void (*g_kernel)(ScanParams) = nullptr;
+
+void yield_fiber() {
+  BlockRun* r = tl_run;
+  swapcontext(&r->fibers[r->current].ctx, &r->main);
+}
+
+void wait_barrier(Barrier& b, int count) {
+  const unsigned g = b.generation;
+  if (++b.arrived == count) {
+    b.arrived = 0;
+    ++b.generation;
+    return;
+  }
+  while (b.generation == g) yield_fiber();
+}
+
+void fiber_entry() {
+  g_kernel(g_params);
+  tl_run->fibers[tl_run->current].done = true;
+}
+
+void run_block(unsigned block_index, unsigned threads, size_t shared_bytes, unsigned seed) {
+  BlockRun run;
+  run.rng.seed(seed);
+  tl_run = &run;
+  blockIdx = {block_index, 0, 0};
+  blockDim = dim3(threads);
+  run.fibers.resize(threads);
+  run.warp_barriers.resize((threads + 31) / 32);
+  run.warp_buf.assign(threads, 0.f);
+  // Unwritten shared memory reads as NaN.
+  run.shared.assign(shared_bytes, 0xff);
+  for (unsigned t = 0; t < threads; ++t) {
+    Fiber& f = run.fibers[t];
+    f.stack.resize(kStackBytes);
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack.data();
+    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_link = &run.main;
+    makecontext(&f.ctx, fiber_entry, 0);
+  }
+  // Round robin; the order inside a round is shuffled per round so no lane order is assumed.
+  std::vector<unsigned> order(threads);
+  for (unsigned t = 0; t < threads; ++t) order[t] = t;
+  for (;;) {
+    bool any = false;
+    std::shuffle(order.begin(), order.end(), run.rng);
+    for (unsigned t : order) {
+      if (run.fibers[t].done) continue;
+      any = true;
+      run.current = static_cast<int>(t);
+      threadIdx = {t, 0, 0};
+      swapcontext(&run.main, &run.fibers[t].ctx);
+    }
+    if (!any) break;
+  }
+  std::lock_guard<std::mutex> g(g_pending_mutex);
+  for (auto& f : run.fibers) g_leftover.insert(g_leftover.end(), f.pending.begin(), f.pending.end());
+  tl_run = nullptr;
+}
+
+}  // namespace
+
+unsigned char* dermomamba::cuda::staged::staged_shared_memory() { return tl_run->shared.data(); }
+
+float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+  if (mask != 0xffffffffu) std::abort();
+  BlockRun* r = tl_run;
+  const int t = r->current, warp = t / 32, lane = t % 32;
+  r->warp_buf[t] = v;
+  wait_barrier(r->warp_barriers[warp], 32);
+  const float out = r->warp_buf[warp * 32 + (lane ^ lane_mask)];
+  wait_barrier(r->warp_barriers[warp], 32);
+  return out;
+}
+float __shfl_up_sync(unsigned, float, unsigned) { std::abort(); }
+float __shfl_down_sync(unsigned, float, unsigned) { std::abort(); }
+float __shfl_sync(unsigned, float, int) { std::abort(); }
+void __syncwarp(unsigned) { wait_barrier(tl_run->warp_barriers[tl_run->current / 32], 32); }
+void __syncthreads() { wait_barrier(tl_run->block_barrier, static_cast<int>(blockDim.x)); }
+float atomicAdd(float* a, float v) {
+  std::lock_guard<std::mutex> g(g_atomic_mutex);
+  const float old = *a;
+  *a = old + v;
+  return old;
+}
+int atomicAdd(int* a, int v) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); }
+int atomicExch(int* a, int v) { return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); }
+void __threadfence() {
+  BlockRun* r = tl_run;
+  // Sometimes stall before the fence, so that readers find the flag unset and wait.
+  if (g_delay_probability > 0 && std::uniform_real_distribution<double>(0, 1)(r->rng) < g_delay_probability) {
+    ++g_fence_delays;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  auto& pending = r->fibers[r->current].pending;
+  for (auto& [address, value] : pending) __atomic_store(address, &value, __ATOMIC_SEQ_CST);
+  pending.clear();
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+void __nanosleep(unsigned) {
+  BlockRun* r = tl_run;
+  if (r->spins++ == 0) r->first_spin = std::chrono::steady_clock::now();
+  ++g_spins;
+  if (std::chrono::steady_clock::now() - r->first_spin > std::chrono::seconds(20)) {
+    std::fprintf(stderr, "emulator: look-back deadlock (block %u waited %ld times in 20 s)\n", blockIdx.x, r->spins);
+    std::fflush(stderr);
+    _exit(3);
+  }
+  std::this_thread::sleep_for(std::chrono::microseconds(5));
+  yield_fiber();
+}
+float __ldcg(const float* a) {
+  float v;
+  __atomic_load(a, &v, __ATOMIC_SEQ_CST);
+  return v;
+}
+void __stcg(float* a, float v) { tl_run->fibers[tl_run->current].pending.emplace_back(a, v); }
+
+namespace st = dermomamba::cuda::staged;
+
+// selective_scan_cuda.cpp's setup_staged and scan_forward_multiaxial_staged, transcribed, with the
+// launch replaced by `concurrent` OS threads running the blocks in a shuffled order.
+extern "C" int staged_forward(const int* cfg, const void* x, const int64_t* xs, const void* delta, const int64_t* ds,
+                              const void* B, const int64_t* bs, const void* C, const int64_t* cs, const float* A,
+                              const float* D, const float* bias, float* y, float* chunk_states, long* stats) {
+  // cfg: batch, dim, H, W, N, chunk, softplus, bc_kind, u_kind, delta_kind, concurrent, seed, delay_permille
+  ScanParams p{};
+  p.batch = cfg[0]; p.dim = cfg[1]; p.height = cfg[2]; p.width = cfg[3]; p.dstate = cfg[4];
+  p.num_directions = 4; p.num_seqs = 4 * p.dim; p.length = p.height * p.width;
+  p.channels_per_group = p.dim; p.num_bc_groups = 4;
+  const int chunk = cfg[5];
+  p.chunk_size = std::min(chunk, p.length);
+  p.num_chunks = (p.length + chunk - 1) / chunk;
+  p.delta_softplus = cfg[6] != 0;
+  p.u = x; p.u_kind = cfg[8];
+  p.u_batch_stride = xs[0]; p.u_dim_stride = xs[1]; p.u_h_stride = xs[2]; p.u_w_stride = xs[3];
+  p.delta = delta; p.delta_kind = cfg[9];
+  p.delta_batch_stride = ds[0]; p.delta_dir_stride = ds[1]; p.delta_dim_stride = ds[2];
+  p.delta_h_stride = ds[3]; p.delta_w_stride = ds[4];
+  p.B = B; p.B_batch_stride = bs[0]; p.B_group_stride = bs[1]; p.B_state_stride = bs[2];
+  p.B_h_stride = bs[3]; p.B_w_stride = bs[4];
+  p.C = C; p.C_batch_stride = cs[0]; p.C_group_stride = cs[1]; p.C_state_stride = cs[2];
+  p.C_h_stride = cs[3]; p.C_w_stride = cs[4];
+  p.A = A; p.D = D; p.delta_bias = bias;
+  p.out = y; p.chunk_states = chunk_states;
+  const st::StagedLayout l = st::staged_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
+  if (!l.ok) return -1;
+  p.chunks_per_split = l.chunks_per_tile;
+  p.num_splits = l.num_tiles;
+  const int64_t flags = int64_t(p.batch) * p.num_directions * l.channel_blocks * l.num_tiles;
+  std::vector<int> lookback(1 + flags, 0);
+  p.tile_ticket = lookback.data();
+  p.tile_flags = lookback.data() + 1;
+  std::vector<float> decay, state;
+  if (p.num_splits > 1) {
+    decay.assign(size_t(p.batch) * p.num_seqs * p.num_splits * p.dstate, NAN);
+    state = decay;
+    p.split_decay = decay.data();
+    p.split_state = state.data();
+  }
+  switch (cfg[7]) {
+    case 0: g_kernel = l.group == 16 ? st::scan_staged_fwd<float, dermomamba::cuda::lane::LaneShape<16, 1>>
+                                     : st::scan_staged_fwd<float, dermomamba::cuda::lane::LaneShape<32, 1>>; break;
+    case 1: g_kernel = l.group == 16 ? st::scan_staged_fwd<__half, dermomamba::cuda::lane::LaneShape<16, 1>>
+                                     : st::scan_staged_fwd<__half, dermomamba::cuda::lane::LaneShape<32, 1>>; break;
+    default: g_kernel = l.group == 16 ? st::scan_staged_fwd<__nv_bfloat16, dermomamba::cuda::lane::LaneShape<16, 1>>
+                                      : st::scan_staged_fwd<__nv_bfloat16, dermomamba::cuda::lane::LaneShape<32, 1>>;
+  }
+  g_params = p;
+  g_spins = 0;
+  g_fence_delays = 0;
+  g_delay_probability = cfg[12] / 1000.0;
+  g_leftover.clear();
+  const unsigned blocks = static_cast<unsigned>(flags);
+  gridDim = dim3(blocks);
+  std::mt19937 rng(cfg[11]);
+  std::vector<unsigned> order(blocks);
+  for (unsigned b = 0; b < blocks; ++b) order[b] = b;
+  std::shuffle(order.begin(), order.end(), rng);
+  std::atomic<unsigned> next{0};
+  const int concurrent = std::max(1, cfg[10]);
+  std::vector<std::thread> runners;
+  for (int c = 0; c < concurrent; ++c)
+    runners.emplace_back([&, c] {
+      gridDim = dim3(blocks);
+      std::mt19937 local(cfg[11] * 7919u + c);
+      for (;;) {
+        const unsigned i = next++;
+        if (i >= blocks) break;
+        std::this_thread::sleep_for(std::chrono::microseconds(local() % 300));
+        run_block(order[i], l.threads, l.shared_bytes, local());
+      }
+    });
+  for (auto& t : runners) t.join();
+  for (auto& [address, value] : g_leftover) *address = value;
+  stats[0] = blocks;
+  stats[1] = g_spins;
+  stats[2] = g_fence_delays;
+  stats[3] = l.num_tiles;
+  stats[4] = l.threads;
+  stats[5] = l.shared_bytes;
+  stats[6] = l.channel_blocks;
+  stats[7] = l.chunks_per_tile;
+  return 0;
+}
