@@ -13,7 +13,8 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from cbam_parity import CONV_WEIGHT, IDENTITY, NAMES, SUMMATION_ORDERS, Case, check_parity, judge  # noqa: E402
+from cbam_parity import (CONV_WEIGHT, IDENTITY, NAMES, SUMMATION_ORDERS, Case, check_parity, judge,  # noqa: E402
+                         variant_maps)
 from dermomamba_kernels._dispatch import last_backend  # noqa: E402
 from dermomamba_kernels.cbam import cbam  # noqa: E402
 from dermomamba_kernels.cbam import triton_ops  # noqa: E402
@@ -59,22 +60,15 @@ def test_strided_views(seed):
     grad = torch.randn(2, 32, 6, 7).contiguous(memory_format=torch.channels_last)
 
     def run(backend, dtype, variant=IDENTITY):
-        reverse_batch, mirror_width = variant
-
-        def move(t):  # an involution, as in Case.run: the same map takes results back
-            t = t.flip(0) if reverse_batch else t
-            return t.flip(-1) if mirror_width else t
-
+        move, mirror_kernel = variant_maps(variant)  # as in Case.run: the same maps take results back
         x_base = move(base.to(dtype, copy=True)).contiguous().requires_grad_(True)
         params = [p.to(dtype).clone() for p in case.params]
-        if mirror_width:
-            params[CONV_WEIGHT] = params[CONV_WEIGHT].flip(-1)
+        params[CONV_WEIGHT] = mirror_kernel(params[CONV_WEIGHT])
         params = [p.requires_grad_(True) for p in params]
         out = cbam(x_base[:, 4:36], *params, training=True, backend=backend)
         out.backward(move(grad.to(dtype)).contiguous(memory_format=torch.channels_last))
         grads = [p.grad for p in params]
-        if mirror_width:
-            grads[CONV_WEIGHT] = grads[CONV_WEIGHT].flip(-1)
+        grads[CONV_WEIGHT] = mirror_kernel(grads[CONV_WEIGHT])
         return [move(out.detach()), move(x_base.grad)] + grads
 
     fused = run("triton", torch.float32)

@@ -270,7 +270,8 @@ def test_gpu_autocast_layer(seed, backend):
         assert err_k <= 2 * err_r + 1e-5, f"{name}: {backend} {err_k:.3e} vs autocast reference {err_r:.3e}"
 
 
-@pytest.mark.parametrize("order", SUMMATION_ORDERS[1:], ids=["reverse-batch", "mirror-width", "both"])
+@pytest.mark.parametrize("order", SUMMATION_ORDERS[1:],
+                         ids=["-".join(n for n, on in zip(("batch", "width", "height"), o) if on) for o in SUMMATION_ORDERS[1:]])
 def test_summation_orders_are_exact_symmetries(seed, order):
     """The parity tolerance takes the reference's error over these orders: each must be the same problem."""
     case = Case(3, 16, 5, 9, device="cpu", ksize=7)
