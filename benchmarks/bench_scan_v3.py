@@ -60,6 +60,16 @@ def rel_diff(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def scan_op_args(d_model, height, width, dtype, chunk):
+    """multiaxial_scan_fwd's arguments at one SS2D shape, in the wrapper's layout (delta contiguous, B / C
+    channel-last views of the projection), softplus on."""
+    inputs = make_ss2d_inputs(d_model, height, width, dtype)
+    x = inputs[0].detach()
+    with torch.no_grad():
+        delta, B, C, A, D, bias = projections_native(x, [p.detach() for p in inputs[1:]])
+    return (x, delta.contiguous(), A, B, C, D, bias, True, chunk)
+
+
 def backward_with(kernel, dy, op_args, states):
     os.environ[BWD_KERNEL_VARIABLE] = kernel
     return torch.ops.dermomamba.multiaxial_scan_bwd(dy, *op_args[:8], states, op_args[8], False)
@@ -75,12 +85,8 @@ def forward_backward_table(args, copy_gbs, mamba_fn):
     rows = []
     for d_model, height, width in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
-            inputs = make_ss2d_inputs(d_model, height, width, dtype)
-            x = inputs[0].detach()
-            with torch.no_grad():
-                delta, B, C, A, D, bias = projections_native(x, [p.detach() for p in inputs[1:]])
-                delta = delta.contiguous()
-            op_args = (x, delta, A, B, C, D, bias, True, args.chunk)
+            op_args = scan_op_args(d_model, height, width, dtype, args.chunk)
+            x, delta, A, B, C, D, bias = op_args[:7]
             dy = torch.randn(x.shape, device=x.device)
             states = forward_with("warp", op_args)[1]
             grads = {k: backward_with(k, dy, op_args, states) for k in BWD_KERNELS}
@@ -126,7 +132,7 @@ def forward_backward_table(args, copy_gbs, mamba_fn):
                          f"{'-' if mamba_ms is None else f'{mamba_ms:.3f}'} | "
                          f"{'-' if mamba_ms is None else f'{mamba_ms / best:.2f}x'} | {diff:.1e} |")
             print(lines[-1], flush=True)
-            del inputs, x, delta, B, C, states
+            del x, delta, B, C, states
             torch.cuda.empty_cache()
     return lines, rows
 
@@ -183,12 +189,8 @@ def main():
     rows = []
     for d_model, height, width in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
-            inputs = make_ss2d_inputs(d_model, height, width, dtype)
-            x = inputs[0].detach()
-            with torch.no_grad():
-                delta, B, C, A, D, bias = projections_native(x, [p.detach() for p in inputs[1:]])
-                delta = delta.contiguous()
-            op_args = (x, delta, A, B, C, D, bias, True, args.chunk)
+            op_args = scan_op_args(d_model, height, width, dtype, args.chunk)
+            x, delta, A, B, C, D, bias = op_args[:7]
             outputs = {k: forward_with(k, op_args) for k in KERNELS}
             diffs = {k: (rel_diff(outputs[k][0], outputs["warp"][0]), rel_diff(outputs[k][1], outputs["warp"][1]))
                      for k in OTHER_KERNELS}
@@ -231,7 +233,7 @@ def main():
                          f"{vs_mamba} | " + "; ".join(f"{diffs[k][0]:.1e} / {diffs[k][1]:.1e}" for k in OTHER_KERNELS)
                          + " |")
             print(lines[-1], flush=True)
-            del inputs, x, delta, B, C
+            del x, delta, B, C
             torch.cuda.empty_cache()
 
     fb_rows = []

@@ -255,8 +255,7 @@ def test_graphed_train_step_replays_on_new_batches(seed, float32_without_tf32, p
         assert stepped in (0, len(parameters)), f"replay {replay}: {stepped} of {len(parameters)} weights stepped"
         if precision == "fp32":
             assert stepped == len(parameters), f"replay {replay}: an fp32 step was skipped"
-        moved = int(stepped > 0)
-        stepped_replays += moved
+        stepped_replays += stepped > 0
         if stepped_replays >= 3:
             break
     assert stepped_replays >= 3, f"only {stepped_replays} of {MAX_REPLAYS} replays updated the weights"

@@ -457,6 +457,11 @@ def wrapper_layout(inp, rank=1):
 # (batch, dim, H, W, N, chunk, wrapper's B / C layout): shapes the lane kernel treats specially:
 # N below its 16-lane group (idle lanes) with an odd dim (idle groups), N above 16 (32-lane groups),
 # a chunk shorter than a position block, chunk_size >= L, and a long L cut into many splits.
+def lane_case_id(case):
+    batch, dim, height, width, dstate, chunk, wrapper_bc = case
+    return f"b{batch}d{dim}_{height}x{width}_N{dstate}_chunk{chunk}" + ("_wrapperBC" if wrapper_bc else "")
+
+
 LANE_CASES = [
     (1, 3, 8, 5, 5, 8, False),
     (2, 5, 7, 9, 20, 16, False),
@@ -468,8 +473,7 @@ LANE_CASES = [
 
 
 @requires_cuda_kernels
-@pytest.mark.parametrize("case", LANE_CASES, ids=lambda c: f"b{c[0]}d{c[1]}_{c[2]}x{c[3]}_N{c[4]}_chunk{c[5]}"
-                         + ("_wrapperBC" if c[6] else ""))
+@pytest.mark.parametrize("case", LANE_CASES, ids=lane_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_multiaxial_forward_y_and_chunk_states(seed, case, dtype, fwd_kernel, bwd_kernel):
     """y and every chunk state against float64, each forward kernel, then the gradients through the
@@ -539,8 +543,7 @@ LANE_BWD_CASES = [
 
 
 @requires_cuda_kernels
-@pytest.mark.parametrize("case", LANE_BWD_CASES, ids=lambda c: f"b{c[0]}d{c[1]}_{c[2]}x{c[3]}_N{c[4]}_chunk{c[5]}"
-                         + ("_wrapperBC" if c[6] else ""))
+@pytest.mark.parametrize("case", LANE_BWD_CASES, ids=lane_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_multiaxial_backward_lane_shapes(seed, case, dtype, deterministic, monkeypatch):

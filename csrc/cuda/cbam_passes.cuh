@@ -190,6 +190,21 @@ __device__ __forceinline__ void load_map(const float* __restrict__ map, const La
     for (int e = 0; e < kVec; ++e) v[j][e] = s.valid[j] ? map[s.first[j] + e] : 0.0f;
 }
 
+// The spatial gate sigmoid(BN(z)) at this lane's slots, from the z row of a (B, rows, HW) pixel map.
+template <int kVec, int kSlots>
+__device__ __forceinline__ void load_spatial_gate(const CbamParams& p, const float* __restrict__ z_row,
+                                                  const LaneSlots<kVec, kSlots>& s, float (&gate)[kSlots][kVec]) {
+  load_map(z_row, s, gate);
+  const SpatialNorm norm = spatial_norm(p);
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j)
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      float zn;
+      gate[j][e] = spatial_scale(norm, gate[j][e], zn);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------------------
@@ -336,15 +351,7 @@ __global__ void __launch_bounds__(kCbamThreads) apply_kernel(const CbamParams p)
   const float* __restrict__ cs = p.cs + static_cast<int64_t>(t.b) * p.channels;
   const LaneSlots<kVec, kSlots> s = lane_slots<kVec, kSlots>(p, t);
   float ss[kSlots][kVec];
-  load_map(p.pix + (static_cast<int64_t>(t.b) * kPixRows + kPixZ) * p.hw, s, ss);
-  const SpatialNorm norm = spatial_norm(p);
-#pragma unroll
-  for (int j = 0; j < kSlots; ++j)
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      float zn;
-      ss[j][e] = spatial_scale(norm, ss[j][e], zn);
-    }
+  load_spatial_gate(p, p.pix + (static_cast<int64_t>(t.b) * kPixRows + kPixZ) * p.hw, s, ss);
   for (int c0 = t.c_begin; c0 < t.c_end; c0 += kChunk) {
     float scale[kChunk];
     load_channel_values(cs, c0, t.c_end, scale);
@@ -524,19 +531,11 @@ __global__ void __launch_bounds__(kCbamThreads) bwd_apply_kernel(const CbamParam
   const float* __restrict__ d_avg_row = p.dchan + bc * 2;
   const float* __restrict__ d_xmax_row = d_avg_row + p.channels;
   const LaneSlots<kVec, kSlots> s = lane_slots<kVec, kSlots>(p, t);
-  const SpatialNorm norm = spatial_norm(p);
   float ss[kSlots][kVec], y_max[kSlots][kVec], d_max[kSlots][kVec], d_mean[kSlots][kVec];
-  load_map(pix + kPixZ * p.hw, s, ss);
+  load_spatial_gate(p, pix + kPixZ * p.hw, s, ss);
   load_map(pix + kPixMax * p.hw, s, y_max);
   load_map(bpix + kBpixDMax * p.hw, s, d_max);
   load_map(bpix + kBpixDMean * p.hw, s, d_mean);
-#pragma unroll
-  for (int j = 0; j < kSlots; ++j)
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      float zn;
-      ss[j][e] = spatial_scale(norm, ss[j][e], zn);
-    }
   for (int c0 = t.c_begin; c0 < t.c_end; c0 += kChunk) {
     float scale[kChunk], x_max[kChunk], d_avg[kChunk], d_xmax[kChunk];
     load_channel_values(cs, c0, t.c_end, scale);

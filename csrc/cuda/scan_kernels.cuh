@@ -796,16 +796,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * kWarpSize, kMinBlocksPerSM
             sum_C += reduce[((1 * warps + w) * kS + q) * L::kRow + slot];
           }
           const int64_t index = (bc_plane + n + q) * p.length + sh.pos_native[j];
-          if (p.grad_bc_mode == kGradBCDirect) {
-            static_cast<bc_t*>(p.dB)[index] = from_float<bc_t>(sum_B);
-            static_cast<bc_t*>(p.dC)[index] = from_float<bc_t>(sum_C);
-          } else if (p.grad_bc_mode == kGradBCAtomic) {
-            atomicAdd(static_cast<float*>(p.dB) + index, sum_B);
-            atomicAdd(static_cast<float*>(p.dC) + index, sum_C);
-          } else {
-            static_cast<float*>(p.dB)[index] = sum_B;
-            static_cast<float*>(p.dC)[index] = sum_C;
-          }
+          store_grad_bc<bc_t>(p, index, sum_B, sum_C);
         }
         // Double buffering: the next group writes the other buffer, and the one after waits at
         // the barrier above until every thread has read this one.

@@ -378,16 +378,7 @@ __global__ void __launch_bounds__(BwdBlock<S::kGroup>::kWarps* kWarpSize) scan_l
           }
         }
         const int64_t index = (bc_plane + n) * p.length + __float_as_int(native_row[j].z);
-        if (p.grad_bc_mode == kGradBCDirect) {
-          static_cast<bc_t*>(p.dB)[index] = from_float<bc_t>(sum_B);
-          static_cast<bc_t*>(p.dC)[index] = from_float<bc_t>(sum_C);
-        } else if (p.grad_bc_mode == kGradBCAtomic) {
-          atomicAdd(static_cast<float*>(p.dB) + index, sum_B);
-          atomicAdd(static_cast<float*>(p.dC) + index, sum_C);
-        } else {
-          static_cast<float*>(p.dB)[index] = sum_B;
-          static_cast<float*>(p.dC)[index] = sum_C;
-        }
+        store_grad_bc<bc_t>(p, index, sum_B, sum_C);
       }
       // No second barrier: the next block writes the other buffers, and the one after that waits
       // at the barrier above until every thread has read these.
