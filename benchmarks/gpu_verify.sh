@@ -22,6 +22,7 @@
 #   scanv3   benchmarks/bench_scan_v3.py: the scan forward, warp vs lane vs lane4 kernels vs mamba-ssm
 #   ncu      Nsight Compute on each scan kernel form at 192x256 (benchmarks/ncu_scan_case.py; $OUT/ncu.log)
 #   sanitize compute-sanitizer memcheck and racecheck on benchmarks/sanitize_cases.py (every CUDA kernel, small)
+#   layernorm benchmarks/bench_small_layernorm.py: Triton LayerNorm for few channels vs PyTorch's native (issue 9)
 #   epoch    benchmarks/bench_epoch.py on every visible GPU count up to 2 (issue 7; EPOCH_ARGS)
 #   ddp      the two-GPU torchrun train + resume test of tests/test_cli.py (issue 7; needs two GPUs)
 # Each benchmark step has its own timeout (<STEP>_TIMEOUT, seconds).
@@ -134,11 +135,14 @@ wait_for_tests() {
 wait_for_mamba
 if has ncu; then
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-  bench ncu 200 "$NCU" --kernel-name regex:"scan_(lane_)?(fwd|bwd)_(main|split_aggregate)|scan_staged_fwd" --launch-count 13 \
+  # NCU_KERNELS / NCU_LAUNCHES narrow the profile (e.g. to the staged kernel alone) to save device time.
+  bench ncu 200 "$NCU" --kernel-name regex:"${NCU_KERNELS:-scan_(lane_)?(fwd|bwd)_(main|split_aggregate)|scan_staged_fwd}" \
+    --launch-count "${NCU_LAUNCHES:-13}" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
     python3 benchmarks/ncu_scan_case.py
 fi
+has layernorm && bench layernorm 150 python3 benchmarks/bench_small_layernorm.py
 has quick && bench quick 120 python3 -m dermomamba.cli benchmark
 has layers && bench layers 420 python3 benchmarks/bench_layers.py --baseline mamba --json "$OUT/bench_layers.json" \
   --markdown "$OUT/bench_layers.md" ${BENCH_LAYERS_ARGS:-}
@@ -149,8 +153,9 @@ has scanv3 && bench scanv3 400 python3 benchmarks/bench_scan_v3.py --out "$OUT"
 if has sanitize; then
   SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   # --kernel-name limits the (slow) checking to our kernels; torch's own still run, unchecked.
+  # SANITIZE_FILTER narrows it further (a substring of the kernel names, e.g. scan_staged).
   bench sanitize 240 bash -c "for tool in memcheck racecheck; do echo \"== \$tool\"; \
-    '$SAN' --tool \$tool --kernel-name kns=dermomamba --error-exitcode 9 --print-limit 20 \
+    '$SAN' --tool \$tool --kernel-name kns=${SANITIZE_FILTER:-dermomamba} --error-exitcode 9 --print-limit 20 \
     python3 benchmarks/sanitize_cases.py; echo \"\$tool rc=\$?\"; done"
 fi
 has cbam && bench cbam 240 python3 benchmarks/bench_cbam.py --json "$OUT/bench_cbam.json" --profile --graphs ${CBAM_ARGS:-}
