@@ -5,7 +5,8 @@ Triton kernel of dermomamba_kernels.layer_norm (backend="triton"). GPU only.
 Per shape and dtype (fp32 parameters, as the model's norms have under autocast): median times of
 triton.testing.do_bench for the forward and for forward + backward (dx, dweight, dbias), the
 achieved GB/s against the bytes that must move (forward: read x, write y, 8 bytes of mean / rstd
-per row; backward: read x, dy, mean and rstd, write dx), the ratio native / triton, and the max
+per row; backward: read x, dy, mean and rstd, write dx; counted in x's dtype, although under autocast
+y and dy are fp32), the ratio native / triton, and the max
 error against fp64. The last line says whether Triton beat native everywhere: the condition for it
 to join "auto" (dermomamba_kernels/layer_norm/__init__.py, AUTO_ORDER).
 
@@ -54,6 +55,11 @@ def bytes_moved(rows, channels, dtype):
     return forward, backward
 
 
+def forward_backward(fn, x, w, b, dy):
+    y = fn(x, w, b)
+    return torch.autograd.grad(y, (x, w, b), dy.to(y.dtype))
+
+
 def median_ms(fn):
     return do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
 
@@ -93,12 +99,16 @@ def main():
             exact = F.layer_norm(x.detach().double(), (channels,), w.detach().double(), b.detach().double(), EPS)
             fwd_bytes, bwd_bytes = bytes_moved(rows, channels, dtype)
             times = {}
+            # Low-precision x with fp32 parameters is how the model's norms run: under autocast (PyTorch's
+            # CUDA kernel refuses the mixed dtypes outside it; inside, it runs on an fp32 copy of x).
+            autocast = torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)
             for name, fn in implementations(channels).items():
-                with torch.no_grad():
+                with torch.no_grad(), autocast:
                     fwd = median_ms(lambda: fn(x, w, b))
-                fb = median_ms(lambda: torch.autograd.grad(fn(x, w, b), (x, w, b), dy))
+                with autocast:
+                    fb = median_ms(lambda: forward_backward(fn, x, w, b, dy))
                 times[name] = (fwd, fb)
-                with torch.no_grad():
+                with torch.no_grad(), autocast:
                     err = (fn(x, w, b).double() - exact).abs().max().item()
                 native_fwd, native_fb = times["native"]
                 print(f"| {rows}x{channels} | {dtype_name} | {name} | {fwd:.3f} | {fwd_bytes / fwd / 1e6:.0f} | "

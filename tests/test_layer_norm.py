@@ -75,8 +75,15 @@ def _native_low_precision(x, weight, bias, grad, eps, truncating):
     """The native op in the inputs' precision. With ``truncating`` (bf16 under the interpreter): native
     fp32 arithmetic with y and dx rounded toward zero to bf16, the rounding the interpreter applies to
     the kernels' stores, so the comparison judges the kernels' arithmetic, not the emulator's rounding."""
-    if not truncating:
+    if not truncating and x.dtype == weight.dtype:
         return _run(lambda a, w, b: F.layer_norm(a, (a.shape[-1],), w, b, eps), x, weight, bias, grad)
+    if not truncating:
+        # Low-precision x with fp32 parameters (the model's norms under autocast): PyTorch's CUDA kernel
+        # refuses mixed dtypes, and autocast runs it on an fp32 copy of x. That, with y and dx rounded
+        # back to x's dtype (what the op returns outside autocast), is native's precision here.
+        y, dx, dw, db = _run(lambda a, w, b: F.layer_norm(a, (a.shape[-1],), w, b, eps), x.float(), weight,
+                             bias, grad.to(x.dtype).float())
+        return y.to(x.dtype), dx.to(x.dtype), dw, db
     y, dx, dw, db = _run(lambda a, w, b: F.layer_norm(a, (a.shape[-1],), w, b, eps), x.float(), weight.float(),
                          bias.float(), grad.to(x.dtype).float())
     return _truncate_to_bf16(y), _truncate_to_bf16(dx), dw.to(weight.dtype), db.to(bias.dtype)

@@ -346,9 +346,10 @@ def check_multiaxial(inp, softplus, tag, chunk=CHUNK, deterministic=False):
 
 
 # The multiaxial forward has four kernels (csrc/cuda/selective_scan_cuda.cpp reads
-# DERMOMAMBA_SCAN_FWD_KERNEL on every call): "warp" (the default), "lane" (scan v3: a lane per
+# DERMOMAMBA_SCAN_FWD_KERNEL on every call): "warp" (v2), "lane" (scan v3: a lane per
 # state), "lane4" (v3 with 4 lanes x 4 states per sequence, N <= 16) and "staged" (scan v4: tiles
-# staged in shared memory, one launch with a decoupled look-back, N <= 32). All must write the same y
+# staged in shared memory, one launch with a decoupled look-back, N <= 32; the default where it
+# applies, else warp: test_multiaxial_default_forward_kernel). All must write the same y
 # and chunk_states, and the one backward must give the reference's gradients from any one's
 # chunk_states, so the multiaxial parity tests run once per forward kernel.
 FWD_KERNEL_VARIABLE = "DERMOMAMBA_SCAN_FWD_KERNEL"
@@ -525,6 +526,26 @@ def test_multiaxial_forward_kernel_choice_errors(seed, monkeypatch):
     monkeypatch.setenv(FWD_KERNEL_VARIABLE, "warp")
     ops().multiaxial_scan_fwd(big["x"], big["delta"], big["A"], big["B"], big["C"], big["D"], big["delta_bias"],
                               True, 16)
+
+
+@requires_cuda_kernels
+def test_multiaxial_default_forward_kernel(seed, monkeypatch):
+    """Unset, the forward is the staged kernel where it applies (its chunk_states are schedule-independent,
+    so bit-identical to an explicit staged run) and the warp kernel for N > 32 (no error)."""
+    monkeypatch.delenv(FWD_KERNEL_VARIABLE, raising=False)
+    for dstate, explicit in ((16, "staged"), (33, "warp")):
+        m = make_multiaxial(2, 5, 9, 14, dstate, torch.float32)
+        args = (m["x"], m["delta"], m["A"], m["B"], m["C"], m["D"], m["delta_bias"], True, 16)
+        y_default, states_default = ops().multiaxial_scan_fwd(*args)
+        monkeypatch.setenv(FWD_KERNEL_VARIABLE, explicit)
+        y_explicit, states_explicit = ops().multiaxial_scan_fwd(*args)
+        monkeypatch.delenv(FWD_KERNEL_VARIABLE)
+        if explicit == "staged":
+            assert torch.equal(states_default, states_explicit)
+        else:  # the warp kernel's split carries are summed in a launch-dependent order
+            torch.testing.assert_close(states_default, states_explicit)
+        # y: the four directions meet in float atomics, whose order varies between runs
+        torch.testing.assert_close(y_default, y_explicit)
 
 
 # Shapes the lane backward treats specially (batch, dim, H, W, N, chunk, wrapper's B / C layout):

@@ -418,12 +418,15 @@ selective_scan_bwd_cuda(const at::Tensor& dout, const at::Tensor& u, const at::T
 
 // ---- the multiaxial (SS2D) scan ----
 
-// Which kernel runs multiaxial_scan_fwd: "warp" (default; one warp per sequence,
-// scan_kernels.cuh), "lane" (one lane per (sequence, state), scan_lane_kernels.cuh), "lane4"
-// (the lane form with 4 lanes x 4 states per sequence, N <= 16) or "staged" (scan v4: each tile
-// staged in shared memory once, one launch with a decoupled look-back, N <= 32,
-// scan_staged_kernels.cuh). All write the same y and chunk_states, so the backward is the same.
-// Read on every call (a getenv costs far less than a launch) so that tests can switch it per test.
+// Which kernel runs multiaxial_scan_fwd: "staged" (scan v4: each tile staged in shared memory once,
+// one launch with a decoupled look-back, N <= 32, scan_staged_kernels.cuh), "warp" (v2: one warp
+// per sequence, scan_kernels.cuh), "lane" (one lane per (sequence, state), scan_lane_kernels.cuh)
+// or "lane4" (the lane form with 4 lanes x 4 states per sequence, N <= 16). All write the same y
+// and chunk_states, so the backward is the same. Unset: "staged" wherever it applies (N <= 32 and
+// one chunk fits its shared memory), else "warp": staged was the fastest forward at every DermoMamba
+// shape measured (1.8x warp at 192x256, benchmarks/RESULTS.md, 2026-11-27 20:02 UTC). Asked for by
+// name, a kernel that cannot run the shape is an error. Read on every call (a getenv costs far less
+// than a launch) so that tests can switch it per test.
 constexpr const char* kForwardKernelVariable = "DERMOMAMBA_SCAN_FWD_KERNEL";
 // The lane form keeps all N states of a sequence in one warp; lane4 in 4 lanes of 4 states.
 constexpr int64_t kLaneMaxStateDim = cuda::kWarpSize;
@@ -433,10 +436,15 @@ constexpr int64_t kWideStatesPerLane = 4;
 
 enum class ForwardKernel { kWarp, kLane, kLaneWide, kStaged };
 
-ForwardKernel multiaxial_forward_kernel(const char* op) {
+ForwardKernel multiaxial_forward_kernel(const char* op, const ScanParams& p) {
   const char* value = std::getenv(kForwardKernelVariable);
   const std::string choice = value == nullptr ? "" : value;
-  if (choice.empty() || choice == "warp") return ForwardKernel::kWarp;
+  if (choice.empty()) {
+    const bool staged_fits = p.dstate <= cuda::staged::kMaxStateDim &&
+                             cuda::staged::staged_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks).ok;
+    return staged_fits ? ForwardKernel::kStaged : ForwardKernel::kWarp;
+  }
+  if (choice == "warp") return ForwardKernel::kWarp;
   if (choice == "lane") return ForwardKernel::kLane;
   if (choice == "lane4") return ForwardKernel::kLaneWide;
   if (choice == "staged") return ForwardKernel::kStaged;
@@ -579,10 +587,10 @@ std::tuple<at::Tensor, at::Tensor> multiaxial_scan_fwd_cuda(const at::Tensor& x,
                                                             const at::Tensor& delta_bias, bool delta_softplus,
                                                             int64_t chunk_size) {
   const char* op = "multiaxial_scan_fwd";
-  const ForwardKernel kernel = multiaxial_forward_kernel(op);
+  ScanParams p = multiaxial_params(op, x, delta, A, B_in, C_in, D, delta_bias, delta_softplus, chunk_size);
+  const ForwardKernel kernel = multiaxial_forward_kernel(op, p);
   const bool lanes = kernel == ForwardKernel::kLane || kernel == ForwardKernel::kLaneWide;
   const bool staged = kernel == ForwardKernel::kStaged;
-  ScanParams p = multiaxial_params(op, x, delta, A, B_in, C_in, D, delta_bias, delta_softplus, chunk_size);
   TORCH_CHECK(!staged || p.dstate <= cuda::staged::kMaxStateDim, op, ": the staged kernel (", kForwardKernelVariable,
               "=staged) supports a state size N up to ", cuda::staged::kMaxStateDim, " (A.shape[1]), got ", p.dstate,
               "; unset ", kForwardKernelVariable, " or set it to 'warp' for larger N");
