@@ -18,6 +18,7 @@ fp32 arithmetic rounded as the interpreter rounds (toward zero; see ``_native_lo
 The GPU tests compare with native CUDA in the same precision, rounding to nearest on both sides.
 """
 
+import importlib
 import os
 import subprocess
 import sys
@@ -31,6 +32,9 @@ from conftest import skip_unless_interpreter_runs_our_kernels
 from dermomamba_kernels import BackendUnavailableError, last_backend
 from dermomamba_kernels.layer_norm import layer_norm, layer_norm_dispatcher, layer_norm_ref
 from dermomamba_kernels.layers import SS2D, LayerNorm, VSSBlock
+
+# the module (the package exports the function under the same name)
+layer_norm_module = importlib.import_module("dermomamba_kernels.layer_norm")
 
 HERE = os.path.abspath(__file__)
 REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -140,15 +144,31 @@ def test_spec_gradients_fp64(seed):
 
 
 @not_in_interpreter_run
-def test_auto_is_the_native_kernel_on_every_device(seed):
-    # Triton is not in "auto" until benchmarks/bench_small_layernorm.py shows it faster on a GPU.
-    assert layer_norm_dispatcher.resolve("auto", torch.device("cuda")) == "reference"
+def test_auto_is_triton_on_cuda_and_native_on_the_cpu(seed):
+    # Triton joined "auto" on CUDA after benchmarks/bench_small_layernorm.py (H200) showed it faster.
+    cuda = torch.device("cuda")
+    triton_runs = layer_norm_dispatcher.unavailable_reason("triton", cuda) is None
+    assert layer_norm_dispatcher.resolve("auto", cuda) == ("triton" if triton_runs else "reference")
     assert layer_norm_dispatcher.resolve("auto", torch.device("cpu")) in ("cpu", "reference")
     x, w, b = _inputs((2, 4, 6, 8), F32)
     y = layer_norm(x, (8,), w, b, VSS_EPS)
     assert last_backend("layer_norm") in ("cpu", "reference")
     assert torch.equal(y, F.layer_norm(x, (8,), w, b, VSS_EPS))
     assert torch.equal(layer_norm(x, 8, w, b, VSS_EPS, backend="reference"), y)
+
+
+@not_in_interpreter_run
+def test_auto_sends_what_triton_does_not_take_to_native(seed):
+    """The configurations "auto" keeps on PyTorch's kernel even on CUDA (asked by name, they raise)."""
+    x, w, b = _inputs((2, 4, 8), F32)
+    takes = layer_norm_module._triton_takes
+    assert takes(x, (8,), w, b) and takes(x.half(), (8,), w, b) and takes(x.bfloat16(), (8,), w.bfloat16(), b.bfloat16())
+    assert not takes(x, (4, 8), torch.ones(4, 8), torch.zeros(4, 8))  # several normalized dims
+    assert not takes(x, (8,), None, b) and not takes(x, (8,), w, None)  # no affine / no bias
+    assert not takes(x.double(), (8,), w.double(), b.double())
+    assert not takes(x, (8,), w, b.half())
+    wide = torch.zeros(1, layer_norm_module.TRITON_MAX_COLUMNS + 1)
+    assert not takes(wide, (wide.shape[-1],), torch.ones(wide.shape[-1]), torch.zeros(wide.shape[-1]))
 
 
 @not_in_interpreter_run
@@ -482,6 +502,21 @@ def test_gpu_autocast_matches_native(seed, poisoned, dtype):
     y_twin.backward(grad)
     assert x.grad.dtype == x_twin.grad.dtype == dtype
     torch.testing.assert_close(x.grad, x_twin.grad)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_runs_triton_and_native_where_triton_does_not_apply(seed):
+    x = torch.randn(3, 10, 12, 8, device="cuda")
+    layer = LayerNorm(8, eps=VSS_EPS).cuda()
+    torch.testing.assert_close(layer(x), F.layer_norm(x, (8,), layer.weight, layer.bias, VSS_EPS))
+    assert last_backend("layer_norm") == "triton"
+    for norm in (LayerNorm(8, elementwise_affine=False), LayerNorm(8, bias=False), LayerNorm((12, 8))):
+        norm = norm.cuda()
+        twin = nn.LayerNorm(norm.normalized_shape, elementwise_affine=norm.elementwise_affine,
+                            bias=norm.bias is not None).cuda()
+        twin.load_state_dict(norm.state_dict())
+        torch.testing.assert_close(norm(x), twin(x), rtol=0, atol=0)
+        assert last_backend("layer_norm") == "reference"
 
 
 @pytest.mark.gpu

@@ -21,13 +21,16 @@ from .. import _dispatch
 from .._dispatch import BackendUnavailableError, OpDispatcher, always, cpu_tensors
 from .naive import layer_norm_ref
 
-# "auto" runs PyTorch's native kernel on every device. The Triton kernel joins "auto" (before
-# "reference" on CUDA) once benchmarks/bench_small_layernorm.py shows it faster on a GPU: it has
-# not been timed on one yet.
-AUTO_ORDER = {"cuda": ("reference",), "cpu": ("cpu", "reference")}
+# "auto" on CUDA: the Triton kernel (benchmarks/bench_small_layernorm.py, H200, 2026-11-27: 22.6x
+# PyTorch's native forward and 6.4x its forward + backward at DermoMamba's (2359296, 4) fp32 norm),
+# PyTorch's native kernel for what the Triton kernel does not take (see _triton_takes). On the CPU
+# PyTorch's kernel.
+AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}
 layer_norm_dispatcher = OpDispatcher("layer_norm", auto_order=AUTO_ORDER)
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# A row is held whole in one program's registers: 8192 fp32 over 8 warps is 32 values per thread.
+TRITON_MAX_COLUMNS = 8192
 # Device types whose autocast runs layer_norm in fp32 (inputs cast up, output fp32): CUDA's list
 # (AT_FORALL_FP32 in ATen/autocast_mode.h) has layer_norm; the CPU's does not (under CPU autocast
 # F.layer_norm returns x's dtype; checked on torch 2.14). The Triton op matches both without a cast
@@ -51,8 +54,8 @@ def layer_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[tor
     the reference backends); weight, bias (C,) or None. Output: x's shape, contiguous, in x's dtype
     (fp32 under CUDA autocast, as F.layer_norm). Differentiable in x, weight and bias.
 
-    ``backend``: "auto" (default, or ``DERMOMAMBA_BACKEND``; today PyTorch's native kernel on
-    every device), "reference" (F.layer_norm), "cpu" (the same, CPU tensors) or "triton" (one last
+    ``backend``: "auto" (default, or ``DERMOMAMBA_BACKEND``: the Triton kernel for CUDA tensors
+    where it applies, else PyTorch's native kernel), "reference" (F.layer_norm), "cpu" (the same, CPU tensors) or "triton" (one last
     dim of at most 8192, weight and bias given, fp32/fp16/bf16; reads x in place when its last dim
     is contiguous and its leading dims collapse to one stride, e.g. channels-last maps or a slice of
     channels, else copies it).
@@ -64,7 +67,18 @@ def layer_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[tor
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
-    return layer_norm_dispatcher(backend, x.device, x, _as_shape(normalized_shape), weight, bias, eps)
+    normalized_shape = _as_shape(normalized_shape)
+    requested = _dispatch.default_backend() if backend is None else backend
+    if requested == "auto" and not _triton_takes(x, normalized_shape, weight, bias):
+        backend = "reference"  # "auto" chooses among kernels that can run the call; a named one must
+    return layer_norm_dispatcher(backend, x.device, x, normalized_shape, weight, bias, eps)
+
+
+def _triton_takes(x, normalized_shape, weight, bias) -> bool:
+    """Whether the Triton kernel runs this configuration (else "auto" runs PyTorch's kernel)."""
+    return (len(normalized_shape) == 1 and x.dim() > 0 and 0 < x.shape[-1] <= TRITON_MAX_COLUMNS
+            and x.dtype in TRITON_DTYPES and weight is not None and bias is not None
+            and weight.dtype in TRITON_DTYPES and bias.dtype == weight.dtype)
 
 
 @layer_norm_dispatcher.register("cpu", cpu_tensors)
@@ -79,8 +93,6 @@ def autocast_runs_fp32(x: torch.Tensor) -> bool:
 
 
 def _check_triton_inputs(x, normalized_shape, weight, bias, eps, autocast_fp32):
-    from .triton_kernels import MAX_COLUMNS
-
     if x.dim() == 0:
         raise ValueError("x: expected a tensor of shape (..., C), got a 0-d tensor")
     channels = x.shape[-1]
@@ -100,8 +112,8 @@ def _check_triton_inputs(x, normalized_shape, weight, bias, eps, autocast_fp32):
                         f"({', '.join(map(str, TRITON_DTYPES))}); use backend='reference'")
     if channels == 0:
         raise ValueError(f"x: the normalized dimension is empty (shape {tuple(x.shape)})")
-    if channels > MAX_COLUMNS:
-        raise ValueError(f"x: a last dim of {channels} exceeds the triton backend's {MAX_COLUMNS} (a row is held "
+    if channels > TRITON_MAX_COLUMNS:
+        raise ValueError(f"x: a last dim of {channels} exceeds the triton backend's {TRITON_MAX_COLUMNS} (a row is held "
                          "in one program's registers); use backend='reference'")
     for name, param in (("weight", weight), ("bias", bias)):
         if not isinstance(param, torch.Tensor) or tuple(param.shape) != (channels,):

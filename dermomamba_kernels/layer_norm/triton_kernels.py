@@ -26,8 +26,6 @@ import triton.language as tl
 FORWARD_TILE_ELEMENTS = 4096
 # The backward holds x, dy and two derived tiles at once: half the forward's tile keeps it in registers.
 BACKWARD_TILE_ELEMENTS = 2048
-# A row is held whole in one program's registers: 8192 fp32 over 8 warps is 32 values per thread.
-MAX_COLUMNS = 8192
 WARPS = 4
 WIDE_ROW_WARPS = 8
 # The backward grid is capped by a constant, not by the GPU's SM count, so the order in which the

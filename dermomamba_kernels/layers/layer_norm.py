@@ -14,7 +14,8 @@ class LayerNorm(nn.LayerNorm):
     """``torch.nn.LayerNorm`` (same constructor, parameters and state_dict) with a choice of backend.
 
     Args: as nn.LayerNorm (normalized_shape, eps, elementwise_affine, bias, device, dtype), plus
-    ``backend``: "auto" (also for None; today PyTorch's native kernel), "reference", "cpu" or "triton" (see :func:`dermomamba_kernels.layer_norm.layer_norm`). The
+    ``backend``: "auto" (also for None: the Triton kernel for CUDA tensors where it applies, else
+    PyTorch's native kernel), "reference", "cpu" or "triton" (see :func:`dermomamba_kernels.layer_norm.layer_norm`). The
     triton backend normalizes one last dim with weight and bias; other configurations
     (elementwise_affine=False, bias=False, several normalized dims) run on "reference" only, and
     asking for "triton" with them raises BackendUnavailableError.
