@@ -23,6 +23,7 @@
 #   ncu      Nsight Compute on each scan kernel form at 192x256 (benchmarks/ncu_scan_case.py; $OUT/ncu.log)
 #   sanitize compute-sanitizer memcheck and racecheck on benchmarks/sanitize_cases.py (every CUDA kernel, small)
 #   layernorm benchmarks/bench_small_layernorm.py: Triton LayerNorm for few channels vs PyTorch's native (issue 9)
+#   profile  benchmarks/profile_step.py: where our training step's GPU time goes (PROFILE_ARGS)
 #   epoch    benchmarks/bench_epoch.py on every visible GPU count up to 2 (issue 7; EPOCH_ARGS)
 #   ddp      the two-GPU torchrun train + resume test of tests/test_cli.py (issue 7; needs two GPUs)
 # Each benchmark step has its own timeout (<STEP>_TIMEOUT, seconds).
@@ -143,6 +144,7 @@ if has ncu; then
     python3 benchmarks/ncu_scan_case.py
 fi
 has layernorm && bench layernorm 150 python3 benchmarks/bench_small_layernorm.py
+has profile && bench profile 150 python3 benchmarks/profile_step.py ${PROFILE_ARGS:---batches 16 --precision fp16}
 has quick && bench quick 120 python3 -m dermomamba.cli benchmark
 has layers && bench layers 420 python3 benchmarks/bench_layers.py --baseline mamba --json "$OUT/bench_layers.json" \
   --markdown "$OUT/bench_layers.md" ${BENCH_LAYERS_ARGS:-}
