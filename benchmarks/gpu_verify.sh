@@ -10,7 +10,7 @@
 # STEPS (default "build tests quick"), any of:
 #   build    our extension (sm_90) + mamba-ssm's selective_scan_cuda in the background when a later step needs it
 #   tests    pytest ${TEST_PATHS:-tests} -k "$TEST_SELECT" (TEST_ARGS extra arguments, TEST_TIMEOUT seconds,
-#            default 330); the mamba-ssm
+#            default 330, TEST_WORKERS pytest-xdist workers, default 8); the mamba-ssm
 #            parity file runs in its own step when "parity" is asked for
 #   parity   tests/test_mamba_ssm_parity.py with DERMOMAMBA_REQUIRE_MAMBA_SSM=1 (issue 8: fails, not skips,
 #            when mamba-ssm does not import)
@@ -99,7 +99,7 @@ fi
 run_tests() {
   if has tests; then
     stamp "tests"
-    workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+    workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}" || echo "")
     skip_parity=$(has parity && echo "--ignore=tests/test_mamba_ssm_parity.py" || echo "")
     DERMOMAMBA_FAILURE_LOG="$OUT/failures.log" timeout "${TEST_TIMEOUT:-330}" python3 -m pytest ${TEST_PATHS:-tests} \
       -v -rfE $workers -p no:cacheprovider --durations=25 $skip_parity -k "${TEST_SELECT:-}" ${TEST_ARGS:-} \
