@@ -227,10 +227,10 @@ def test_graphed_train_step_replays_on_new_batches(seed, float32_without_tf32, p
     images, masks = random_batch(2, SMALL, device)
     step = make_graphed_train_step(model, images, masks, criterion, precision)
 
-    def eager_loss(state, batch_images, batch_masks):
+    def eager_loss(state, batch_images, batch_masks, autocast=precision == "fp16"):
         check = create_model("dermomamba_tiny", img_size=SMALL).to(device).train()
         check.load_state_dict(state)
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=precision == "fp16"):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
             logits = check(batch_images)
         return criterion(logits.float(), batch_masks)
 
@@ -247,7 +247,16 @@ def test_graphed_train_step_replays_on_new_batches(seed, float32_without_tf32, p
         if replay < 3:
             first, second = (eager_loss(before, fresh_images, fresh_masks) for _ in range(2))
             assert torch.isfinite(replayed)
-            assert (replayed - first).abs().item() <= _eager_spread_bound(first, second), (replayed, first, second)
+            bound = _eager_spread_bound(first, second)
+            if precision == "fp16":
+                # Under fp16 a run-dependent float32 sum (the scan's atomics) now and then flips an fp16
+                # rounding downstream: a discrete event, a few per run at this size, so two eager draws
+                # may happen to agree (seen on an H100: replay 9.6e-6 off, the eager pair 7.5e-8 apart).
+                # fp16's own error on this loss (eager fp16 against eager fp32) is what such flips add up
+                # to at most; a replay on stale inputs is off by orders of magnitude more.
+                fp16_error = (first - eager_loss(before, fresh_images, fresh_masks, autocast=False)).abs().item()
+                bound = max(bound, fp16_error)
+            assert (replayed - first).abs().item() <= bound, (replayed, first, second)
         # Adam's update of every weight, from its state after the step; a step GradScaler skipped (fp16
         # overflow) moves none. Whether a weight "moved" is not the test: one whose gradient is far below
         # Adam's eps stays put, one with a zero gradient and momentum moves.

@@ -161,14 +161,16 @@ def test_auto_is_triton_on_cuda_and_native_on_the_cpu(seed):
 def test_auto_sends_what_triton_does_not_take_to_native(seed):
     """The configurations "auto" keeps on PyTorch's kernel even on CUDA (asked by name, they raise)."""
     x, w, b = _inputs((2, 4, 8), F32)
-    takes = layer_norm_module._triton_takes
+    takes = layer_norm_module._auto_takes_triton
     assert takes(x, (8,), w, b) and takes(x.half(), (8,), w, b) and takes(x.bfloat16(), (8,), w.bfloat16(), b.bfloat16())
     assert not takes(x, (4, 8), torch.ones(4, 8), torch.zeros(4, 8))  # several normalized dims
     assert not takes(x, (8,), None, b) and not takes(x, (8,), w, None)  # no affine / no bias
     assert not takes(x.double(), (8,), w.double(), b.double())
     assert not takes(x, (8,), w, b.half())
-    wide = torch.zeros(1, layer_norm_module.TRITON_MAX_COLUMNS + 1)
-    assert not takes(wide, (wide.shape[-1],), torch.ones(wide.shape[-1]), torch.zeros(wide.shape[-1]))
+    widest = layer_norm_module.TRITON_AUTO_MAX_CHANNELS  # wider rows: PyTorch's kernel was faster
+    for channels, expected in ((widest, True), (widest + 1, False)):
+        row = torch.zeros(3, channels)
+        assert takes(row, (channels,), torch.ones(channels), torch.zeros(channels)) == expected
 
 
 @not_in_interpreter_run
@@ -510,6 +512,11 @@ def test_gpu_auto_runs_triton_and_native_where_triton_does_not_apply(seed):
     layer = LayerNorm(8, eps=VSS_EPS).cuda()
     torch.testing.assert_close(layer(x), F.layer_norm(x, (8,), layer.weight, layer.bias, VSS_EPS))
     assert last_backend("layer_norm") == "triton"
+    wide = torch.randn(3, 10, 12, 32, device="cuda")
+    wide_norm = LayerNorm(32, eps=VSS_EPS).cuda()
+    torch.testing.assert_close(wide_norm(wide), F.layer_norm(wide, (32,), wide_norm.weight, wide_norm.bias, VSS_EPS),
+                               rtol=0, atol=0)
+    assert last_backend("layer_norm") == "reference"
     for norm in (LayerNorm(8, elementwise_affine=False), LayerNorm(8, bias=False), LayerNorm((12, 8))):
         norm = norm.cuda()
         twin = nn.LayerNorm(norm.normalized_shape, elementwise_affine=norm.elementwise_affine,

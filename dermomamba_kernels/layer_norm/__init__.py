@@ -21,12 +21,15 @@ from .. import _dispatch
 from .._dispatch import BackendUnavailableError, OpDispatcher, always, cpu_tensors
 from .naive import layer_norm_ref
 
-# "auto" on CUDA: the Triton kernel (benchmarks/bench_small_layernorm.py, H200, 2026-11-27: 22.6x
-# PyTorch's native forward and 6.4x its forward + backward at DermoMamba's (2359296, 4) fp32 norm),
-# PyTorch's native kernel for what the Triton kernel does not take (see _triton_takes). On the CPU
-# PyTorch's kernel.
+# "auto" on CUDA: the Triton kernel for up to TRITON_AUTO_MAX_CHANNELS channels, PyTorch's native
+# kernel otherwise and for what the Triton kernel does not take (see _auto_takes_triton). On the CPU
+# PyTorch's kernel. Measured (benchmarks/bench_small_layernorm.py, H100, 2026-11-27 20:17 UTC, the
+# rows of DermoMamba's norms at batch 16, fp32 and fp16 x): forward + backward 5.2-5.5x native at
+# C = 4, 4.5-4.7x at C = 8, 1.1-1.4x at C = 16, but 0.33-0.48x at C = 32 (PyTorch's kernel, a block
+# per row, suits wide rows).
 AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}
 layer_norm_dispatcher = OpDispatcher("layer_norm", auto_order=AUTO_ORDER)
+TRITON_AUTO_MAX_CHANNELS = 16
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A row is held whole in one program's registers: 8192 fp32 over 8 warps is 32 values per thread.
@@ -55,7 +58,7 @@ def layer_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[tor
     (fp32 under CUDA autocast, as F.layer_norm). Differentiable in x, weight and bias.
 
     ``backend``: "auto" (default, or ``DERMOMAMBA_BACKEND``: the Triton kernel for CUDA tensors
-    where it applies, else PyTorch's native kernel), "reference" (F.layer_norm), "cpu" (the same, CPU tensors) or "triton" (one last
+    of up to 16 channels where it applies, else PyTorch's native kernel), "reference" (F.layer_norm), "cpu" (the same, CPU tensors) or "triton" (one last
     dim of at most 8192, weight and bias given, fp32/fp16/bf16; reads x in place when its last dim
     is contiguous and its leading dims collapse to one stride, e.g. channels-last maps or a slice of
     channels, else copies it).
@@ -69,14 +72,15 @@ def layer_norm(x: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[tor
         raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
     normalized_shape = _as_shape(normalized_shape)
     requested = _dispatch.default_backend() if backend is None else backend
-    if requested == "auto" and not _triton_takes(x, normalized_shape, weight, bias):
+    if requested == "auto" and not _auto_takes_triton(x, normalized_shape, weight, bias):
         backend = "reference"  # "auto" chooses among kernels that can run the call; a named one must
     return layer_norm_dispatcher(backend, x.device, x, normalized_shape, weight, bias, eps)
 
 
-def _triton_takes(x, normalized_shape, weight, bias) -> bool:
-    """Whether the Triton kernel runs this configuration (else "auto" runs PyTorch's kernel)."""
-    return (len(normalized_shape) == 1 and x.dim() > 0 and 0 < x.shape[-1] <= TRITON_MAX_COLUMNS
+def _auto_takes_triton(x, normalized_shape, weight, bias) -> bool:
+    """Whether "auto" may run this call on the Triton kernel: a configuration it takes, at a width
+    where it was measured faster than PyTorch's (else "auto" runs PyTorch's kernel)."""
+    return (len(normalized_shape) == 1 and x.dim() > 0 and 0 < x.shape[-1] <= TRITON_AUTO_MAX_CHANNELS
             and x.dtype in TRITON_DTYPES and weight is not None and bias is not None
             and weight.dtype in TRITON_DTYPES and bias.dtype == weight.dtype)
 
