@@ -24,6 +24,8 @@
 #   sanitize compute-sanitizer memcheck and racecheck on benchmarks/sanitize_cases.py (every CUDA kernel, small)
 #   layernorm benchmarks/bench_small_layernorm.py: Triton LayerNorm for few channels vs PyTorch's native (issue 9)
 #   profile  benchmarks/profile_step.py: where our training step's GPU time goes (PROFILE_ARGS)
+#   stress   benchmarks/stress_replays.py: repeated staged forwards (chunk_states bit-identical) and compiled
+#            CUDA-graph steps against eager (intermittent faults); runs after the tests, on their GPU
 #   epoch    benchmarks/bench_epoch.py on every visible GPU count up to 2 (issue 7; EPOCH_ARGS)
 #   ddp      the two-GPU torchrun train + resume test of tests/test_cli.py (issue 7; needs two GPUs)
 # Each benchmark step has its own timeout (<STEP>_TIMEOUT, seconds).
@@ -96,6 +98,17 @@ if has ddp; then
   echo "ddp rc=$?"; tail -5 "$OUT/ddp.log"
 fi
 
+# MODEL_ALONE=1: the whole-network benchmark runs right after the build, before any test or other
+# benchmark starts, so that nothing else loads the host (its eager columns are host-bound).
+model_bench() {
+  bench model 420 python3 benchmarks/bench_model.py --json "$OUT/bench_model.json" \
+    --markdown "$OUT/bench_model.md" --plot "$OUT/bench_model.png" ${BENCH_MODEL_ARGS:-}
+}
+if has model && [ -n "${MODEL_ALONE:-}" ]; then
+  wait_for_mamba
+  model_bench
+fi
+
 run_tests() {
   if has tests; then
     stamp "tests"
@@ -117,9 +130,17 @@ run_tests() {
       python3 -m pytest tests/test_mamba_ssm_parity.py -q -rfEs $workers -p no:cacheprovider > "$OUT/parity.log" 2>&1
     echo "parity rc=$?"; grep -E "^(FAILED|ERROR|SKIPPED)" "$OUT/parity.log" | head -30; tail -3 "$OUT/parity.log"
   fi
+  if has stress; then
+    stamp "stress"
+    for what in scan compiled; do
+      timeout "${STRESS_TIMEOUT:-150}" python3 benchmarks/stress_replays.py --what $what \
+        --repeats "$([ $what = scan ] && echo 200 || echo 40)" > "$OUT/stress_$what.log" 2>&1
+      echo "stress $what rc=$?"; tail -8 "$OUT/stress_$what.log"
+    done
+  fi
 }
 tests_pid=
-if [ -n "${TESTS_ON_GPU:-}" ] && { has tests || has parity; }; then
+if [ -n "${TESTS_ON_GPU:-}" ] && { has tests || has parity || has stress; }; then
   (export CUDA_VISIBLE_DEVICES=$TESTS_ON_GPU; run_tests > "$OUT/tests_summary.log" 2>&1) &
   tests_pid=$!
   export CUDA_VISIBLE_DEVICES=0
@@ -137,8 +158,8 @@ wait_for_mamba
 if has ncu; then
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   # NCU_KERNELS / NCU_LAUNCHES narrow the profile (e.g. to the staged kernel alone) to save device time.
-  bench ncu 200 "$NCU" --kernel-name regex:"${NCU_KERNELS:-scan_(lane_)?(fwd|bwd)_(main|split_aggregate)|scan_staged_fwd}" \
-    --launch-count "${NCU_LAUNCHES:-13}" \
+  bench ncu 200 "$NCU" --kernel-name regex:"${NCU_KERNELS:-scan_(lane_)?(fwd|bwd)_(main|split_aggregate)|scan_staged_(fwd|bwd)}" \
+    --launch-count "${NCU_LAUNCHES:-14}" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
     python3 benchmarks/ncu_scan_case.py
@@ -148,8 +169,7 @@ has profile && bench profile 150 python3 benchmarks/profile_step.py ${PROFILE_AR
 has quick && bench quick 120 python3 -m dermomamba.cli benchmark
 has layers && bench layers 420 python3 benchmarks/bench_layers.py --baseline mamba --json "$OUT/bench_layers.json" \
   --markdown "$OUT/bench_layers.md" ${BENCH_LAYERS_ARGS:-}
-has model && bench model 420 python3 benchmarks/bench_model.py --json "$OUT/bench_model.json" \
-  --markdown "$OUT/bench_model.md" --plot "$OUT/bench_model.png" ${BENCH_MODEL_ARGS:-}
+has model && [ -z "${MODEL_ALONE:-}" ] && model_bench
 has scan && bench scan 240 bash -c "python3 benchmarks/bench_scan.py && python3 benchmarks/bench_triton_scan.py"
 has scanv3 && bench scanv3 400 python3 benchmarks/bench_scan_v3.py --out "$OUT"
 if has sanitize; then
