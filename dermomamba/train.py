@@ -566,7 +566,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> dict:
     if ctx.distributed:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # PyTorch's fused Adam on CUDA: one kernel for all weights instead of a chain of foreach launches
+    # (the published recipe's Adam, same arithmetic: PyTorch tests fused against foreach).
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 fused=ctx.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_factor,
                                                            patience=cfg.lr_patience)
     use_scaler = ctx.device.type == "cuda" and cfg.precision == "fp16"
