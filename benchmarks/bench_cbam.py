@@ -10,7 +10,11 @@ one GPU:
   reference   our reference layer (``CBAM(backend="reference")``: ``mean`` / ``amax`` pools)
   fused       ``CBAM(backend="triton")``: the fused Triton kernels
   cuda        ``CBAM(backend="cuda")``: the fused CUDA C++ kernels (same pass structure; skipped with the
-              reason when the extension has no CUDA kernels, or with --no-cuda)
+              reason when the extension has no CUDA kernels, or with --no-cuda), forced onto the pass
+              structure (DERMOMAMBA_CBAM_CUDA_PATH=passes)
+  cuda_small  the same layer on the CUDA small-shape path (DERMOMAMBA_CBAM_CUDA_PATH=small: one cooperative
+              kernel per direction, csrc/cuda/cbam_small.cu), at shapes whose H x W is within the automatic
+              rule's limit (kCbamSmallMaxAutoPixels); left out with the reason where it cannot run
 
 and, for the fused op, the achieved bandwidth: the bytes the pass structure must move (forward:
 x read three times and out written once; backward: grad_out and x read twice... see
@@ -52,12 +56,30 @@ FUSED_PASSES = 4 + 6
 COMPULSORY_PASSES = 2 + 3
 
 
-def fwd_bwd(module, x, grad):
+# The CUDA backend reads this at every call: which of its two kernel sets runs (see csrc/cuda/cbam_cuda.cpp).
+CUDA_PATH_VARIABLE = "DERMOMAMBA_CBAM_CUDA_PATH"
+# Variant name -> the CUDA path it forces.
+CUDA_PATHS = {"cuda": "passes", "cuda_small": "small"}
+# The automatic rule's pixel limit for the small path (kCbamSmallMaxAutoPixels in csrc/cuda/cbam_params.h).
+SMALL_PATH_MAX_PIXELS = 1024
+
+
+def fwd_bwd(module, x, grad, cuda_path=None):
     params = [p for p in module.parameters()]
 
     def step():
-        out = module(x)
-        torch.autograd.grad(out, [x] + params, grad)
+        previous = os.environ.get(CUDA_PATH_VARIABLE)
+        if cuda_path is not None:
+            os.environ[CUDA_PATH_VARIABLE] = cuda_path
+        try:
+            out = module(x)
+            torch.autograd.grad(out, [x] + params, grad)
+        finally:
+            if cuda_path is not None:
+                if previous is None:
+                    del os.environ[CUDA_PATH_VARIABLE]
+                else:
+                    os.environ[CUDA_PATH_VARIABLE] = previous
 
     return step
 
@@ -141,6 +163,9 @@ def main():
             if cuda_reason is None:
                 modules["cuda"] = CBAM(C, backend="cuda").cuda()
                 modules["cuda"].load_state_dict(fused.state_dict())
+                if H * W <= SMALL_PATH_MAX_PIXELS:
+                    modules["cuda_small"] = CBAM(C, backend="cuda").cuda()
+                    modules["cuda_small"].load_state_dict(fused.state_dict())
             if not args.no_compiled:
                 # a fresh dynamo per shape: ten shapes x dtypes of one forward exceed its recompile limit, past
                 # which it silently runs eager (seen in the 2026-11-27 run for fp16 at the two smallest shapes)
@@ -153,9 +178,23 @@ def main():
                 m.to(dtype).train()
             x = torch.randn(BATCH, C, H, W, device="cuda", dtype=dtype, requires_grad=True)
             grad = torch.randn_like(x)
-            times = {name: bench(fwd_bwd(m, x, grad)) for name, m in modules.items()}
-            graph_times = {name: bench(graphed(fwd_bwd(m, x, grad))) for name, m in modules.items()} \
-                if args.graphs else {}
+            if "cuda_small" in modules:
+                try:
+                    fwd_bwd(modules["cuda_small"], x, grad, "small")()
+                    torch.cuda.synchronize()
+                except RuntimeError as error:  # the small path cannot run this shape on this GPU
+                    print(f"# no 'cuda_small' column at {C}x{H}x{W}: {error}".splitlines()[0])
+                    del modules["cuda_small"]
+            steps = {name: fwd_bwd(m, x, grad, CUDA_PATHS.get(name)) for name, m in modules.items()}
+            times = {name: bench(step) for name, step in steps.items()}
+            graph_times = {}
+            for name, step in (steps.items() if args.graphs else ()):
+                try:
+                    graph_times[name] = bench(graphed(step))
+                except RuntimeError as error:  # a capture the new path cannot do must not end the whole run
+                    if name != "cuda_small":
+                        raise
+                    print(f"# no graphed 'cuda_small' at {C}x{H}x{W}: {error}".splitlines()[0])
             row = {"dtype": dtype_name, "shape": [BATCH, C, H, W], "ms": times, "graph_ms": graph_times}
             if not args.warm_only:
                 nbytes = x.numel() * x.element_size()
@@ -184,8 +223,9 @@ def main():
             rows.append(row)
             if args.profile and not args.warm_only:
                 profile_kernels(fwd_bwd(fused, x, grad), f"fused {dtype_name} {BATCH}x{C}x{H}x{W}")
-                if "cuda" in modules:
-                    profile_kernels(fwd_bwd(modules["cuda"], x, grad), f"cuda {dtype_name} {BATCH}x{C}x{H}x{W}")
+                for name in ("cuda", "cuda_small"):
+                    if name in modules:
+                        profile_kernels(steps[name], f"{name} {dtype_name} {BATCH}x{C}x{H}x{W}")
             del modules, x, grad
             torch.cuda.empty_cache()
     if args.warm_only:
@@ -218,6 +258,18 @@ def main():
                   f"{100 * r['graph_fused_fraction_of_copy']:5.0f}% {t.get('cuda', nan):8.3f} "
                   f"{t['published'] / t.get('cuda', nan):7.1f} {t.get('compiled', nan) / t.get('cuda', nan):7.2f} "
                   f"{t['fused'] / t.get('cuda', nan):7.2f} {100 * r.get('graph_cuda_fraction_of_copy', nan):5.0f}%")
+    small_rows = [r for r in rows if "cuda_small" in r["ms"]]
+    if small_rows:
+        print("\nCUDA small-shape path (one cooperative kernel per direction) vs the CUDA passes, ms fwd+bwd")
+        print(f"{'dtype':8s} {'shape':>18s} {'':6s} {'published':>10s} {'passes':>8s} {'small':>8s} "
+              f"{'x publ':>7s} {'x passes':>8s}")
+        for r in small_rows:
+            for label, t in (("eager", r["ms"]), ("graph", r["graph_ms"])):
+                if "cuda_small" not in t:
+                    continue
+                print(f"{r['dtype']:8s} {'x'.join(map(str, r['shape'])):>18s} {label:6s} {t['published']:10.3f} "
+                      f"{t['cuda']:8.3f} {t['cuda_small']:8.3f} {t['published'] / t['cuda_small']:7.1f} "
+                      f"{t['cuda'] / t['cuda_small']:8.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)

@@ -6,11 +6,15 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -57,6 +61,89 @@ int kind_of(const at::Tensor& t, const char* op, const char* name) {
     case at::kDouble: return cuda::kCbamFloat64;
     default: TORCH_CHECK(false, op, ": ", name, " must be a floating tensor, got ", t.scalar_type());
   }
+}
+
+// Which kernels run a call: the pass structure (cbam_passes.cuh, any shape) or the small-shape path
+// (cbam_small.cu: one cooperative kernel per direction, for small images). "passes" is the default until
+// the small path is measured on a GPU; "small" forces it (a clear error where it cannot run the shape, so
+// tests of it never fall back silently); "auto" takes it where the rule below allows.
+constexpr const char* kPathEnvVar = "DERMOMAMBA_CBAM_CUDA_PATH";
+
+enum class PathRequest { kPasses, kSmall, kAuto };
+
+PathRequest requested_path(const char* op) {
+  const char* value = std::getenv(kPathEnvVar);
+  if (value == nullptr || value[0] == '\0') return PathRequest::kPasses;
+  const std::string v(value);
+  if (v == "passes") return PathRequest::kPasses;
+  if (v == "small") return PathRequest::kSmall;
+  if (v == "auto") return PathRequest::kAuto;
+  TORCH_CHECK(false, op, ": ", kPathEnvVar, " must be 'passes', 'small' or 'auto', got '", v, "'");
+}
+
+// cuda::cbam_small_blocks_per_sm, remembered: the occupancy queries cost more than a small launch.
+int small_blocks_per_sm(int device, int kind, bool vector_loads, int64_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, bool, int64_t>, int> known;
+  const auto key = std::make_tuple(device, kind, vector_loads, bytes);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  const int blocks = cuda::cbam_small_blocks_per_sm(device, kind, vector_loads, bytes);
+  known.emplace(key, blocks);
+  return blocks;
+}
+
+struct SmallPlan {
+  bool use = false;
+  int groups = 0, group_channels = 0;
+  std::string why_not;  // when it cannot run
+};
+
+// The small path's channel groups per image. A block stages (C / G) x H x W values of x (and of grad_out)
+// in shared memory, so G >= C * H * W / kCbamSmallMaxStagedValues; all B x G blocks must be resident at once
+// (cooperative launch). Within that, G aims at one block per SM (B x G ~ SMs), at most
+// kCbamSmallMaxGroups and C. Larger G first: more blocks stream x; each step down retries the occupancy.
+SmallPlan plan_small(const CbamParams& p, const at::Tensor& x) {
+  SmallPlan plan;
+  const int64_t hw = p.hw, channels = p.channels, batch = p.batch;
+  if (hw > cuda::kCbamSmallMaxStagedValues) {
+    plan.why_not = "one channel of H x W exceeds the shared-memory staging of a block";
+    return plan;
+  }
+  const int sms = multiprocessors(x);
+  const int64_t fewest = (channels * hw + cuda::kCbamSmallMaxStagedValues - 1) / cuda::kCbamSmallMaxStagedValues;
+  int64_t most = std::min<int64_t>({channels, static_cast<int64_t>(cuda::kCbamSmallMaxGroups),
+                                    std::max<int64_t>(1, sms / batch)});
+  most = std::max(most, fewest);
+  const int kind = kind_of(x, "cbam", "x");
+  for (int64_t groups = most; groups >= fewest; --groups) {
+    const int64_t group_channels = (channels + groups - 1) / groups;
+    const int64_t used_groups = (channels + group_channels - 1) / group_channels;  // no empty group
+    const int64_t bytes = static_cast<int64_t>(sizeof(float)) *
+                          cuda::cbam_small_layout(p.channels, p.hw, p.hidden, p.ksize,
+                                                  static_cast<int>(group_channels), /*backward=*/true).total;
+    const int per_sm = small_blocks_per_sm(x.get_device(), kind, p.vector_loads, bytes);
+    if (per_sm > 0 && batch * used_groups <= static_cast<int64_t>(per_sm) * sms) {
+      plan.use = true;
+      plan.groups = static_cast<int>(used_groups);
+      plan.group_channels = static_cast<int>(group_channels);
+      return plan;
+    }
+  }
+  plan.why_not = "its " + std::to_string(batch) + " x (channel groups) blocks do not fit the GPU at once";
+  return plan;
+}
+
+// The path of one call (see kPathEnvVar); raises when "small" is forced and cannot run.
+SmallPlan choose_path(const CbamParams& p, const at::Tensor& x, const char* op) {
+  const PathRequest request = requested_path(op);
+  if (request == PathRequest::kPasses) return SmallPlan{};
+  if (request == PathRequest::kAuto && p.hw > cuda::kCbamSmallMaxAutoPixels) return SmallPlan{};
+  SmallPlan plan = plan_small(p, x);
+  TORCH_CHECK(plan.use || request == PathRequest::kAuto, op, ": ", kPathEnvVar,
+              "=small, but the small-shape kernels cannot run x of shape ", x.sizes(), ": ", plan.why_not);
+  return plan;
 }
 
 void check_device(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
@@ -273,20 +360,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_fwd_
   p.chan = chan.data_ptr<float>();
   p.pix = pix.data_ptr<float>();
   p.stats = stats.data_ptr<float>();
+  const SmallPlan plan = choose_path(p, x, op);
   Scratch scratch;
-  scratch.add(&p.pool_parts, 3 * s.batch * s.channels * p.num_pixel_tiles);
-  scratch.add(&p.conv_parts, 3 * s.batch * p.num_conv_tiles);
-  scratch.add(&p.hidden_buf, s.batch * s.hidden);
-  scratch.add(&p.pixel_parts, p.channel_splits > 1 ? 3 * p.channel_splits * s.batch * s.height * s.width : 0);
+  if (plan.use) {
+    p.small_groups = plan.groups;
+    p.small_group_channels = plan.group_channels;
+    scratch.add(&p.small_parts, 3 * static_cast<int64_t>(plan.groups) * s.batch * s.height * s.width);
+    scratch.add(&p.small_image, 3 * s.batch);
+  } else {
+    scratch.add(&p.pool_parts, 3 * s.batch * s.channels * p.num_pixel_tiles);
+    scratch.add(&p.conv_parts, 3 * s.batch * p.num_conv_tiles);
+    scratch.add(&p.hidden_buf, s.batch * s.hidden);
+    scratch.add(&p.pixel_parts, p.channel_splits > 1 ? 3 * p.channel_splits * s.batch * s.height * s.width : 0);
+  }
   const at::Tensor keep_scratch = scratch.allocate(x);
   if (poison_requested()) poison({out, cs, chan, pix, stats, keep_scratch});
   const int dtype_code = kind_of(x, op, "x");
   void* stream = current_stream(x);
   int status = 0;
-  switch (dtype_code) {
-    case cuda::kCbamFloat16: status = cuda::cbam_forward_half(p, stream); break;
-    case cuda::kCbamBFloat16: status = cuda::cbam_forward_bfloat16(p, stream); break;
-    default: status = cuda::cbam_forward_float(p, stream);
+  if (plan.use) {
+    status = cuda::cbam_small_forward(p, dtype_code, stream);
+  } else {
+    switch (dtype_code) {
+      case cuda::kCbamFloat16: status = cuda::cbam_forward_half(p, stream); break;
+      case cuda::kCbamBFloat16: status = cuda::cbam_forward_bfloat16(p, stream); break;
+      default: status = cuda::cbam_forward_float(p, stream);
+    }
   }
   check_launch(status, op);
   return {out, cs, chan, pix, stats};
@@ -344,27 +443,42 @@ cbam_bwd_cuda(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tenso
   p.d_conv_w = out_view_of(d_conv_w, op, "conv_w");
   p.d_bn_weight = out_view_of(d_bn_weight, op, "bn_weight");
   p.d_bn_bias = out_view_of(d_bn_bias, op, "bn_bias");
+  const SmallPlan plan = choose_path(p, x, op);
   Scratch scratch;
-  scratch.add(&p.bpix, kBpixRows * s.batch * hw);
-  scratch.add(&p.dcs_parts, s.batch * s.channels * p.num_pixel_tiles);
-  scratch.add(&p.dcs_parts2, s.batch * s.channels * p.num_pixel_tiles);
-  scratch.add(&p.pixel_parts, p.channel_splits > 1 ? p.channel_splits * s.batch * hw : 0);
-  scratch.add(&p.bn_parts, 2 * s.batch * p.num_pixel_tiles);
-  scratch.add(&p.coef, 3);
-  scratch.add(&p.conv_wparts, 2 * s.ksize * s.ksize * s.batch * p.num_conv_tiles);
-  scratch.add(&p.d_logit, s.batch * s.channels);
-  scratch.add(&p.dchan, 2 * s.batch * s.channels);
-  scratch.add(&p.hidden_buf, kHidRows * s.batch * s.hidden);
+  if (plan.use) {
+    p.small_groups = plan.groups;
+    p.small_group_channels = plan.group_channels;
+    scratch.add(&p.small_parts, static_cast<int64_t>(plan.groups) * s.batch * hw);
+    scratch.add(&p.small_image, 2 * s.batch);
+    scratch.add(&p.conv_wparts, 2 * s.ksize * s.ksize * s.batch);
+    scratch.add(&p.d_logit, s.batch * s.channels);
+    scratch.add(&p.hidden_buf, kHidRows * s.batch * s.hidden);
+  } else {
+    scratch.add(&p.bpix, kBpixRows * s.batch * hw);
+    scratch.add(&p.dcs_parts, s.batch * s.channels * p.num_pixel_tiles);
+    scratch.add(&p.dcs_parts2, s.batch * s.channels * p.num_pixel_tiles);
+    scratch.add(&p.pixel_parts, p.channel_splits > 1 ? p.channel_splits * s.batch * hw : 0);
+    scratch.add(&p.bn_parts, 2 * s.batch * p.num_pixel_tiles);
+    scratch.add(&p.coef, 3);
+    scratch.add(&p.conv_wparts, 2 * s.ksize * s.ksize * s.batch * p.num_conv_tiles);
+    scratch.add(&p.d_logit, s.batch * s.channels);
+    scratch.add(&p.dchan, 2 * s.batch * s.channels);
+    scratch.add(&p.hidden_buf, kHidRows * s.batch * s.hidden);
+  }
   const at::Tensor keep_scratch = scratch.allocate(x);
   if (poison_requested())
     poison({dx, d_mlp1_w, d_mlp1_b, d_mlp2_w, d_mlp2_b, d_conv_w, d_bn_weight, d_bn_bias, keep_scratch});
   const int dtype_code = kind_of(x, op, "x");
   void* stream = current_stream(x);
   int status = 0;
-  switch (dtype_code) {
-    case cuda::kCbamFloat16: status = cuda::cbam_backward_half(p, stream); break;
-    case cuda::kCbamBFloat16: status = cuda::cbam_backward_bfloat16(p, stream); break;
-    default: status = cuda::cbam_backward_float(p, stream);
+  if (plan.use) {
+    status = cuda::cbam_small_backward(p, dtype_code, stream);
+  } else {
+    switch (dtype_code) {
+      case cuda::kCbamFloat16: status = cuda::cbam_backward_half(p, stream); break;
+      case cuda::kCbamBFloat16: status = cuda::cbam_backward_bfloat16(p, stream); break;
+      default: status = cuda::cbam_backward_float(p, stream);
+    }
   }
   check_launch(status, op);
   return {dx, d_mlp1_w, d_mlp1_b, d_mlp2_w, d_mlp2_b, d_conv_w, d_bn_weight, d_bn_bias};

@@ -105,6 +105,15 @@ struct CbamParams {
 
   // Parameter gradients, in their parameters' kinds.
   CbamOutTensor d_mlp1_w, d_mlp1_b, d_mlp2_w, d_mlp2_b, d_conv_w, d_bn_weight, d_bn_bias;
+
+  // Small-shape path (cbam_small.cu): a block per (image, channel group), one cooperative kernel per
+  // direction. Unused by the passes above.
+  int small_groups;              // channel groups per image (blocks = batch * small_groups)
+  int small_group_channels;      // channels per group (the last group may have fewer)
+  float* small_parts;            // forward (groups, B, 3, HW) max, ties, sum over a group's channels;
+                                 // backward (groups, B, HW) sum_c g * x * cs over a group's channels
+  float* small_image;            // forward (B, 3) count, sum, squared deviations of z per image;
+                                 // backward (B, 2) sum of d logit, of d logit * normalised z per image
 };
 
 struct CbamTiling {
@@ -177,6 +186,65 @@ int cbam_launch_param_grads(const CbamParams& p, void* stream);
 // running = (1 - momentum) * running + momentum * stats[2 or 3], in fp32, rounded once.
 int cbam_update_running_stats(CbamOutTensor running_mean, CbamOutTensor running_var, const float* stats,
                               float momentum, void* stream);
+
+// ---------------------------------------------------------------------------------------------
+// Small-shape path: one cooperative kernel for the forward, one for the backward (cbam_small.cu).
+// ---------------------------------------------------------------------------------------------
+// Threads of a small-path block.
+constexpr int kCbamSmallThreads = 512;
+// A block stages its channels of x (fp32; in the backward also grad_out) in shared memory; at most this
+// many values of each, so that with the per-pixel maps a block still fits the 227 KB of an SM (96 KB each).
+constexpr int kCbamSmallMaxStagedValues = 24 * 1024;
+// The automatic rule takes the small path only up to this many pixels per image: every block of an
+// image recomputes the image's pooled maps and 7x7 conv (cheap for small images, not for 192x256).
+constexpr int kCbamSmallMaxAutoPixels = 1024;
+// Channel groups per image at most (batch 1: more groups than this only repeat per-image work).
+constexpr int kCbamSmallMaxGroups = 32;
+// Per-pixel maps a small-path block keeps in shared memory (the backward's: spatial gate, normalised
+// z, d logit / dz, max over C, 1 / ties, d max-map, d mean-map, mean over C).
+constexpr int kCbamSmallMaps = 8;
+// Per-channel values of its own channels a block keeps (cs, direct d cs, d avg, d max, max over HW).
+constexpr int kCbamSmallOwnRows = 5;
+constexpr int kCbamSmallScratch = 64;
+
+// Host and device (the launcher sizes the shared memory, the kernels carve it); plain inline in .cpp files.
+#ifdef __CUDACC__
+#define CBAM_HOST_DEVICE __host__ __device__
+#else
+#define CBAM_HOST_DEVICE
+#endif
+
+// Shared-memory layout of a small-path block, in floats (the forward leaves out the staged grad_out).
+struct CbamSmallLayout {
+  int x, grad, chan_avg, chan_max, d_logit, hidden, own, own_weights, conv_w, maps, scratch, total;
+};
+
+inline CBAM_HOST_DEVICE CbamSmallLayout cbam_small_layout(int channels, int hw, int hidden, int ksize, int group_channels,
+                                                          bool backward) {
+  CbamSmallLayout l{};
+  int at = 0;
+  l.x = at;        at += group_channels * hw;
+  l.grad = at;     at += backward ? group_channels * hw : 0;
+  l.chan_avg = at; at += channels;
+  l.chan_max = at; at += channels;
+  l.d_logit = at;  at += channels;
+  l.hidden = at;   at += 3 * hidden;
+  l.own = at;      at += kCbamSmallOwnRows * group_channels;
+  l.own_weights = at; at += group_channels * hidden;
+  l.conv_w = at;   at += 2 * ksize * ksize;
+  l.maps = at;     at += kCbamSmallMaps * hw;
+  l.scratch = at;  at += kCbamSmallScratch;
+  l.total = at;
+  return l;
+}
+
+// Launchers (return a CUDA error code); x's dtype picks the kernel. p.small_groups etc. must be set.
+int cbam_small_forward(const CbamParams& p, int x_kind, void* stream);
+int cbam_small_backward(const CbamParams& p, int x_kind, void* stream);
+// Blocks of the small-path kernels (forward and backward, the lesser) that can be resident on one SM
+// with `shared_bytes` of dynamic shared memory (the backward's, the larger); 0 when they cannot run (no
+// cooperative launch, or too much shared memory).
+int cbam_small_blocks_per_sm(int device, int x_kind, bool vector_loads, int64_t shared_bytes);
 
 int cbam_multiprocessor_count(int device);
 const char* cbam_error_string(int code);

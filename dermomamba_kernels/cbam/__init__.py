@@ -83,7 +83,11 @@ def cbam(x, mlp1_w, mlp1_b, mlp2_w, mlp2_b, conv_w, bn_weight, bn_bias, running_
 
     ``backend``: "auto" (default, or ``DERMOMAMBA_BACKEND``), "cuda" (the extension's CUDA C++
     kernels), "triton", "cpu" (the reference's vectorised arithmetic on CPU tensors) or "reference".
-    "auto" takes "cuda", then "triton", on CUDA tensors.
+    "auto" takes "cuda", then "triton", on CUDA tensors. The "cuda" backend has two kernel sets, picked by the
+    environment variable ``DERMOMAMBA_CBAM_CUDA_PATH`` at each call: "passes" (default: a pass structure for
+    any shape), "small" (one cooperative kernel per direction for small images, H x W up to 24576, an error
+    where it cannot run) or "auto" ("small" when H x W <= 1024 and it can run, else "passes"); both give the
+    same results up to fp32 summation order (benchmarks/notes/cbam.md).
 
     Example:
         >>> x = torch.randn(2, 32, 6, 10)
