@@ -47,8 +47,10 @@ KERNEL_VARIABLE = "DERMOMAMBA_SCAN_FWD_KERNEL"
 KERNELS = ("warp", "lane", "lane4", "staged")
 OTHER_KERNELS = KERNELS[1:]  # compared with (and against) the default, warp
 BWD_KERNEL_VARIABLE = "DERMOMAMBA_SCAN_BWD_KERNEL"
-BWD_KERNELS = ("warp", "lane")
-PAIRS = [(f, b) for f in KERNELS for b in BWD_KERNELS]
+BWD_KERNELS = ("warp", "lane", "staged")
+# Every forward with the warp and lane backwards, and the staged backward after the warp (v2) and staged
+# forwards (the staged pair is the candidate default; the backward does not depend on the forward's kernel).
+PAIRS = [(f, b) for f in KERNELS for b in ("warp", "lane")] + [("warp", "staged"), ("staged", "staged")]
 
 
 def forward_with(kernel, args):
@@ -80,8 +82,8 @@ def forward_backward_table(args, copy_gbs, mamba_fn):
     lines = ["\n## forward + backward, per (forward kernel, backward kernel)\n",
              "| d_model | HxW | dtype | f+b floor MB | " + " | ".join(f"{f}+{b} ms" for f, b in PAIRS)
              + " | best pair | best % copy | best vs warp+warp | mamba-ssm scan f+b ms | best vs mamba | "
-             "lane bwd vs warp bwd max rel diff |",
-             "|" + "---|" * (len(PAIRS) + 10)]
+             "lane bwd vs warp bwd max rel diff | staged bwd vs warp bwd max rel diff |",
+             "|" + "---|" * (len(PAIRS) + 11)]
     rows = []
     for d_model, height, width in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
@@ -91,6 +93,7 @@ def forward_backward_table(args, copy_gbs, mamba_fn):
             states = forward_with("warp", op_args)[1]
             grads = {k: backward_with(k, dy, op_args, states) for k in BWD_KERNELS}
             diff = max(rel_diff(a, b) for a, b in zip(grads["lane"], grads["warp"]))
+            staged_diff = max(rel_diff(a, b) for a, b in zip(grads["staged"], grads["warp"]))
             del grads
             times = {}
             for fwd_kernel, bwd_kernel in PAIRS:
@@ -124,13 +127,13 @@ def forward_backward_table(args, copy_gbs, mamba_fn):
             best = times[best_pair]
             rows.append({"d_model": d_model, "H": height, "W": width, "dtype": str(dtype), "floor_bytes": floor,
                          "ms": {f"{f}+{b}": t for (f, b), t in times.items()}, "mamba_scan_fb_ms": mamba_ms,
-                         "lane_vs_warp_bwd_max_rel_diff": diff})
+                         "lane_vs_warp_bwd_max_rel_diff": diff, "staged_vs_warp_bwd_max_rel_diff": staged_diff})
             lines.append(f"| {d_model} | {height}x{width} | {str(dtype)[6:]} | {floor / 1e6:.1f} | "
                          + " | ".join(f"{times[p]:.3f}" for p in PAIRS)
                          + f" | {'+'.join(best_pair)} | {100 * floor / best / 1e6 / copy_gbs:.1f}% | "
                          f"{times[('warp', 'warp')] / best:.2f}x | "
                          f"{'-' if mamba_ms is None else f'{mamba_ms:.3f}'} | "
-                         f"{'-' if mamba_ms is None else f'{mamba_ms / best:.2f}x'} | {diff:.1e} |")
+                         f"{'-' if mamba_ms is None else f'{mamba_ms / best:.2f}x'} | {diff:.1e} | {staged_diff:.1e} |")
             print(lines[-1], flush=True)
             del x, delta, B, C, states
             torch.cuda.empty_cache()
@@ -138,11 +141,12 @@ def forward_backward_table(args, copy_gbs, mamba_fn):
 
 
 def small_case():
-    """Small multiaxial forwards of every kind, each followed by the lane backward in both gradient modes:
-    odd sizes, several blocks per direction, splits, and (third shape) ten staged tiles, so that the
-    staged kernel's look-back crosses a milestone (what compute-sanitizer should look at)."""
+    """Small multiaxial forwards of every kind, each followed by the lane backward in both gradient modes,
+    and the staged backward in both modes: odd sizes, several blocks per direction, splits, and (third
+    shape) ten staged forward tiles / 14 staged backward tiles, so that both staged kernels' look-backs
+    cross a milestone (what compute-sanitizer should look at)."""
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
-    for dim, height, width, dstate, chunk in ((12, 9, 13, 16, 32), (5, 7, 6, 20, 16), (8, 48, 53, 16, 16)):
+    for dim, height, width, dstate, chunk in ((12, 9, 13, 16, 32), (9, 7, 6, 20, 16), (8, 48, 53, 16, 16)):
         x = torch.randn(1, dim, height, width, device="cuda")
         delta = 0.5 * torch.randn(1, NUM_DIRECTIONS, dim, height, width, device="cuda") - 1.5
         B, C = (torch.randn(1, NUM_DIRECTIONS, dstate, height, width, device="cuda") for _ in range(2))
@@ -158,6 +162,13 @@ def small_case():
                 grads = torch.ops.dermomamba.multiaxial_scan_bwd(dy, *op_args[:8], states, chunk, deterministic)
                 torch.cuda.synchronize()
                 assert all(torch.isfinite(g).all() for g in grads), "non-finite gradient"
+        # The staged backward (dim 9 at N 20 is two channel blocks of 8 + 1: dB / dC by atomics and partials):
+        # one forward's chunk_states serve, the backward does not depend on the forward's kernel.
+        for deterministic in (False, True):
+            os.environ[BWD_KERNEL_VARIABLE] = "staged"
+            grads = torch.ops.dermomamba.multiaxial_scan_bwd(dy, *op_args[:8], states, chunk, deterministic)
+            torch.cuda.synchronize()
+            assert all(torch.isfinite(g).all() for g in grads), "non-finite gradient"
     print("small case done")
 
 

@@ -1,7 +1,7 @@
 """One multiaxial scan forward per kernel form (warp, lane, lane4, staged) and one backward per form (warp,
-lane) at DermoMamba's largest SS2D shape (batch 16, d_inner 8, 192x256, N 16, fp32), for Nsight Compute:
+lane, staged) at DermoMamba's largest SS2D shape (batch 16, d_inner 8, 192x256, N 16, fp32), for Nsight Compute:
 
-  ncu --kernel-name regex:"scan_(lane_)?(fwd|bwd)_(main|split_aggregate)|scan_staged_fwd" --section ... \
+  ncu --kernel-name regex:"scan_(lane_)?(fwd|bwd)_(main|split_aggregate)|scan_staged_(fwd|bwd)" --section ... \
       python benchmarks/ncu_scan_case.py
 """
 
@@ -26,7 +26,7 @@ for kernel in ("warp", "lane", "lane4", "staged"):
     os.environ["DERMOMAMBA_SCAN_FWD_KERNEL"] = kernel
     y, states = ops.multiaxial_scan_fwd(x, delta, A, B, C, D, bias, True, 128)
 dy = torch.randn_like(y)
-for kernel in ("warp", "lane"):
+for kernel in ("warp", "lane", "staged"):
     os.environ["DERMOMAMBA_SCAN_BWD_KERNEL"] = kernel
     ops.multiaxial_scan_bwd(dy, x, delta, A, B, C, D, bias, True, states, 128, False)
 torch.cuda.synchronize()

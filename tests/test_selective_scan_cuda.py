@@ -363,12 +363,14 @@ def fwd_kernel(request, monkeypatch):
     return request.param
 
 
-# The multiaxial backward has two kernels, chosen by DERMOMAMBA_SCAN_BWD_KERNEL on every call:
-# "warp" (the default) and "lane" (scan v3 backward: a lane per (sequence, state), N <= 32). Both
+# The multiaxial backward has three kernels, chosen by DERMOMAMBA_SCAN_BWD_KERNEL on every call:
+# "warp" (the default), "lane" (scan v3 backward: a lane per (sequence, state), N <= 32) and "staged"
+# (scan v4 backward: tiles staged in shared memory, one launch with a reverse look-back, N <= 32). All
 # read any forward kernel's chunk_states, so the parity tests run over every (forward, backward) pair.
 BWD_KERNEL_VARIABLE = "DERMOMAMBA_SCAN_BWD_KERNEL"
-BWD_KERNELS = ["warp", "lane"]
+BWD_KERNELS = ["warp", "lane", "staged"]
 LANE_BWD_MAX_STATES = 32
+STAGED_BWD_MAX_STATES = 32
 
 
 @pytest.fixture(params=BWD_KERNELS)
@@ -582,6 +584,56 @@ def test_multiaxial_backward_lane_shapes(seed, case, dtype, deterministic, monke
                      deterministic=deterministic)
 
 
+# Shapes the staged backward treats specially (batch, dim, H, W, N, chunk, wrapper's B / C layout): many
+# tiles (the reverse look-back crosses milestones every 8 tiles: 27 tiles at 70x73 / chunk 16, 14 at
+# 48x53), several channel blocks per direction (dim 40 at N 16, dim 9 at N 20: dB / dC by atomics or
+# partials), idle slots and lanes, chunks shorter than a position block and >= L, the wrapper's layout.
+STAGED_BWD_CASES = [
+    (1, 8, 70, 73, 16, 16, False),
+    (1, 8, 48, 53, 16, 16, True),
+    (1, 40, 20, 30, 16, 32, False),
+    (2, 9, 17, 9, 20, 50, False),
+    (2, 3, 11, 6, 5, 7, True),
+    (2, 9, 5, 7, 16, 1000, False),
+    (1, 8, 64, 48, 16, 128, True),
+]
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("case", STAGED_BWD_CASES, ids=lane_case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_multiaxial_backward_staged_shapes(seed, case, dtype, deterministic, monkeypatch):
+    """Every gradient of the staged backward against float64, from the staged forward's chunk_states."""
+    batch, dim, height, width, dstate, chunk, wrapper_bc = case
+    monkeypatch.setenv(FWD_KERNEL_VARIABLE, "staged")
+    monkeypatch.setenv(BWD_KERNEL_VARIABLE, "staged")
+    inp = make_multiaxial(batch, dim, height, width, dstate, dtype)
+    if wrapper_bc:
+        inp = wrapper_layout(inp)
+    # Outputs land in a caching allocator just filled with NaN: an unwritten element would surface.
+    poison = torch.full((64 << 20,), float("nan"), device=DEVICE)
+    del poison
+    check_multiaxial(inp, softplus=True, tag=f"ma-staged-bwd/{dtype}/{'x'.join(map(str, case[:6]))}", chunk=chunk,
+                     deterministic=deterministic)
+
+
+@requires_cuda_kernels
+def test_multiaxial_backward_staged_matches_warp(seed, monkeypatch):
+    """The staged and warp backwards on the same chunk_states: equal up to fp32 summation order."""
+    inp = make_multiaxial(2, 16, 40, 36, 16, torch.float32)
+    dy = torch.randn(2, 16, 40, 36, device=DEVICE)
+    _, states, _ = run_multiaxial_op(inp, True, chunk=64)
+    args = (dy, inp["x"], inp["delta"], inp["A"], inp["B"], inp["C"], inp["D"], inp["delta_bias"], True, states, 64,
+            True)
+    monkeypatch.setenv(BWD_KERNEL_VARIABLE, "warp")
+    warp = ops().multiaxial_scan_bwd(*args)
+    monkeypatch.setenv(BWD_KERNEL_VARIABLE, "staged")
+    staged = ops().multiaxial_scan_bwd(*args)
+    for name, a, b in zip(GRAD_NAMES_MA, staged, warp):
+        assert rel_err(a, b) <= FP32_FLOOR, f"d{name}: staged vs warp backward differ by {rel_err(a, b):.2e}"
+
+
 @requires_cuda_kernels
 def test_multiaxial_backward_lane_matches_warp(seed, monkeypatch):
     """The two backward kernels on the same chunk_states: equal up to fp32 summation order."""
@@ -615,6 +667,9 @@ def test_multiaxial_backward_kernel_choice_errors(seed, monkeypatch):
     big = backward_args(make_multiaxial(1, 4, 5, 6, LANE_BWD_MAX_STATES + 1, torch.float32))
     monkeypatch.setenv(BWD_KERNEL_VARIABLE, "lane")
     with pytest.raises(RuntimeError, match=rf"{BWD_KERNEL_VARIABLE}=lane\) supports a state size N up to 32"):
+        ops().multiaxial_scan_bwd(*big)
+    monkeypatch.setenv(BWD_KERNEL_VARIABLE, "staged")
+    with pytest.raises(RuntimeError, match=rf"{BWD_KERNEL_VARIABLE}=staged\) supports a state size N up to 32"):
         ops().multiaxial_scan_bwd(*big)
     monkeypatch.setenv(BWD_KERNEL_VARIABLE, "warp")
     ops().multiaxial_scan_bwd(*big)

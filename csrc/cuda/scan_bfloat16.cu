@@ -3,6 +3,7 @@
 #include "scan_lane_kernels.cuh"
 #include "scan_lane_bwd_kernels.cuh"
 #include "scan_staged_kernels.cuh"
+#include "scan_staged_bwd_kernels.cuh"
 
 namespace dermomamba {
 namespace cuda {
@@ -31,6 +32,12 @@ int scan_backward_multiaxial_lane_bfloat16(const ScanParams& params, void* strea
 // DERMOMAMBA_SCAN_FWD_KERNEL=staged in selective_scan_cuda.cpp).
 int scan_forward_multiaxial_staged_bfloat16(const ScanParams& params, void* stream) {
   return scan_forward_multiaxial_staged<__nv_bfloat16>(params, stream);
+}
+
+// The staged multiaxial backward (scan v4, scan_staged_bwd_kernels.cuh; selected by
+// DERMOMAMBA_SCAN_BWD_KERNEL=staged in selective_scan_cuda.cpp).
+int scan_backward_multiaxial_staged_bfloat16(const ScanParams& params, void* stream) {
+  return scan_backward_multiaxial_staged<__nv_bfloat16>(params, stream);
 }
 
 }  // namespace cuda

@@ -55,6 +55,12 @@ struct StagedLayout {
   int threads;
   // Byte offsets in dynamic shared memory (16-byte aligned) and the total.
   int step_offset, place_offset, B_offset, C_offset, agg_offset, enter_offset, shared_bytes;
+  // The backward only (staged_bwd_layout; zero in the forward's layout): position blocks of a full
+  // sub-chunk, dy [slot][position], the per-lane checkpoints [sub][block][slot * group] and the
+  // dB / dC rows [2][sub][slot * group][reduce_row] (reduce_row = group + 1: a lane writes its block's
+  // positions at constant offsets, and the padding puts both the lanes' writes and the reducers' reads,
+  // one position each, in different banks).
+  int blocks_per_sub, dy_offset, checkpoint_offset, reduce_offset, reduce_row;
 };
 
 DERMOMAMBA_HOST_DEVICE inline int staged_align16(int bytes) { return (bytes + 15) / 16 * 16; }
@@ -96,6 +102,81 @@ DERMOMAMBA_HOST_DEVICE inline StagedLayout staged_layout(int dim, int dstate, in
       l.chunks_per_tile = subs * chunks_per_sub;
       l.tile_positions = l.chunks_per_tile * chunk_size;
       staged_offsets(l);
+      if (l.shared_bytes <= kSharedBudgetBytes) break;
+    }
+    if (subs >= 1) break;
+    if (chunks_per_sub > 1) {
+      chunks_per_sub = (chunks_per_sub + 1) / 2;
+    } else if (channels > 1) {
+      channels = (channels + 1) / 2;
+    } else {
+      return l;  // not even one chunk of one channel fits
+    }
+  }
+  l.threads = l.subs * l.warps_per_sub * kLanesPerWarp;
+  l.num_tiles = (num_chunks + l.chunks_per_tile - 1) / l.chunks_per_tile;
+  l.channel_blocks = (dim + l.channels - 1) / l.channels;
+  l.ok = true;
+  return l;
+}
+
+// ---- the staged backward (scan_staged_bwd_kernels.cuh) ----
+//
+// Same tiles as the forward, plus dy per channel and position, a checkpoint of the forward state at
+// every position block of a sub-chunk, and the dB / dC rows of one block iteration. Blocks of
+// positions are `group` long (the lane shapes' kBlock for 16- and 32-lane groups). With 32-lane
+// groups a lane holds arrays of 32 positions, so blocks are at most kMaxBwdThreadsWide threads
+// (255 registers each); with 16-lane groups kMaxThreads (128 registers).
+constexpr int kMaxBwdThreadsWide = 256;
+
+DERMOMAMBA_HOST_DEVICE inline int staged_bwd_max_threads(int group) {
+  return group == kNarrowGroup ? kMaxThreads : kMaxBwdThreadsWide;
+}
+
+DERMOMAMBA_HOST_DEVICE inline void staged_bwd_offsets(StagedLayout& l, int chunk_size) {
+  const int P = l.tile_positions;
+  const int lanes = l.slots * l.group;
+  const int blocks_per_chunk = (chunk_size + l.group - 1) / l.group;
+  l.blocks_per_sub = l.chunks_per_sub * blocks_per_chunk;
+  l.reduce_row = l.group + 1;
+  l.step_offset = 0;
+  l.dy_offset = l.step_offset + staged_align16(l.slots * P * 8);
+  l.place_offset = l.dy_offset + staged_align16(l.slots * P * 4);
+  l.B_offset = l.place_offset + staged_align16(P * 8);
+  l.C_offset = l.B_offset + staged_align16(P * l.group * 4);
+  l.checkpoint_offset = l.C_offset + staged_align16(P * l.group * 4);
+  l.reduce_offset = l.checkpoint_offset + staged_align16(l.subs * l.blocks_per_sub * lanes * 4);
+  l.agg_offset = l.reduce_offset + staged_align16(2 * l.subs * lanes * l.reduce_row * 4);
+  l.enter_offset = l.agg_offset + staged_align16(l.subs * lanes * 8);
+  l.shared_bytes = l.enter_offset + staged_align16(l.subs * lanes * 4);
+}
+
+// The backward's layout: the forward's rules (channels first, then sub-chunks, then fewer chunks
+// per sub-chunk, then fewer channels) against the backward's thread limit and shared memory.
+DERMOMAMBA_HOST_DEVICE inline StagedLayout staged_bwd_layout(int dim, int dstate, int chunk_size, int num_chunks) {
+  StagedLayout l{};
+  l.ok = false;
+  if (dstate < 1 || dstate > kMaxStateDim || dim < 1 || chunk_size < 1 || num_chunks < 1) return l;
+  l.group = dstate <= kNarrowGroup ? kNarrowGroup : kWideGroup;
+  l.seqs_per_warp = kLanesPerWarp / l.group;
+  const int max_threads = staged_bwd_max_threads(l.group);
+  int channels = dim < max_threads / l.group ? dim : max_threads / l.group;
+  int chunks_per_sub = (kMinSubChunkPositions + chunk_size - 1) / chunk_size;
+  if (chunks_per_sub > num_chunks) chunks_per_sub = num_chunks;
+  for (;;) {
+    l.channels = channels;
+    l.slots = (channels + l.seqs_per_warp - 1) / l.seqs_per_warp * l.seqs_per_warp;
+    l.warps_per_sub = l.slots / l.seqs_per_warp;
+    const int threads_per_sub = l.warps_per_sub * kLanesPerWarp;
+    l.chunks_per_sub = chunks_per_sub;
+    const int subs_needed = (num_chunks + chunks_per_sub - 1) / chunks_per_sub;
+    int subs = max_threads / threads_per_sub;
+    if (subs > subs_needed) subs = subs_needed;
+    for (; subs >= 1; --subs) {
+      l.subs = subs;
+      l.chunks_per_tile = subs * chunks_per_sub;
+      l.tile_positions = l.chunks_per_tile * chunk_size;
+      staged_bwd_offsets(l, chunk_size);
       if (l.shared_bytes <= kSharedBudgetBytes) break;
     }
     if (subs >= 1) break;

@@ -32,6 +32,10 @@ int scan_backward_multiaxial_lane_bfloat16(const ScanParams& params, void* strea
 int scan_forward_multiaxial_staged_float(const ScanParams& params, void* stream);
 int scan_forward_multiaxial_staged_half(const ScanParams& params, void* stream);
 int scan_forward_multiaxial_staged_bfloat16(const ScanParams& params, void* stream);
+// The staged form of the multiaxial backward (scan v4, csrc/cuda/scan_staged_bwd_kernels.cuh), same convention.
+int scan_backward_multiaxial_staged_float(const ScanParams& params, void* stream);
+int scan_backward_multiaxial_staged_half(const ScanParams& params, void* stream);
+int scan_backward_multiaxial_staged_bfloat16(const ScanParams& params, void* stream);
 }  // namespace cuda
 
 namespace {
@@ -502,9 +506,11 @@ int run_forward_lane(const ScanParams& p, at::ScalarType bc_dtype, ForwardKernel
   }
 }
 
-// Which kernel runs multiaxial_scan_bwd: "warp" (default, scan_kernels.cuh) or "lane" (one lane
-// per (sequence, state), scan_lane_bwd_kernels.cuh, N <= 32). Both read the same chunk_states
-// (from any forward kernel) and return the same gradients. Read on every call, like the forward's.
+// Which kernel runs multiaxial_scan_bwd: "warp" (default, scan_kernels.cuh), "lane" (one lane
+// per (sequence, state), scan_lane_bwd_kernels.cuh, N <= 32) or "staged" (scan v4: tiles staged in
+// shared memory, one launch with a reverse look-back, scan_staged_bwd_kernels.cuh, N <= 32). All read
+// the same chunk_states (from any forward kernel) and return the same gradients. Read on every call,
+// like the forward's.
 constexpr const char* kBackwardKernelVariable = "DERMOMAMBA_SCAN_BWD_KERNEL";
 // Warps per block of the lane backward, by lanes per sequence (lane::BwdBlock; repeated here
 // because this file does not include device code): it fixes how many blocks share a direction's
@@ -512,15 +518,16 @@ constexpr const char* kBackwardKernelVariable = "DERMOMAMBA_SCAN_BWD_KERNEL";
 constexpr int64_t kLaneBackwardWarpsNarrow = 4;
 constexpr int64_t kLaneBackwardWarpsWide = 2;
 
-enum class BackwardKernel { kWarp, kLane };
+enum class BackwardKernel { kWarp, kLane, kStaged };
 
 BackwardKernel multiaxial_backward_kernel(const char* op) {
   const char* value = std::getenv(kBackwardKernelVariable);
   const std::string choice = value == nullptr ? "" : value;
   if (choice.empty() || choice == "warp") return BackwardKernel::kWarp;
   if (choice == "lane") return BackwardKernel::kLane;
-  TORCH_CHECK(false, op, ": environment variable ", kBackwardKernelVariable, " must be 'warp' or 'lane' (or unset), got '",
-              choice, "'");
+  if (choice == "staged") return BackwardKernel::kStaged;
+  TORCH_CHECK(false, op, ": environment variable ", kBackwardKernelVariable,
+              " must be 'warp' or 'lane' (v3) or 'staged' (v4), or unset, got '", choice, "'");
 }
 
 // Blocks of the lane backward per (batch, direction): each covers warps x (32 / group) channels.
@@ -530,6 +537,28 @@ int64_t lane_backward_channel_blocks(int64_t dim, int64_t dstate) {
   const int64_t max_warps = group == kNarrowLaneGroup ? kLaneBackwardWarpsNarrow : kLaneBackwardWarpsWide;
   const int64_t warps = std::min(ceil_div(dim, sequences_per_warp), max_warps);
   return ceil_div(dim, warps * sequences_per_warp);
+}
+
+int run_backward_staged(const ScanParams& p, at::ScalarType bc_dtype, cudaStream_t stream) {
+  switch (bc_dtype) {
+    case at::kFloat: return cuda::scan_backward_multiaxial_staged_float(p, stream);
+    case at::kHalf: return cuda::scan_backward_multiaxial_staged_half(p, stream);
+    default: return cuda::scan_backward_multiaxial_staged_bfloat16(p, stream);
+  }
+}
+
+// The staged backward's tiles (cuda::staged::staged_bwd_layout, the function its kernel uses) become
+// p's splits, and its ticket counter and flags one zeroed int32 buffer (returned, kept alive by the
+// caller); its look-back scratch is allocate_split_scratch's (split_decay / split_state: the tiles'
+// adjoint maps; reverse_carry: the milestones' inclusive carries).
+at::Tensor setup_staged_backward(ScanParams& p, const at::Tensor& x, const cuda::staged::StagedLayout& layout) {
+  p.chunks_per_split = layout.chunks_per_tile;
+  p.num_splits = layout.num_tiles;
+  const int64_t flags = static_cast<int64_t>(p.batch) * p.num_directions * layout.channel_blocks * layout.num_tiles;
+  at::Tensor lookback = at::zeros({1 + flags}, x.options().dtype(at::kInt));
+  p.tile_ticket = lookback.data_ptr<int>();
+  p.tile_flags = p.tile_ticket + 1;
+  return lookback;
 }
 
 int run_backward_lane(const ScanParams& p, at::ScalarType bc_dtype, cudaStream_t stream) {
@@ -637,10 +666,22 @@ multiaxial_scan_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
   const char* op = "multiaxial_scan_bwd";
   const BackwardKernel kernel = multiaxial_backward_kernel(op);
   const bool lanes = kernel == BackwardKernel::kLane;
+  const bool staged = kernel == BackwardKernel::kStaged;
   ScanParams p = multiaxial_params(op, x, delta, A, B_in, C_in, D, delta_bias, delta_softplus, chunk_size);
   TORCH_CHECK(!lanes || p.dstate <= kLaneMaxStateDim, op, ": the lane kernel (", kBackwardKernelVariable,
               "=lane) supports a state size N up to ", kLaneMaxStateDim, " (A.shape[1]), got ", p.dstate, "; unset ",
               kBackwardKernelVariable, " or set it to 'warp' for larger N");
+  TORCH_CHECK(!staged || p.dstate <= cuda::staged::kMaxStateDim, op, ": the staged kernel (", kBackwardKernelVariable,
+              "=staged) supports a state size N up to ", cuda::staged::kMaxStateDim, " (A.shape[1]), got ", p.dstate,
+              "; unset ", kBackwardKernelVariable, " or set it to 'warp' for larger N");
+  cuda::staged::StagedLayout staged_layout{};
+  if (staged) {
+    staged_layout = cuda::staged::staged_bwd_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
+    TORCH_CHECK(staged_layout.ok, op, ": the staged kernel (", kBackwardKernelVariable, "=staged) cannot fit one chunk (",
+                p.chunk_size, " positions) of one channel with N = ", p.dstate, " in its ",
+                cuda::staged::kSharedBudgetBytes, " bytes of shared memory; use a smaller chunk_size, or unset ",
+                kBackwardKernelVariable);
+  }
   check_cuda_float(dy, x, op, "dy");
   check_shape(dy, x.sizes(), op, "dy");
   check_fp32_param(chunk_states_in, x, {p.batch, kMultiaxialDirections, p.dim, p.num_chunks, p.dstate}, op,
@@ -677,7 +718,12 @@ multiaxial_scan_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
   p.dD_partial = dD_partial.data_ptr<float>();
   p.ddelta_bias_partial = dbias_partial.data_ptr<float>();
   GradBC grads;
-  if (lanes) {
+  at::Tensor lookback;
+  if (staged) {
+    // One block per tile and channel block: those blocks share a direction's dB / dC.
+    setup_grad_bc_blocks(p, B, C, deterministic, staged_layout.channel_blocks, grads);
+    lookback = setup_staged_backward(p, x, staged_layout);
+  } else if (lanes) {
     // The lane form's blocks per direction differ from the warp form's (channels / warps_per_block).
     setup_grad_bc_blocks(p, B, C, deterministic, lane_backward_channel_blocks(p.dim, p.dstate), grads);
     choose_splits_lane(p, x.get_device(), ForwardKernel::kLane);
@@ -688,8 +734,9 @@ multiaxial_scan_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
   SplitScratch scratch;
   allocate_split_scratch(p, fp32, scratch, /*backward=*/true);
   const auto stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
-  check_launch(lanes ? run_backward_lane(p, B.scalar_type(), stream)
-                     : run_backward(p, B.scalar_type(), /*multiaxial=*/true, stream),
+  check_launch(staged  ? run_backward_staged(p, B.scalar_type(), stream)
+               : lanes ? run_backward_lane(p, B.scalar_type(), stream)
+                       : run_backward(p, B.scalar_type(), /*multiaxial=*/true, stream),
                op);
   finish_grad_bc(p, grads);
 

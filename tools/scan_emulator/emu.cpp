@@ -1,4 +1,5 @@
-// Block/warp emulator driving csrc/cuda/scan_staged_kernels.cuh's kernel source unmodified, as host C++.
+// Block/warp emulator driving csrc/cuda/scan_staged_kernels.cuh's and scan_staged_bwd_kernels.cuh's kernel
+// source unmodified, as host C++.
 //  * every GPU thread is a fiber (ucontext) of its block's OS thread; __syncthreads, __syncwarp and the
 //    shuffles are real exchanges (all 32 lanes / all threads must arrive);
 //  * several blocks run at once on separate OS threads, started in a shuffled order with random delays,
@@ -8,7 +9,7 @@
 //    fence leaves the reader with the NaN-poisoned scratch;
 //  * a look-back that waits too long (a block waiting for a tile no running block will publish) is
 //    reported as a deadlock (exit code 3).
-#include "scan_staged_kernels.cuh"
+#include "scan_staged_bwd_kernels.cuh"
 
 #include <ucontext.h>
 
@@ -186,6 +187,38 @@ void __stcg(float* a, float v) { tl_run->fibers[tl_run->current].pending.emplace
 
 namespace st = dermomamba::cuda::staged;
 
+// Runs the grid of g_kernel: `concurrent` OS threads take the blocks in a shuffled order, each after a
+// random delay; stores still pending at the end are flushed (the end of a launch).
+void run_grid(const ScanParams& p, unsigned blocks, const st::StagedLayout& l, int concurrent_in, int seed,
+              int delay_permille) {
+  g_params = p;
+  g_spins = 0;
+  g_fence_delays = 0;
+  g_delay_probability = delay_permille / 1000.0;
+  g_leftover.clear();
+  gridDim = dim3(blocks);
+  std::mt19937 rng(seed);
+  std::vector<unsigned> order(blocks);
+  for (unsigned b = 0; b < blocks; ++b) order[b] = b;
+  std::shuffle(order.begin(), order.end(), rng);
+  std::atomic<unsigned> next{0};
+  const int concurrent = std::max(1, concurrent_in);
+  std::vector<std::thread> runners;
+  for (int c = 0; c < concurrent; ++c)
+    runners.emplace_back([&, c] {
+      gridDim = dim3(blocks);
+      std::mt19937 local(seed * 7919u + c);
+      for (;;) {
+        const unsigned i = next++;
+        if (i >= blocks) break;
+        std::this_thread::sleep_for(std::chrono::microseconds(local() % 300));
+        run_block(order[i], l.threads, l.shared_bytes, local());
+      }
+    });
+  for (auto& t : runners) t.join();
+  for (auto& [address, value] : g_leftover) *address = value;
+}
+
 // selective_scan_cuda.cpp's setup_staged and scan_forward_multiaxial_staged, transcribed, with the
 // launch replaced by `concurrent` OS threads running the blocks in a shuffled order.
 extern "C" int staged_forward(const int* cfg, const void* x, const int64_t* xs, const void* delta, const int64_t* ds,
@@ -234,33 +267,8 @@ extern "C" int staged_forward(const int* cfg, const void* x, const int64_t* xs, 
     default: g_kernel = l.group == 16 ? st::scan_staged_fwd<__nv_bfloat16, dermomamba::cuda::lane::LaneShape<16, 1>>
                                       : st::scan_staged_fwd<__nv_bfloat16, dermomamba::cuda::lane::LaneShape<32, 1>>;
   }
-  g_params = p;
-  g_spins = 0;
-  g_fence_delays = 0;
-  g_delay_probability = cfg[12] / 1000.0;
-  g_leftover.clear();
   const unsigned blocks = static_cast<unsigned>(flags);
-  gridDim = dim3(blocks);
-  std::mt19937 rng(cfg[11]);
-  std::vector<unsigned> order(blocks);
-  for (unsigned b = 0; b < blocks; ++b) order[b] = b;
-  std::shuffle(order.begin(), order.end(), rng);
-  std::atomic<unsigned> next{0};
-  const int concurrent = std::max(1, cfg[10]);
-  std::vector<std::thread> runners;
-  for (int c = 0; c < concurrent; ++c)
-    runners.emplace_back([&, c] {
-      gridDim = dim3(blocks);
-      std::mt19937 local(cfg[11] * 7919u + c);
-      for (;;) {
-        const unsigned i = next++;
-        if (i >= blocks) break;
-        std::this_thread::sleep_for(std::chrono::microseconds(local() % 300));
-        run_block(order[i], l.threads, l.shared_bytes, local());
-      }
-    });
-  for (auto& t : runners) t.join();
-  for (auto& [address, value] : g_leftover) *address = value;
+  run_grid(p, blocks, l, cfg[10], cfg[11], cfg[12]);
   stats[0] = blocks;
   stats[1] = g_spins;
   stats[2] = g_fence_delays;
@@ -270,4 +278,82 @@ extern "C" int staged_forward(const int* cfg, const void* x, const int64_t* xs, 
   stats[6] = l.channel_blocks;
   stats[7] = l.chunks_per_tile;
   return 0;
+}
+
+// selective_scan_cuda.cpp's multiaxial_scan_bwd_cuda (staged branch) and scan_backward_multiaxial_staged,
+// transcribed; the caller (check_bwd.py) allocates the outputs as the host does (dx zeroed for atomics
+// or per-direction planes, dB / dC per grad_bc_mode, partials) and finishes the reductions.
+extern "C" int staged_backward(const int* cfg, const void* x, const int64_t* xs, const void* delta, const int64_t* ds,
+                               const void* B, const int64_t* bs, const void* C, const int64_t* cs, const float* A,
+                               const float* D, const float* bias, const void* dy, const int64_t* dys,
+                               float* chunk_states, float* dx_accum, float* dx_per_direction, void* ddelta, void* dB,
+                               void* dC, float* dA_partial, float* dD_partial, float* dbias_partial, long* stats) {
+  // cfg: batch, dim, H, W, N, chunk, softplus, bc_kind, u_kind, delta_kind, concurrent, seed, delay_permille,
+  //      dy_kind, grad_bc_mode
+  ScanParams p{};
+  p.batch = cfg[0]; p.dim = cfg[1]; p.height = cfg[2]; p.width = cfg[3]; p.dstate = cfg[4];
+  p.num_directions = 4; p.num_seqs = 4 * p.dim; p.length = p.height * p.width;
+  p.channels_per_group = p.dim; p.num_bc_groups = 4;
+  const int chunk = cfg[5];
+  p.chunk_size = std::min(chunk, p.length);
+  p.num_chunks = (p.length + chunk - 1) / chunk;
+  p.delta_softplus = cfg[6] != 0;
+  p.u = x; p.u_kind = cfg[8];
+  p.u_batch_stride = xs[0]; p.u_dim_stride = xs[1]; p.u_h_stride = xs[2]; p.u_w_stride = xs[3];
+  p.delta = delta; p.delta_kind = cfg[9];
+  p.delta_batch_stride = ds[0]; p.delta_dir_stride = ds[1]; p.delta_dim_stride = ds[2];
+  p.delta_h_stride = ds[3]; p.delta_w_stride = ds[4];
+  p.B = B; p.B_batch_stride = bs[0]; p.B_group_stride = bs[1]; p.B_state_stride = bs[2];
+  p.B_h_stride = bs[3]; p.B_w_stride = bs[4];
+  p.C = C; p.C_batch_stride = cs[0]; p.C_group_stride = cs[1]; p.C_state_stride = cs[2];
+  p.C_h_stride = cs[3]; p.C_w_stride = cs[4];
+  p.A = A; p.D = D; p.delta_bias = bias;
+  p.dout = dy; p.dout_kind = cfg[13];
+  p.dout_batch_stride = dys[0]; p.dout_dim_stride = dys[1]; p.dout_h_stride = dys[2]; p.dout_w_stride = dys[3];
+  p.chunk_states = chunk_states;
+  p.dx_accum = dx_accum; p.dx_per_direction = dx_per_direction;
+  p.ddelta = ddelta; p.dB = dB; p.dC = dC; p.grad_bc_mode = cfg[14];
+  p.dA_partial = dA_partial; p.dD_partial = dD_partial; p.ddelta_bias_partial = dbias_partial;
+  const st::StagedLayout l = st::staged_bwd_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
+  if (!l.ok) return -1;
+  p.chunks_per_split = l.chunks_per_tile;
+  p.num_splits = l.num_tiles;
+  const int64_t flags = int64_t(p.batch) * p.num_directions * l.channel_blocks * l.num_tiles;
+  std::vector<int> lookback(1 + flags, 0);
+  p.tile_ticket = lookback.data();
+  p.tile_flags = lookback.data() + 1;
+  std::vector<float> decay, state, carry;
+  if (p.num_splits > 1) {
+    decay.assign(size_t(p.batch) * p.num_seqs * p.num_splits * p.dstate, NAN);
+    state = decay;
+    carry = decay;
+    p.split_decay = decay.data();
+    p.split_state = state.data();
+    p.reverse_carry = carry.data();
+  }
+  using dermomamba::cuda::lane::LaneShape;
+  switch (cfg[7]) {
+    case 0: g_kernel = l.group == 16 ? st::scan_staged_bwd<float, LaneShape<16, 1>>
+                                     : st::scan_staged_bwd<float, LaneShape<32, 1>>; break;
+    case 1: g_kernel = l.group == 16 ? st::scan_staged_bwd<__half, LaneShape<16, 1>>
+                                     : st::scan_staged_bwd<__half, LaneShape<32, 1>>; break;
+    default: g_kernel = l.group == 16 ? st::scan_staged_bwd<__nv_bfloat16, LaneShape<16, 1>>
+                                      : st::scan_staged_bwd<__nv_bfloat16, LaneShape<32, 1>>;
+  }
+  const unsigned blocks = static_cast<unsigned>(flags);
+  run_grid(p, blocks, l, cfg[10], cfg[11], cfg[12]);
+  stats[0] = blocks;
+  stats[1] = g_spins;
+  stats[2] = g_fence_delays;
+  stats[3] = l.num_tiles;
+  stats[4] = l.threads;
+  stats[5] = l.shared_bytes;
+  stats[6] = l.channel_blocks;
+  stats[7] = l.chunks_per_tile;
+  return 0;
+}
+
+extern "C" int staged_bwd_channel_blocks(int dim, int dstate, int chunk_size, int num_chunks) {
+  const st::StagedLayout l = st::staged_bwd_layout(dim, dstate, chunk_size, num_chunks);
+  return l.ok ? l.channel_blocks : -1;
 }
