@@ -533,8 +533,10 @@ def test_multiaxial_forward_kernel_choice_errors(seed, monkeypatch):
 @requires_cuda_kernels
 def test_multiaxial_default_forward_kernel(seed, monkeypatch):
     """Unset, the forward is the staged kernel where it applies (its chunk_states are schedule-independent,
-    so bit-identical to an explicit staged run) and the warp kernel for N > 32 (no error)."""
+    so bit-identical to an explicit staged run) and the warp kernel for N > 32 (no error); the backward
+    likewise."""
     monkeypatch.delenv(FWD_KERNEL_VARIABLE, raising=False)
+    monkeypatch.delenv(BWD_KERNEL_VARIABLE, raising=False)
     for dstate, explicit in ((16, "staged"), (33, "warp")):
         m = make_multiaxial(2, 5, 9, 14, dstate, torch.float32)
         args = (m["x"], m["delta"], m["A"], m["B"], m["C"], m["D"], m["delta_bias"], True, 16)
@@ -548,6 +550,15 @@ def test_multiaxial_default_forward_kernel(seed, monkeypatch):
             torch.testing.assert_close(states_default, states_explicit)
         # y: the four directions meet in float atomics, whose order varies between runs
         torch.testing.assert_close(y_default, y_explicit)
+        # The backward's default is the same rule ("staged" where it applies, else "warp"): in the
+        # deterministic mode its gradients are bit-identical to the named kernel's.
+        dy = torch.randn_like(y_default)
+        grads_default = ops().multiaxial_scan_bwd(dy, *args[:8], states_default, 16, True)
+        monkeypatch.setenv(BWD_KERNEL_VARIABLE, explicit)
+        grads_explicit = ops().multiaxial_scan_bwd(dy, *args[:8], states_default, 16, True)
+        monkeypatch.delenv(BWD_KERNEL_VARIABLE)
+        for got, want in zip(grads_default, grads_explicit):
+            assert torch.equal(got, want)
 
 
 # Shapes the lane backward treats specially (batch, dim, H, W, N, chunk, wrapper's B / C layout):

@@ -506,11 +506,15 @@ int run_forward_lane(const ScanParams& p, at::ScalarType bc_dtype, ForwardKernel
   }
 }
 
-// Which kernel runs multiaxial_scan_bwd: "warp" (default, scan_kernels.cuh), "lane" (one lane
-// per (sequence, state), scan_lane_bwd_kernels.cuh, N <= 32) or "staged" (scan v4: tiles staged in
-// shared memory, one launch with a reverse look-back, scan_staged_bwd_kernels.cuh, N <= 32). All read
-// the same chunk_states (from any forward kernel) and return the same gradients. Read on every call,
-// like the forward's.
+// Which kernel runs multiaxial_scan_bwd: "staged" (scan v4: tiles staged in shared memory, one
+// launch with a reverse look-back, scan_staged_bwd_kernels.cuh, N <= 32), "warp" (v2,
+// scan_kernels.cuh) or "lane" (one lane per (sequence, state), scan_lane_bwd_kernels.cuh, N <= 32).
+// All read the same chunk_states (from any forward kernel) and return the same gradients. Unset:
+// "staged" wherever it applies (N <= 32 and one chunk fits its shared memory), else "warp": staged
+// forward + staged backward was the fastest pair at DermoMamba's large shapes (5.82 ms against
+// staged + warp's 7.55 at 192x256 fp32, even at the small ones; benchmarks/RESULTS.md, 2026-11-27
+// 21:41 UTC, H200). Asked for by name, a kernel that cannot run
+// the shape is an error. Read on every call, like the forward's.
 constexpr const char* kBackwardKernelVariable = "DERMOMAMBA_SCAN_BWD_KERNEL";
 // Warps per block of the lane backward, by lanes per sequence (lane::BwdBlock; repeated here
 // because this file does not include device code): it fixes how many blocks share a direction's
@@ -520,10 +524,15 @@ constexpr int64_t kLaneBackwardWarpsWide = 2;
 
 enum class BackwardKernel { kWarp, kLane, kStaged };
 
-BackwardKernel multiaxial_backward_kernel(const char* op) {
+BackwardKernel multiaxial_backward_kernel(const char* op, const ScanParams& p) {
   const char* value = std::getenv(kBackwardKernelVariable);
   const std::string choice = value == nullptr ? "" : value;
-  if (choice.empty() || choice == "warp") return BackwardKernel::kWarp;
+  if (choice.empty()) {
+    const bool staged_fits = p.dstate <= cuda::staged::kMaxStateDim &&
+                             cuda::staged::staged_bwd_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks).ok;
+    return staged_fits ? BackwardKernel::kStaged : BackwardKernel::kWarp;
+  }
+  if (choice == "warp") return BackwardKernel::kWarp;
   if (choice == "lane") return BackwardKernel::kLane;
   if (choice == "staged") return BackwardKernel::kStaged;
   TORCH_CHECK(false, op, ": environment variable ", kBackwardKernelVariable,
@@ -664,10 +673,10 @@ multiaxial_scan_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
                          const at::Tensor& delta_bias, bool delta_softplus, const at::Tensor& chunk_states_in,
                          int64_t chunk_size, bool deterministic) {
   const char* op = "multiaxial_scan_bwd";
-  const BackwardKernel kernel = multiaxial_backward_kernel(op);
+  ScanParams p = multiaxial_params(op, x, delta, A, B_in, C_in, D, delta_bias, delta_softplus, chunk_size);
+  const BackwardKernel kernel = multiaxial_backward_kernel(op, p);
   const bool lanes = kernel == BackwardKernel::kLane;
   const bool staged = kernel == BackwardKernel::kStaged;
-  ScanParams p = multiaxial_params(op, x, delta, A, B_in, C_in, D, delta_bias, delta_softplus, chunk_size);
   TORCH_CHECK(!lanes || p.dstate <= kLaneMaxStateDim, op, ": the lane kernel (", kBackwardKernelVariable,
               "=lane) supports a state size N up to ", kLaneMaxStateDim, " (A.shape[1]), got ", p.dstate, "; unset ",
               kBackwardKernelVariable, " or set it to 'warp' for larger N");
