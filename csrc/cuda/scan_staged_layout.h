@@ -76,50 +76,6 @@ DERMOMAMBA_HOST_DEVICE inline void staged_offsets(StagedLayout& l) {
   l.shared_bytes = l.enter_offset + staged_align16(l.subs * l.slots * l.group * 4);
 }
 
-// The layout for a call: as many channels per block as kMaxThreads allows, then as many
-// sub-chunks as threads and shared memory allow; if even one sub-chunk of one chunk does not fit,
-// fewer chunks per sub-chunk, then fewer channels. ok == false: N > kMaxStateDim or nothing fits.
-DERMOMAMBA_HOST_DEVICE inline StagedLayout staged_layout(int dim, int dstate, int chunk_size, int num_chunks) {
-  StagedLayout l{};
-  l.ok = false;
-  if (dstate < 1 || dstate > kMaxStateDim || dim < 1 || chunk_size < 1 || num_chunks < 1) return l;
-  l.group = dstate <= kNarrowGroup ? kNarrowGroup : kWideGroup;
-  l.seqs_per_warp = kLanesPerWarp / l.group;
-  int channels = dim < kMaxThreads / l.group ? dim : kMaxThreads / l.group;
-  int chunks_per_sub = (kMinSubChunkPositions + chunk_size - 1) / chunk_size;
-  if (chunks_per_sub > num_chunks) chunks_per_sub = num_chunks;
-  for (;;) {
-    l.channels = channels;
-    l.slots = (channels + l.seqs_per_warp - 1) / l.seqs_per_warp * l.seqs_per_warp;
-    l.warps_per_sub = l.slots / l.seqs_per_warp;
-    const int threads_per_sub = l.warps_per_sub * kLanesPerWarp;
-    l.chunks_per_sub = chunks_per_sub;
-    const int subs_needed = (num_chunks + chunks_per_sub - 1) / chunks_per_sub;
-    int subs = kMaxThreads / threads_per_sub;
-    if (subs > subs_needed) subs = subs_needed;
-    for (; subs >= 1; --subs) {
-      l.subs = subs;
-      l.chunks_per_tile = subs * chunks_per_sub;
-      l.tile_positions = l.chunks_per_tile * chunk_size;
-      staged_offsets(l);
-      if (l.shared_bytes <= kSharedBudgetBytes) break;
-    }
-    if (subs >= 1) break;
-    if (chunks_per_sub > 1) {
-      chunks_per_sub = (chunks_per_sub + 1) / 2;
-    } else if (channels > 1) {
-      channels = (channels + 1) / 2;
-    } else {
-      return l;  // not even one chunk of one channel fits
-    }
-  }
-  l.threads = l.subs * l.warps_per_sub * kLanesPerWarp;
-  l.num_tiles = (num_chunks + l.chunks_per_tile - 1) / l.chunks_per_tile;
-  l.channel_blocks = (dim + l.channels - 1) / l.channels;
-  l.ok = true;
-  return l;
-}
-
 // ---- the staged backward (scan_staged_bwd_kernels.cuh) ----
 //
 // Same tiles as the forward, plus dy per channel and position, a checkpoint of the forward state at
@@ -151,15 +107,21 @@ DERMOMAMBA_HOST_DEVICE inline void staged_bwd_offsets(StagedLayout& l, int chunk
   l.shared_bytes = l.enter_offset + staged_align16(l.subs * lanes * 4);
 }
 
-// The backward's layout: the forward's rules (channels first, then sub-chunks, then fewer chunks
-// per sub-chunk, then fewer channels) against the backward's thread limit and shared memory.
-DERMOMAMBA_HOST_DEVICE inline StagedLayout staged_bwd_layout(int dim, int dstate, int chunk_size, int num_chunks) {
+// Which kernel a layout is for: both search their tiles the same way, under their own thread limit
+// and shared-memory layout.
+enum class StagedPass { kForward, kBackward };
+
+// The layout for a call: as many channels per block as the pass's thread limit allows, then as many
+// sub-chunks as threads and shared memory allow; if even one sub-chunk of one chunk does not fit,
+// fewer chunks per sub-chunk, then fewer channels. ok == false: N > kMaxStateDim or nothing fits.
+DERMOMAMBA_HOST_DEVICE inline StagedLayout search_staged_layout(int dim, int dstate, int chunk_size, int num_chunks,
+                                                                StagedPass pass) {
   StagedLayout l{};
   l.ok = false;
   if (dstate < 1 || dstate > kMaxStateDim || dim < 1 || chunk_size < 1 || num_chunks < 1) return l;
   l.group = dstate <= kNarrowGroup ? kNarrowGroup : kWideGroup;
   l.seqs_per_warp = kLanesPerWarp / l.group;
-  const int max_threads = staged_bwd_max_threads(l.group);
+  const int max_threads = pass == StagedPass::kForward ? kMaxThreads : staged_bwd_max_threads(l.group);
   int channels = dim < max_threads / l.group ? dim : max_threads / l.group;
   int chunks_per_sub = (kMinSubChunkPositions + chunk_size - 1) / chunk_size;
   if (chunks_per_sub > num_chunks) chunks_per_sub = num_chunks;
@@ -176,7 +138,11 @@ DERMOMAMBA_HOST_DEVICE inline StagedLayout staged_bwd_layout(int dim, int dstate
       l.subs = subs;
       l.chunks_per_tile = subs * chunks_per_sub;
       l.tile_positions = l.chunks_per_tile * chunk_size;
-      staged_bwd_offsets(l, chunk_size);
+      if (pass == StagedPass::kForward) {
+        staged_offsets(l);
+      } else {
+        staged_bwd_offsets(l, chunk_size);
+      }
       if (l.shared_bytes <= kSharedBudgetBytes) break;
     }
     if (subs >= 1) break;
@@ -193,6 +159,14 @@ DERMOMAMBA_HOST_DEVICE inline StagedLayout staged_bwd_layout(int dim, int dstate
   l.channel_blocks = (dim + l.channels - 1) / l.channels;
   l.ok = true;
   return l;
+}
+
+DERMOMAMBA_HOST_DEVICE inline StagedLayout staged_layout(int dim, int dstate, int chunk_size, int num_chunks) {
+  return search_staged_layout(dim, dstate, chunk_size, num_chunks, StagedPass::kForward);
+}
+
+DERMOMAMBA_HOST_DEVICE inline StagedLayout staged_bwd_layout(int dim, int dstate, int chunk_size, int num_chunks) {
+  return search_staged_layout(dim, dstate, chunk_size, num_chunks, StagedPass::kBackward);
 }
 
 }  // namespace staged
