@@ -582,16 +582,21 @@ LANE_BWD_CASES = [
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_multiaxial_backward_lane_shapes(seed, case, dtype, deterministic, monkeypatch):
     """Every gradient of the lane backward against float64, from the lane forward's chunk_states."""
+    check_backward_kernel_shape("lane", case, dtype, deterministic, monkeypatch)
+
+
+def check_backward_kernel_shape(kernel, case, dtype, deterministic, monkeypatch):
+    """check_multiaxial with ``kernel`` as both the forward and the backward, on outputs poisoned first."""
     batch, dim, height, width, dstate, chunk, wrapper_bc = case
-    monkeypatch.setenv(FWD_KERNEL_VARIABLE, "lane")
-    monkeypatch.setenv(BWD_KERNEL_VARIABLE, "lane")
+    monkeypatch.setenv(FWD_KERNEL_VARIABLE, kernel)
+    monkeypatch.setenv(BWD_KERNEL_VARIABLE, kernel)
     inp = make_multiaxial(batch, dim, height, width, dstate, dtype)
     if wrapper_bc:
         inp = wrapper_layout(inp)
     # Outputs land in a caching allocator just filled with NaN: an unwritten element would surface.
     poison = torch.full((64 << 20,), float("nan"), device=DEVICE)
     del poison
-    check_multiaxial(inp, softplus=True, tag=f"ma-lane-bwd/{dtype}/{'x'.join(map(str, case[:6]))}", chunk=chunk,
+    check_multiaxial(inp, softplus=True, tag=f"ma-{kernel}-bwd/{dtype}/{'x'.join(map(str, case[:6]))}", chunk=chunk,
                      deterministic=deterministic)
 
 
@@ -616,17 +621,7 @@ STAGED_BWD_CASES = [
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_multiaxial_backward_staged_shapes(seed, case, dtype, deterministic, monkeypatch):
     """Every gradient of the staged backward against float64, from the staged forward's chunk_states."""
-    batch, dim, height, width, dstate, chunk, wrapper_bc = case
-    monkeypatch.setenv(FWD_KERNEL_VARIABLE, "staged")
-    monkeypatch.setenv(BWD_KERNEL_VARIABLE, "staged")
-    inp = make_multiaxial(batch, dim, height, width, dstate, dtype)
-    if wrapper_bc:
-        inp = wrapper_layout(inp)
-    # Outputs land in a caching allocator just filled with NaN: an unwritten element would surface.
-    poison = torch.full((64 << 20,), float("nan"), device=DEVICE)
-    del poison
-    check_multiaxial(inp, softplus=True, tag=f"ma-staged-bwd/{dtype}/{'x'.join(map(str, case[:6]))}", chunk=chunk,
-                     deterministic=deterministic)
+    check_backward_kernel_shape("staged", case, dtype, deterministic, monkeypatch)
 
 
 @requires_cuda_kernels
