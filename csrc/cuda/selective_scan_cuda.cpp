@@ -478,16 +478,11 @@ int run_forward_staged(const ScanParams& p, at::ScalarType bc_dtype, cudaStream_
   }
 }
 
-// The staged forward's tiles (runs of whole chunks, cuda::staged::staged_layout, the function its
-// kernel uses) become p's splits, and its look-back scratch is allocated: the tiles' aggregates in
-// split_decay / split_state, and one zeroed int32 buffer holding the ticket counter and one flag per
-// (batch, direction, channel block, tile). Returns that buffer (kept alive by the caller).
-at::Tensor setup_staged(ScanParams& p, const at::Tensor& x, const char* op) {
-  const cuda::staged::StagedLayout layout = cuda::staged::staged_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
-  TORCH_CHECK(layout.ok, op, ": the staged kernel (", kForwardKernelVariable, "=staged) cannot fit one chunk (",
-              p.chunk_size, " positions) of one channel with N = ", p.dstate, " in its ",
-              cuda::staged::kSharedBudgetBytes, " bytes of shared memory; use a smaller chunk_size, or unset ",
-              kForwardKernelVariable);
+// A staged layout's tiles (runs of whole chunks) become p's splits, and its look-back's ticket counter
+// and flags one zeroed int32 buffer: the counter, then one flag per (batch, direction, channel block,
+// tile). Returns that buffer (kept alive by the caller). Both staged kernels take their scratch
+// (split_decay / split_state, the backward's reverse_carry) from allocate_split_scratch.
+at::Tensor set_staged_tiles(ScanParams& p, const at::Tensor& x, const cuda::staged::StagedLayout& layout) {
   p.chunks_per_split = layout.chunks_per_tile;
   p.num_splits = layout.num_tiles;
   const int64_t flags = static_cast<int64_t>(p.batch) * p.num_directions * layout.channel_blocks * layout.num_tiles;
@@ -495,6 +490,17 @@ at::Tensor setup_staged(ScanParams& p, const at::Tensor& x, const char* op) {
   p.tile_ticket = lookback.data_ptr<int>();
   p.tile_flags = p.tile_ticket + 1;
   return lookback;
+}
+
+// The staged forward's layout (cuda::staged::staged_layout, the function its kernel uses to find its
+// work), checked, and its tiles set up by set_staged_tiles.
+at::Tensor setup_staged(ScanParams& p, const at::Tensor& x, const char* op) {
+  const cuda::staged::StagedLayout layout = cuda::staged::staged_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
+  TORCH_CHECK(layout.ok, op, ": the staged kernel (", kForwardKernelVariable, "=staged) cannot fit one chunk (",
+              p.chunk_size, " positions) of one channel with N = ", p.dstate, " in its ",
+              cuda::staged::kSharedBudgetBytes, " bytes of shared memory; use a smaller chunk_size, or unset ",
+              kForwardKernelVariable);
+  return set_staged_tiles(p, x, layout);
 }
 
 int run_forward_lane(const ScanParams& p, at::ScalarType bc_dtype, ForwardKernel kernel, cudaStream_t stream) {
@@ -556,19 +562,6 @@ int run_backward_staged(const ScanParams& p, at::ScalarType bc_dtype, cudaStream
   }
 }
 
-// The staged backward's tiles (cuda::staged::staged_bwd_layout, the function its kernel uses) become
-// p's splits, and its ticket counter and flags one zeroed int32 buffer (returned, kept alive by the
-// caller); its look-back scratch is allocate_split_scratch's (split_decay / split_state: the tiles'
-// adjoint maps; reverse_carry: the milestones' inclusive carries).
-at::Tensor setup_staged_backward(ScanParams& p, const at::Tensor& x, const cuda::staged::StagedLayout& layout) {
-  p.chunks_per_split = layout.chunks_per_tile;
-  p.num_splits = layout.num_tiles;
-  const int64_t flags = static_cast<int64_t>(p.batch) * p.num_directions * layout.channel_blocks * layout.num_tiles;
-  at::Tensor lookback = at::zeros({1 + flags}, x.options().dtype(at::kInt));
-  p.tile_ticket = lookback.data_ptr<int>();
-  p.tile_flags = p.tile_ticket + 1;
-  return lookback;
-}
 
 int run_backward_lane(const ScanParams& p, at::ScalarType bc_dtype, cudaStream_t stream) {
   switch (bc_dtype) {
@@ -731,7 +724,7 @@ multiaxial_scan_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
   if (staged) {
     // One block per tile and channel block: those blocks share a direction's dB / dC.
     setup_grad_bc_blocks(p, B, C, deterministic, staged_layout.channel_blocks, grads);
-    lookback = setup_staged_backward(p, x, staged_layout);
+    lookback = set_staged_tiles(p, x, staged_layout);
   } else if (lanes) {
     // The lane form's blocks per direction differ from the warp form's (channels / warps_per_block).
     setup_grad_bc_blocks(p, B, C, deterministic, lane_backward_channel_blocks(p.dim, p.dstate), grads);
