@@ -3,7 +3,7 @@
 staged in shared memory once, one launch with a decoupled look-back) and mamba-ssm's
 selective_scan_fn, at DermoMamba's eight SS2D shapes, on one GPU.
 
-The forward kernel is chosen per call by DERMOMAMBA_SCAN_FWD_KERNEL=warp|lane|lane4|staged (read by
+The forward kernel is chosen per call by DERMOMAMBA_SCAN_FWD_KERNEL=warp|lane|lane4|staged|regs (read by
 csrc/cuda/selective_scan_cuda.cpp on every call). Inputs are the wrapper's: x (B, d, H, W), delta
 (B, 4, d, H, W) contiguous, B and C channel-last views of one (B, H, W, 4, R + 2N) projection;
 mamba-ssm runs on its own materialised (B, 4 d, L) / (B, 4, N, L) fp32 inputs (the scan alone, no
@@ -19,7 +19,12 @@ chosen by DERMOMAMBA_SCAN_BWD_KERNEL=warp|lane. Before timing, the lane backward
 compared with the warp backward's on the same chunk_states (largest relative difference over the
 seven gradients). mamba-ssm: its scan's forward + backward (fp32, its own materialised inputs).
 
-Usage: python benchmarks/bench_scan_v3.py [--out DIR] [--quick] [--chunk 128] [--skip-backward]
+The regs kernels (scan v5: several states of one channel per thread) run at their own chunk size
+(--regs-chunk; their sub-chunks are whole chunks and want short ones): their chunk_states then have another
+shape, so only y is compared for them, and they pair only with each other.
+
+Usage: python benchmarks/bench_scan_v3.py [--out DIR] [--quick] [--chunk 128] [--regs-chunk 32] [--skip-backward]
+       [--kernels warp staged regs] [--pairs warp+warp staged+staged regs+regs]
        python benchmarks/bench_scan_v3.py --small-case   (small forwards of every kind, each followed by
        the lane backward, atomic and deterministic, for compute-sanitizer; no timing)
 Writes DIR/bench_scan_v3.json and .md (DIR defaults to $OUT, else benchmarks/out).
@@ -44,18 +49,27 @@ from common import BATCH, DSTATE, NUM_DIRECTIONS, SHAPES, copy_bandwidth_gbs, gi
 from dermomamba_kernels.selective_scan import extension  # noqa: E402,F401  (fakes + autograd of the ops)
 
 KERNEL_VARIABLE = "DERMOMAMBA_SCAN_FWD_KERNEL"
-KERNELS = ("warp", "lane", "lane4", "staged")
-OTHER_KERNELS = KERNELS[1:]  # compared with (and against) the default, warp
+ALL_KERNELS = ("warp", "lane", "lane4", "staged", "regs")
 BWD_KERNEL_VARIABLE = "DERMOMAMBA_SCAN_BWD_KERNEL"
-BWD_KERNELS = ("warp", "lane", "staged")
-# Every forward with the warp and lane backwards, and the staged backward after the warp (v2) and staged
-# forwards (the staged pair is the candidate default; the backward does not depend on the forward's kernel).
-PAIRS = [(f, b) for f in KERNELS for b in ("warp", "lane")] + [("warp", "staged"), ("staged", "staged")]
+ALL_BWD_KERNELS = ("warp", "lane", "staged", "regs")
+# Set by main() from --kernels / --pairs: the forward kernels timed (warp first: the others are compared with
+# it) and the (forward, backward) pairs of the second table.
+KERNELS = ("warp", "staged", "regs")
+OTHER_KERNELS = KERNELS[1:]
+PAIRS = [("warp", "warp"), ("staged", "staged"), ("regs", "regs")]
+BWD_KERNELS = ("warp", "staged", "regs")
+# Chunk size per kernel (main() sets the regs kernels' from --regs-chunk).
+CHUNK_FOR = {}
+
+
+def with_chunk(op_args, kernel):
+    """The op's arguments with the chunk size that ``kernel`` runs at."""
+    return op_args[:8] + (CHUNK_FOR.get(kernel, op_args[8]),)
 
 
 def forward_with(kernel, args):
     os.environ[KERNEL_VARIABLE] = kernel
-    return torch.ops.dermomamba.multiaxial_scan_fwd(*args)
+    return torch.ops.dermomamba.multiaxial_scan_fwd(*with_chunk(args, kernel))
 
 
 def rel_diff(a, b):
@@ -74,7 +88,7 @@ def scan_op_args(d_model, height, width, dtype, chunk):
 
 def backward_with(kernel, dy, op_args, states):
     os.environ[BWD_KERNEL_VARIABLE] = kernel
-    return torch.ops.dermomamba.multiaxial_scan_bwd(dy, *op_args[:8], states, op_args[8], False)
+    return torch.ops.dermomamba.multiaxial_scan_bwd(dy, *op_args[:8], states, with_chunk(op_args, kernel)[8], False)
 
 
 def forward_backward_table(args, copy_gbs, mamba_fn):
@@ -82,18 +96,18 @@ def forward_backward_table(args, copy_gbs, mamba_fn):
     lines = ["\n## forward + backward, per (forward kernel, backward kernel)\n",
              "| d_model | HxW | dtype | f+b floor MB | " + " | ".join(f"{f}+{b} ms" for f, b in PAIRS)
              + " | best pair | best % copy | best vs warp+warp | mamba-ssm scan f+b ms | best vs mamba | "
-             "lane bwd vs warp bwd max rel diff | staged bwd vs warp bwd max rel diff |",
-             "|" + "---|" * (len(PAIRS) + 11)]
+             + " | ".join(f"{k} bwd vs warp bwd max rel diff" for k in BWD_KERNELS[1:]) + " |",
+             "|" + "---|" * (len(PAIRS) + 8 + len(BWD_KERNELS))]
     rows = []
     for d_model, height, width in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
             op_args = scan_op_args(d_model, height, width, dtype, args.chunk)
             x, delta, A, B, C, D, bias = op_args[:7]
             dy = torch.randn(x.shape, device=x.device)
-            states = forward_with("warp", op_args)[1]
-            grads = {k: backward_with(k, dy, op_args, states) for k in BWD_KERNELS}
-            diff = max(rel_diff(a, b) for a, b in zip(grads["lane"], grads["warp"]))
-            staged_diff = max(rel_diff(a, b) for a, b in zip(grads["staged"], grads["warp"]))
+            # Each backward on its own chunk size's states (from the warp forward at that chunk size).
+            grads = {k: backward_with(k, dy, op_args, forward_with("warp", with_chunk(op_args, k))[1])
+                     for k in BWD_KERNELS}
+            diffs = {k: max(rel_diff(a, b) for a, b in zip(grads[k], grads["warp"])) for k in BWD_KERNELS[1:]}
             del grads
             times = {}
             for fwd_kernel, bwd_kernel in PAIRS:
@@ -127,15 +141,16 @@ def forward_backward_table(args, copy_gbs, mamba_fn):
             best = times[best_pair]
             rows.append({"d_model": d_model, "H": height, "W": width, "dtype": str(dtype), "floor_bytes": floor,
                          "ms": {f"{f}+{b}": t for (f, b), t in times.items()}, "mamba_scan_fb_ms": mamba_ms,
-                         "lane_vs_warp_bwd_max_rel_diff": diff, "staged_vs_warp_bwd_max_rel_diff": staged_diff})
+                         **{f"{k}_vs_warp_bwd_max_rel_diff": d for k, d in diffs.items()}})
             lines.append(f"| {d_model} | {height}x{width} | {str(dtype)[6:]} | {floor / 1e6:.1f} | "
                          + " | ".join(f"{times[p]:.3f}" for p in PAIRS)
                          + f" | {'+'.join(best_pair)} | {100 * floor / best / 1e6 / copy_gbs:.1f}% | "
                          f"{times[('warp', 'warp')] / best:.2f}x | "
                          f"{'-' if mamba_ms is None else f'{mamba_ms:.3f}'} | "
-                         f"{'-' if mamba_ms is None else f'{mamba_ms / best:.2f}x'} | {diff:.1e} | {staged_diff:.1e} |")
+                         f"{'-' if mamba_ms is None else f'{mamba_ms / best:.2f}x'} | "
+                         + " | ".join(f"{d:.1e}" for d in diffs.values()) + " |")
             print(lines[-1], flush=True)
-            del x, delta, B, C, states
+            del x, delta, B, C
             torch.cuda.empty_cache()
     return lines, rows
 
@@ -162,27 +177,46 @@ def small_case():
                 grads = torch.ops.dermomamba.multiaxial_scan_bwd(dy, *op_args[:8], states, chunk, deterministic)
                 torch.cuda.synchronize()
                 assert all(torch.isfinite(g).all() for g in grads), "non-finite gradient"
-        # The staged backward (dim 9 at N 20 is two channel blocks of 8 + 1: dB / dC by atomics and partials):
-        # one forward's chunk_states serve, the backward does not depend on the forward's kernel.
-        for deterministic in (False, True):
-            os.environ[BWD_KERNEL_VARIABLE] = "staged"
-            grads = torch.ops.dermomamba.multiaxial_scan_bwd(dy, *op_args[:8], states, chunk, deterministic)
-            torch.cuda.synchronize()
-            assert all(torch.isfinite(g).all() for g in grads), "non-finite gradient"
+        # The staged and regs backwards (dim 9 at N 20 is two channel blocks of 8 + 1: dB / dC by atomics and
+        # partials): one forward's chunk_states serve, the backward does not depend on the forward's kernel.
+        os.environ[KERNEL_VARIABLE] = "regs"
+        states = torch.ops.dermomamba.multiaxial_scan_fwd(*op_args)[1]
+        for tiled in ("staged", "regs"):
+            for deterministic in (False, True):
+                os.environ[BWD_KERNEL_VARIABLE] = tiled
+                grads = torch.ops.dermomamba.multiaxial_scan_bwd(dy, *op_args[:8], states, chunk, deterministic)
+                torch.cuda.synchronize()
+                assert all(torch.isfinite(g).all() for g in grads), "non-finite gradient"
     print("small case done")
 
 
 def main():
+    global KERNELS, OTHER_KERNELS, PAIRS, BWD_KERNELS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "out")))
     parser.add_argument("--quick", action="store_true", help="few repetitions (smoke test)")
     parser.add_argument("--chunk", type=int, default=extension.chunk_size_for(torch.device("cuda")))
+    parser.add_argument("--regs-chunk", type=int, default=32, help="chunk size of the regs (v5) kernels")
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=ALL_KERNELS,
+                        help="forward kernels to time (warp is always first: the others are compared with it)")
+    parser.add_argument("--pairs", nargs="+", default=[f"{f}+{b}" for f, b in PAIRS],
+                        help="(forward+backward) kernel pairs of the second table")
     parser.add_argument("--skip-backward", action="store_true", help="forward table only")
     parser.add_argument("--small-case", action="store_true", help="small fwd + bwd of each kind for compute-sanitizer")
     args = parser.parse_args()
     if args.small_case:
         small_case()
         return
+    KERNELS = ("warp",) + tuple(k for k in args.kernels if k != "warp")
+    OTHER_KERNELS = KERNELS[1:]
+    PAIRS = [tuple(pair.split("+")) for pair in args.pairs]
+    for pair in PAIRS:
+        if len(pair) != 2 or pair[0] not in ALL_KERNELS or pair[1] not in ALL_BWD_KERNELS:
+            parser.error(f"--pairs: {'+'.join(pair)} is not forward+backward of {ALL_KERNELS} / {ALL_BWD_KERNELS}")
+        if (pair[0] == "regs") != (pair[1] == "regs"):
+            parser.error(f"--pairs: {'+'.join(pair)}: the regs kernels run at --regs-chunk, so pair only with each other")
+    BWD_KERNELS = ("warp",) + tuple(dict.fromkeys(b for _, b in PAIRS if b != "warp"))
+    CHUNK_FOR["regs"] = args.regs_chunk
     os.makedirs(args.out, exist_ok=True)
     previous = {name: os.environ.get(name) for name in (KERNEL_VARIABLE, BWD_KERNEL_VARIABLE)}
 
@@ -190,7 +224,7 @@ def main():
     copy_gbs = copy_bandwidth_gbs(lambda fn: time_ms(fn, args.quick))
     header = (f"GPU {torch.cuda.get_device_name()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
               f"commit {git_commit()}; torch {torch.__version__}; device-to-device copy {copy_gbs:.0f} GB/s; "
-              f"chunk_size {args.chunk}; mamba-ssm: {'available' if mamba_fn else 'NOT available (' + str(mamba_err) + ')'}")
+              f"chunk_size {args.chunk} (regs: {args.regs_chunk}); mamba-ssm: {'available' if mamba_fn else 'NOT available (' + str(mamba_err) + ')'}")
     print(header, flush=True)
     lines = [f"# bench_scan_v3: multiaxial scan forward alone\n\n{header}\n",
              "| d_model | HxW | dtype | floor MB | " + " | ".join(f"{k} ms | {k} % copy" for k in KERNELS)
@@ -203,13 +237,17 @@ def main():
             op_args = scan_op_args(d_model, height, width, dtype, args.chunk)
             x, delta, A, B, C, D, bias = op_args[:7]
             outputs = {k: forward_with(k, op_args) for k in KERNELS}
-            diffs = {k: (rel_diff(outputs[k][0], outputs["warp"][0]), rel_diff(outputs[k][1], outputs["warp"][1]))
+            # chunk_states compare only at the same chunk size (the regs kernels may run at another).
+            diffs = {k: (rel_diff(outputs[k][0], outputs["warp"][0]),
+                         rel_diff(outputs[k][1], outputs["warp"][1])
+                         if outputs[k][1].shape == outputs["warp"][1].shape else float("nan"))
                      for k in OTHER_KERNELS}
             del outputs
             times = {}
             for kernel in KERNELS:
                 os.environ[KERNEL_VARIABLE] = kernel
-                times[kernel] = time_ms(lambda: torch.ops.dermomamba.multiaxial_scan_fwd(*op_args), args.quick)
+                kernel_args = with_chunk(op_args, kernel)
+                times[kernel] = time_ms(lambda: torch.ops.dermomamba.multiaxial_scan_fwd(*kernel_args), args.quick)
             mamba_ms = None
             if mamba_fn is not None and dtype == torch.float32:
                 batch, dim = x.shape[:2]

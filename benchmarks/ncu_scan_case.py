@@ -1,7 +1,7 @@
-"""One multiaxial scan forward per kernel form (warp, lane, lane4, staged) and one backward per form (warp,
-lane, staged) at DermoMamba's largest SS2D shape (batch 16, d_inner 8, 192x256, N 16, fp32), for Nsight Compute:
+"""One multiaxial scan forward per kernel form (warp, lane, lane4, staged, regs) and one backward per form (warp,
+lane, staged, regs) at DermoMamba's largest SS2D shape (batch 16, d_inner 8, 192x256, N 16, fp32), for Nsight Compute:
 
-  ncu --kernel-name regex:"scan_(lane_)?(fwd|bwd)_(main|split_aggregate)|scan_staged_(fwd|bwd)" --section ... \
+  ncu --kernel-name regex:"scan_(lane_)?(fwd|bwd)_(main|split_aggregate)|scan_(staged|regs)_(fwd|bwd)" --section ... \
       python benchmarks/ncu_scan_case.py
 """
 
@@ -22,12 +22,21 @@ delta = torch.randn(batch, 4, dim, height, width, device="cuda") - 1
 A = -torch.rand(4 * dim, dstate, device="cuda") - 0.5
 D, bias = torch.randn(4 * dim, device="cuda"), torch.randn(4 * dim, device="cuda")
 states = None
-for kernel in ("warp", "lane", "lane4", "staged"):
+# The regs kernels run at their own (shorter) chunk size, REGS_CHUNK (default 32).
+REGS_CHUNK = int(os.environ.get("REGS_CHUNK", "32"))
+chunk_of = {"regs": REGS_CHUNK}
+for kernel in ("warp", "lane", "lane4", "staged", "regs"):
     os.environ["DERMOMAMBA_SCAN_FWD_KERNEL"] = kernel
-    y, states = ops.multiaxial_scan_fwd(x, delta, A, B, C, D, bias, True, 128)
+    y, states = ops.multiaxial_scan_fwd(x, delta, A, B, C, D, bias, True, chunk_of.get(kernel, 128))
+    if kernel == "staged":
+        staged_states = states
+    if kernel == "regs":
+        regs_states = states
 dy = torch.randn_like(y)
-for kernel in ("warp", "lane", "staged"):
+for kernel in ("warp", "lane", "staged", "regs"):
     os.environ["DERMOMAMBA_SCAN_BWD_KERNEL"] = kernel
-    ops.multiaxial_scan_bwd(dy, x, delta, A, B, C, D, bias, True, states, 128, False)
+    chunk = chunk_of.get(kernel, 128)
+    ops.multiaxial_scan_bwd(dy, x, delta, A, B, C, D, bias, True, regs_states if kernel == "regs" else staged_states,
+                            chunk, False)
 torch.cuda.synchronize()
 print("ncu case done")

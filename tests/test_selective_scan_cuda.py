@@ -349,11 +349,12 @@ def check_multiaxial(inp, softplus, tag, chunk=CHUNK, deterministic=False):
 # DERMOMAMBA_SCAN_FWD_KERNEL on every call): "warp" (v2), "lane" (scan v3: a lane per
 # state), "lane4" (v3 with 4 lanes x 4 states per sequence, N <= 16) and "staged" (scan v4: tiles
 # staged in shared memory, one launch with a decoupled look-back, N <= 32; the default where it
-# applies, else warp: test_multiaxial_default_forward_kernel). All must write the same y
+# applies, else warp: test_multiaxial_default_forward_kernel) and "regs" (scan v5: the staged skeleton with
+# several states of one channel in each thread's registers, N <= 32). All must write the same y
 # and chunk_states, and the one backward must give the reference's gradients from any one's
 # chunk_states, so the multiaxial parity tests run once per forward kernel.
 FWD_KERNEL_VARIABLE = "DERMOMAMBA_SCAN_FWD_KERNEL"
-FWD_KERNELS = ["warp", "lane", "lane4", "staged"]
+FWD_KERNELS = ["warp", "lane", "lane4", "staged", "regs"]
 LANE4_MAX_STATES = 16
 
 
@@ -365,10 +366,11 @@ def fwd_kernel(request, monkeypatch):
 
 # The multiaxial backward has three kernels, chosen by DERMOMAMBA_SCAN_BWD_KERNEL on every call:
 # "warp" (the default), "lane" (scan v3 backward: a lane per (sequence, state), N <= 32) and "staged"
-# (scan v4 backward: tiles staged in shared memory, one launch with a reverse look-back, N <= 32). All
+# (scan v4 backward: tiles staged in shared memory, one launch with a reverse look-back, N <= 32) and "regs"
+# (scan v5 backward: the staged skeleton with several states per thread, N <= 32). All
 # read any forward kernel's chunk_states, so the parity tests run over every (forward, backward) pair.
 BWD_KERNEL_VARIABLE = "DERMOMAMBA_SCAN_BWD_KERNEL"
-BWD_KERNELS = ["warp", "lane", "staged"]
+BWD_KERNELS = ["warp", "lane", "staged", "regs"]
 LANE_BWD_MAX_STATES = 32
 STAGED_BWD_MAX_STATES = 32
 
@@ -521,10 +523,11 @@ def test_multiaxial_forward_kernel_choice_errors(seed, monkeypatch):
     with pytest.raises(RuntimeError, match=r"=lane4\) supports a state size N up to 16"):
         ops().multiaxial_scan_fwd(wide["x"], wide["delta"], wide["A"], wide["B"], wide["C"], wide["D"],
                                   wide["delta_bias"], True, 16)
-    monkeypatch.setenv(FWD_KERNEL_VARIABLE, "staged")
-    with pytest.raises(RuntimeError, match=r"=staged\) supports a state size N up to 32"):
-        ops().multiaxial_scan_fwd(big["x"], big["delta"], big["A"], big["B"], big["C"], big["D"], big["delta_bias"],
-                                  True, 16)
+    for tiled in ("staged", "regs"):
+        monkeypatch.setenv(FWD_KERNEL_VARIABLE, tiled)
+        with pytest.raises(RuntimeError, match=rf"={tiled}\) supports a state size N up to 32"):
+            ops().multiaxial_scan_fwd(big["x"], big["delta"], big["A"], big["B"], big["C"], big["D"],
+                                      big["delta_bias"], True, 16)
     monkeypatch.setenv(FWD_KERNEL_VARIABLE, "warp")
     ops().multiaxial_scan_fwd(big["x"], big["delta"], big["A"], big["B"], big["C"], big["D"], big["delta_bias"],
                               True, 16)
@@ -625,8 +628,19 @@ def test_multiaxial_backward_staged_shapes(seed, case, dtype, deterministic, mon
 
 
 @requires_cuda_kernels
-def test_multiaxial_backward_staged_matches_warp(seed, monkeypatch):
-    """The staged and warp backwards on the same chunk_states: equal up to fp32 summation order."""
+@pytest.mark.parametrize("case", STAGED_BWD_CASES, ids=lane_case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_multiaxial_backward_regs_shapes(seed, case, dtype, deterministic, monkeypatch):
+    """Every gradient of the regs (v5) backward against float64, from the regs forward's chunk_states, at the
+    staged backward's special shapes (many tiles, several channel blocks, idle lanes, odd chunks)."""
+    check_backward_kernel_shape("regs", case, dtype, deterministic, monkeypatch)
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("other", ["staged", "regs"])
+def test_multiaxial_backward_tiled_matches_warp(seed, other, monkeypatch):
+    """The staged / regs and warp backwards on the same chunk_states: equal up to fp32 summation order."""
     inp = make_multiaxial(2, 16, 40, 36, 16, torch.float32)
     dy = torch.randn(2, 16, 40, 36, device=DEVICE)
     _, states, _ = run_multiaxial_op(inp, True, chunk=64)
@@ -634,10 +648,10 @@ def test_multiaxial_backward_staged_matches_warp(seed, monkeypatch):
             True)
     monkeypatch.setenv(BWD_KERNEL_VARIABLE, "warp")
     warp = ops().multiaxial_scan_bwd(*args)
-    monkeypatch.setenv(BWD_KERNEL_VARIABLE, "staged")
-    staged = ops().multiaxial_scan_bwd(*args)
-    for name, a, b in zip(GRAD_NAMES_MA, staged, warp):
-        assert rel_err(a, b) <= FP32_FLOOR, f"d{name}: staged vs warp backward differ by {rel_err(a, b):.2e}"
+    monkeypatch.setenv(BWD_KERNEL_VARIABLE, other)
+    tiled = ops().multiaxial_scan_bwd(*args)
+    for name, a, b in zip(GRAD_NAMES_MA, tiled, warp):
+        assert rel_err(a, b) <= FP32_FLOOR, f"d{name}: {other} vs warp backward differ by {rel_err(a, b):.2e}"
 
 
 @requires_cuda_kernels
@@ -674,9 +688,10 @@ def test_multiaxial_backward_kernel_choice_errors(seed, monkeypatch):
     monkeypatch.setenv(BWD_KERNEL_VARIABLE, "lane")
     with pytest.raises(RuntimeError, match=rf"{BWD_KERNEL_VARIABLE}=lane\) supports a state size N up to 32"):
         ops().multiaxial_scan_bwd(*big)
-    monkeypatch.setenv(BWD_KERNEL_VARIABLE, "staged")
-    with pytest.raises(RuntimeError, match=rf"{BWD_KERNEL_VARIABLE}=staged\) supports a state size N up to 32"):
-        ops().multiaxial_scan_bwd(*big)
+    for tiled in ("staged", "regs"):
+        monkeypatch.setenv(BWD_KERNEL_VARIABLE, tiled)
+        with pytest.raises(RuntimeError, match=rf"{BWD_KERNEL_VARIABLE}={tiled}\) supports a state size N up to 32"):
+            ops().multiaxial_scan_bwd(*big)
     monkeypatch.setenv(BWD_KERNEL_VARIABLE, "warp")
     ops().multiaxial_scan_bwd(*big)
 

@@ -4,6 +4,8 @@
 #include "scan_lane_bwd_kernels.cuh"
 #include "scan_staged_kernels.cuh"
 #include "scan_staged_bwd_kernels.cuh"
+#include "scan_regs_fwd_kernels.cuh"
+#include "scan_regs_bwd_kernels.cuh"
 
 namespace dermomamba {
 namespace cuda {
@@ -38,6 +40,16 @@ int scan_forward_multiaxial_staged_half(const ScanParams& params, void* stream) 
 // DERMOMAMBA_SCAN_BWD_KERNEL=staged in selective_scan_cuda.cpp).
 int scan_backward_multiaxial_staged_half(const ScanParams& params, void* stream) {
   return scan_backward_multiaxial_staged<__half>(params, stream);
+}
+
+// The "regs" multiaxial forward and backward (scan v5, scan_regs_fwd_kernels.cuh / scan_regs_bwd_kernels.cuh;
+// selected by DERMOMAMBA_SCAN_FWD_KERNEL / DERMOMAMBA_SCAN_BWD_KERNEL=regs in selective_scan_cuda.cpp).
+int scan_forward_multiaxial_regs_half(const ScanParams& params, void* stream) {
+  return scan_forward_multiaxial_regs<__half>(params, stream);
+}
+
+int scan_backward_multiaxial_regs_half(const ScanParams& params, void* stream) {
+  return scan_backward_multiaxial_regs<__half>(params, stream);
 }
 
 }  // namespace cuda

@@ -15,6 +15,8 @@
 
 #include "cuda/scan_params.h"
 #include "cuda/scan_staged_layout.h"
+#include "cuda/scan_regs_fwd_layout.h"
+#include "cuda/scan_regs_bwd_layout.h"
 
 namespace dermomamba {
 namespace cuda {
@@ -36,6 +38,14 @@ int scan_forward_multiaxial_staged_bfloat16(const ScanParams& params, void* stre
 int scan_backward_multiaxial_staged_float(const ScanParams& params, void* stream);
 int scan_backward_multiaxial_staged_half(const ScanParams& params, void* stream);
 int scan_backward_multiaxial_staged_bfloat16(const ScanParams& params, void* stream);
+// The "regs" forms (scan v5, csrc/cuda/scan_regs_{fwd,bwd}_kernels.cuh: several states of one channel in each
+// thread's registers), same convention.
+int scan_forward_multiaxial_regs_float(const ScanParams& params, void* stream);
+int scan_forward_multiaxial_regs_half(const ScanParams& params, void* stream);
+int scan_forward_multiaxial_regs_bfloat16(const ScanParams& params, void* stream);
+int scan_backward_multiaxial_regs_float(const ScanParams& params, void* stream);
+int scan_backward_multiaxial_regs_half(const ScanParams& params, void* stream);
+int scan_backward_multiaxial_regs_bfloat16(const ScanParams& params, void* stream);
 }  // namespace cuda
 
 namespace {
@@ -438,7 +448,7 @@ constexpr int64_t kNarrowLaneGroup = 16;  // N <= 16: two sequences per warp
 constexpr int64_t kWideLaneGroup = 4;
 constexpr int64_t kWideStatesPerLane = 4;
 
-enum class ForwardKernel { kWarp, kLane, kLaneWide, kStaged };
+enum class ForwardKernel { kWarp, kLane, kLaneWide, kStaged, kRegs };
 
 ForwardKernel multiaxial_forward_kernel(const char* op, const ScanParams& p) {
   const char* value = std::getenv(kForwardKernelVariable);
@@ -452,8 +462,9 @@ ForwardKernel multiaxial_forward_kernel(const char* op, const ScanParams& p) {
   if (choice == "lane") return ForwardKernel::kLane;
   if (choice == "lane4") return ForwardKernel::kLaneWide;
   if (choice == "staged") return ForwardKernel::kStaged;
+  if (choice == "regs") return ForwardKernel::kRegs;
   TORCH_CHECK(false, op, ": environment variable ", kForwardKernelVariable,
-              " must be 'warp', 'lane' or 'lane4' (v3) or 'staged' (v4), or unset, got '", choice, "'");
+              " must be 'warp', 'lane' or 'lane4' (v3), 'staged' (v4) or 'regs' (v5), or unset, got '", choice, "'");
 }
 
 // Lanes per sequence in the lane forms (the kernels' lane::group_size_for and lane::LaneShape;
@@ -492,14 +503,25 @@ at::Tensor set_staged_tiles(ScanParams& p, const at::Tensor& x, const cuda::stag
   return lookback;
 }
 
-// The staged forward's layout (cuda::staged::staged_layout, the function its kernel uses to find its
-// work), checked, and its tiles set up by set_staged_tiles.
-at::Tensor setup_staged(ScanParams& p, const at::Tensor& x, const char* op) {
-  const cuda::staged::StagedLayout layout = cuda::staged::staged_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
-  TORCH_CHECK(layout.ok, op, ": the staged kernel (", kForwardKernelVariable, "=staged) cannot fit one chunk (",
-              p.chunk_size, " positions) of one channel with N = ", p.dstate, " in its ",
-              cuda::staged::kSharedBudgetBytes, " bytes of shared memory; use a smaller chunk_size, or unset ",
-              kForwardKernelVariable);
+int run_forward_regs(const ScanParams& p, at::ScalarType bc_dtype, cudaStream_t stream) {
+  switch (bc_dtype) {
+    case at::kFloat: return cuda::scan_forward_multiaxial_regs_float(p, stream);
+    case at::kHalf: return cuda::scan_forward_multiaxial_regs_half(p, stream);
+    default: return cuda::scan_forward_multiaxial_regs_bfloat16(p, stream);
+  }
+}
+
+// A tiled kernel's layout (staged: cuda::staged::staged_layout, regs: cuda::regs::regs_fwd_layout, the function
+// its kernel uses to find its work), checked, and its tiles set up by set_staged_tiles.
+at::Tensor setup_tiled_forward(ScanParams& p, const at::Tensor& x, const char* op, ForwardKernel kernel) {
+  const bool regs = kernel == ForwardKernel::kRegs;
+  const cuda::staged::StagedLayout layout =
+      regs ? cuda::regs::regs_fwd_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks)
+           : cuda::staged::staged_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
+  TORCH_CHECK(layout.ok, op, ": the ", regs ? "regs" : "staged", " kernel (", kForwardKernelVariable, "=",
+              regs ? "regs" : "staged", ") cannot fit one chunk (", p.chunk_size, " positions) of one channel with N = ",
+              p.dstate, " in its ", cuda::staged::kSharedBudgetBytes,
+              " bytes of shared memory; use a smaller chunk_size, or unset ", kForwardKernelVariable);
   return set_staged_tiles(p, x, layout);
 }
 
@@ -528,7 +550,7 @@ constexpr const char* kBackwardKernelVariable = "DERMOMAMBA_SCAN_BWD_KERNEL";
 constexpr int64_t kLaneBackwardWarpsNarrow = 4;
 constexpr int64_t kLaneBackwardWarpsWide = 2;
 
-enum class BackwardKernel { kWarp, kLane, kStaged };
+enum class BackwardKernel { kWarp, kLane, kStaged, kRegs };
 
 BackwardKernel multiaxial_backward_kernel(const char* op, const ScanParams& p) {
   const char* value = std::getenv(kBackwardKernelVariable);
@@ -541,8 +563,9 @@ BackwardKernel multiaxial_backward_kernel(const char* op, const ScanParams& p) {
   if (choice == "warp") return BackwardKernel::kWarp;
   if (choice == "lane") return BackwardKernel::kLane;
   if (choice == "staged") return BackwardKernel::kStaged;
+  if (choice == "regs") return BackwardKernel::kRegs;
   TORCH_CHECK(false, op, ": environment variable ", kBackwardKernelVariable,
-              " must be 'warp' or 'lane' (v3) or 'staged' (v4), or unset, got '", choice, "'");
+              " must be 'warp' or 'lane' (v3), 'staged' (v4) or 'regs' (v5), or unset, got '", choice, "'");
 }
 
 // Blocks of the lane backward per (batch, direction): each covers warps x (32 / group) channels.
@@ -562,6 +585,13 @@ int run_backward_staged(const ScanParams& p, at::ScalarType bc_dtype, cudaStream
   }
 }
 
+int run_backward_regs(const ScanParams& p, at::ScalarType bc_dtype, cudaStream_t stream) {
+  switch (bc_dtype) {
+    case at::kFloat: return cuda::scan_backward_multiaxial_regs_float(p, stream);
+    case at::kHalf: return cuda::scan_backward_multiaxial_regs_half(p, stream);
+    default: return cuda::scan_backward_multiaxial_regs_bfloat16(p, stream);
+  }
+}
 
 int run_backward_lane(const ScanParams& p, at::ScalarType bc_dtype, cudaStream_t stream) {
   switch (bc_dtype) {
@@ -622,8 +652,9 @@ std::tuple<at::Tensor, at::Tensor> multiaxial_scan_fwd_cuda(const at::Tensor& x,
   const ForwardKernel kernel = multiaxial_forward_kernel(op, p);
   const bool lanes = kernel == ForwardKernel::kLane || kernel == ForwardKernel::kLaneWide;
   const bool staged = kernel == ForwardKernel::kStaged;
-  TORCH_CHECK(!staged || p.dstate <= cuda::staged::kMaxStateDim, op, ": the staged kernel (", kForwardKernelVariable,
-              "=staged) supports a state size N up to ", cuda::staged::kMaxStateDim, " (A.shape[1]), got ", p.dstate,
+  const bool regs = kernel == ForwardKernel::kRegs;
+  TORCH_CHECK(!(staged || regs) || p.dstate <= cuda::staged::kMaxStateDim, op, ": the ", regs ? "regs" : "staged",
+              " kernel (", kForwardKernelVariable, "=", regs ? "regs" : "staged", ") supports a state size N up to ", cuda::staged::kMaxStateDim, " (A.shape[1]), got ", p.dstate,
               "; unset ", kForwardKernelVariable, " or set it to 'warp' for larger N");
   const int64_t lane_max_dstate =
       kernel == ForwardKernel::kLaneWide ? kWideLaneGroup * kWideStatesPerLane : kLaneMaxStateDim;
@@ -643,8 +674,8 @@ std::tuple<at::Tensor, at::Tensor> multiaxial_scan_fwd_cuda(const at::Tensor& x,
   p.out = y.data_ptr();
   p.chunk_states = chunk_states.data_ptr<float>();
   at::Tensor lookback;
-  if (staged) {
-    lookback = setup_staged(p, x, op);
+  if (staged || regs) {
+    lookback = setup_tiled_forward(p, x, op, kernel);
   } else if (lanes) {
     choose_splits_lane(p, x.get_device(), kernel);
   } else {
@@ -654,6 +685,7 @@ std::tuple<at::Tensor, at::Tensor> multiaxial_scan_fwd_cuda(const at::Tensor& x,
   allocate_split_scratch(p, fp32, scratch, /*backward=*/false);
   const auto stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   check_launch(staged  ? run_forward_staged(p, B.scalar_type(), stream)
+               : regs  ? run_forward_regs(p, B.scalar_type(), stream)
                : lanes ? run_forward_lane(p, B.scalar_type(), kernel, stream)
                        : run_forward(p, B.scalar_type(), /*multiaxial=*/true, stream),
                op);
@@ -670,16 +702,20 @@ multiaxial_scan_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
   const BackwardKernel kernel = multiaxial_backward_kernel(op, p);
   const bool lanes = kernel == BackwardKernel::kLane;
   const bool staged = kernel == BackwardKernel::kStaged;
+  const bool regs = kernel == BackwardKernel::kRegs;
+  const char* tiled_name = regs ? "regs" : "staged";
   TORCH_CHECK(!lanes || p.dstate <= kLaneMaxStateDim, op, ": the lane kernel (", kBackwardKernelVariable,
               "=lane) supports a state size N up to ", kLaneMaxStateDim, " (A.shape[1]), got ", p.dstate, "; unset ",
               kBackwardKernelVariable, " or set it to 'warp' for larger N");
-  TORCH_CHECK(!staged || p.dstate <= cuda::staged::kMaxStateDim, op, ": the staged kernel (", kBackwardKernelVariable,
-              "=staged) supports a state size N up to ", cuda::staged::kMaxStateDim, " (A.shape[1]), got ", p.dstate,
-              "; unset ", kBackwardKernelVariable, " or set it to 'warp' for larger N");
+  TORCH_CHECK(!(staged || regs) || p.dstate <= cuda::staged::kMaxStateDim, op, ": the ", tiled_name, " kernel (",
+              kBackwardKernelVariable, "=", tiled_name, ") supports a state size N up to ", cuda::staged::kMaxStateDim,
+              " (A.shape[1]), got ", p.dstate, "; unset ", kBackwardKernelVariable, " or set it to 'warp' for larger N");
   cuda::staged::StagedLayout staged_layout{};
-  if (staged) {
-    staged_layout = cuda::staged::staged_bwd_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
-    TORCH_CHECK(staged_layout.ok, op, ": the staged kernel (", kBackwardKernelVariable, "=staged) cannot fit one chunk (",
+  if (staged || regs) {
+    staged_layout = regs ? cuda::regs::regs_bwd_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks)
+                         : cuda::staged::staged_bwd_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
+    TORCH_CHECK(staged_layout.ok, op, ": the ", tiled_name, " kernel (", kBackwardKernelVariable, "=", tiled_name,
+                ") cannot fit one chunk (",
                 p.chunk_size, " positions) of one channel with N = ", p.dstate, " in its ",
                 cuda::staged::kSharedBudgetBytes, " bytes of shared memory; use a smaller chunk_size, or unset ",
                 kBackwardKernelVariable);
@@ -721,7 +757,7 @@ multiaxial_scan_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
   p.ddelta_bias_partial = dbias_partial.data_ptr<float>();
   GradBC grads;
   at::Tensor lookback;
-  if (staged) {
+  if (staged || regs) {
     // One block per tile and channel block: those blocks share a direction's dB / dC.
     setup_grad_bc_blocks(p, B, C, deterministic, staged_layout.channel_blocks, grads);
     lookback = set_staged_tiles(p, x, staged_layout);
@@ -737,6 +773,7 @@ multiaxial_scan_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
   allocate_split_scratch(p, fp32, scratch, /*backward=*/true);
   const auto stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   check_launch(staged  ? run_backward_staged(p, B.scalar_type(), stream)
+               : regs  ? run_backward_regs(p, B.scalar_type(), stream)
                : lanes ? run_backward_lane(p, B.scalar_type(), stream)
                        : run_backward(p, B.scalar_type(), /*multiaxial=*/true, stream),
                op);

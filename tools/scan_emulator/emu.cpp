@@ -10,12 +10,16 @@
 //  * a look-back that waits too long (a block waiting for a tile no running block will publish) is
 //    reported as a deadlock (exit code 3).
 #include "scan_staged_bwd_kernels.cuh"
+#include "scan_regs_fwd_kernels.cuh"
+#include "scan_regs_bwd_kernels.cuh"
 
 #include <ucontext.h>
 
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -186,6 +190,22 @@ float __ldcg(const float* a) {
 void __stcg(float* a, float v) { tl_run->fibers[tl_run->current].pending.emplace_back(a, v); }
 
 namespace st = dermomamba::cuda::staged;
+namespace rg = dermomamba::cuda::regs;
+
+// EMU_FWD_KERNEL / EMU_BWD_KERNEL = "regs" runs the v5 kernels (scan_regs_*_kernels.cuh) in place of the
+// staged (v4) ones; the check scripts stay the same.
+bool use_regs(const char* variable) {
+  const char* v = std::getenv(variable);
+  return v != nullptr && std::strcmp(v, "regs") == 0;
+}
+st::StagedLayout forward_layout(int dim, int dstate, int chunk, int chunks) {
+  return use_regs("EMU_FWD_KERNEL") ? rg::regs_fwd_layout(dim, dstate, chunk, chunks)
+                                    : st::staged_layout(dim, dstate, chunk, chunks);
+}
+st::StagedLayout backward_layout(int dim, int dstate, int chunk, int chunks) {
+  return use_regs("EMU_BWD_KERNEL") ? rg::regs_bwd_layout(dim, dstate, chunk, chunks)
+                                    : st::staged_bwd_layout(dim, dstate, chunk, chunks);
+}
 
 // Runs the grid of g_kernel: `concurrent` OS threads take the blocks in a shuffled order, each after a
 // random delay; stores still pending at the end are flushed (the end of a launch).
@@ -244,7 +264,7 @@ extern "C" int staged_forward(const int* cfg, const void* x, const int64_t* xs, 
   p.C_h_stride = cs[3]; p.C_w_stride = cs[4];
   p.A = A; p.D = D; p.delta_bias = bias;
   p.out = y; p.chunk_states = chunk_states;
-  const st::StagedLayout l = st::staged_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
+  const st::StagedLayout l = forward_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
   if (!l.ok) return -1;
   p.chunks_per_split = l.chunks_per_tile;
   p.num_splits = l.num_tiles;
@@ -266,6 +286,11 @@ extern "C" int staged_forward(const int* cfg, const void* x, const int64_t* xs, 
                                      : st::scan_staged_fwd<__half, dermomamba::cuda::lane::LaneShape<32, 1>>; break;
     default: g_kernel = l.group == 16 ? st::scan_staged_fwd<__nv_bfloat16, dermomamba::cuda::lane::LaneShape<16, 1>>
                                       : st::scan_staged_fwd<__nv_bfloat16, dermomamba::cuda::lane::LaneShape<32, 1>>;
+  }
+  if (use_regs("EMU_FWD_KERNEL")) {
+    g_kernel = cfg[7] == 0 ? rg::regs_fwd_kernel<float>(l)
+             : cfg[7] == 1 ? rg::regs_fwd_kernel<__half>(l) : rg::regs_fwd_kernel<__nv_bfloat16>(l);
+    if (g_kernel == nullptr) return -2;
   }
   const unsigned blocks = static_cast<unsigned>(flags);
   run_grid(p, blocks, l, cfg[10], cfg[11], cfg[12]);
@@ -314,7 +339,7 @@ extern "C" int staged_backward(const int* cfg, const void* x, const int64_t* xs,
   p.dx_accum = dx_accum; p.dx_per_direction = dx_per_direction;
   p.ddelta = ddelta; p.dB = dB; p.dC = dC; p.grad_bc_mode = cfg[14];
   p.dA_partial = dA_partial; p.dD_partial = dD_partial; p.ddelta_bias_partial = dbias_partial;
-  const st::StagedLayout l = st::staged_bwd_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
+  const st::StagedLayout l = backward_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
   if (!l.ok) return -1;
   p.chunks_per_split = l.chunks_per_tile;
   p.num_splits = l.num_tiles;
@@ -340,6 +365,11 @@ extern "C" int staged_backward(const int* cfg, const void* x, const int64_t* xs,
     default: g_kernel = l.group == 16 ? st::scan_staged_bwd<__nv_bfloat16, LaneShape<16, 1>>
                                       : st::scan_staged_bwd<__nv_bfloat16, LaneShape<32, 1>>;
   }
+  if (use_regs("EMU_BWD_KERNEL")) {
+    g_kernel = cfg[7] == 0 ? rg::regs_bwd_kernel<float>(l)
+             : cfg[7] == 1 ? rg::regs_bwd_kernel<__half>(l) : rg::regs_bwd_kernel<__nv_bfloat16>(l);
+    if (g_kernel == nullptr) return -2;
+  }
   const unsigned blocks = static_cast<unsigned>(flags);
   run_grid(p, blocks, l, cfg[10], cfg[11], cfg[12]);
   stats[0] = blocks;
@@ -354,6 +384,6 @@ extern "C" int staged_backward(const int* cfg, const void* x, const int64_t* xs,
 }
 
 extern "C" int staged_bwd_channel_blocks(int dim, int dstate, int chunk_size, int num_chunks) {
-  const st::StagedLayout l = st::staged_bwd_layout(dim, dstate, chunk_size, num_chunks);
+  const st::StagedLayout l = backward_layout(dim, dstate, chunk_size, num_chunks);
   return l.ok ? l.channel_blocks : -1;
 }
