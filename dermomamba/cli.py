@@ -59,6 +59,8 @@ TRAIN_HELP = {
     "progress": "progress bars", "tensorboard": "TensorBoard event files",
     "evaluate_test": "evaluate the best checkpoint on the test split at the end",
     "predict_samples": "after training, predict masks for this many held-out images into <run>/predictions",
+    "cuda_graphs": "record the training step (forward, loss, backward, Adam) once as a CUDA graph and replay it: "
+                   "no per-kernel launch cost (one CUDA device; not under torchrun)",
     "max_steps": "stop after this many optimiser steps without saving, as a kill would (for testing --resume)",
 }
 

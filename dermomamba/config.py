@@ -75,6 +75,8 @@ class TrainConfig:
     tensorboard: bool = True
     evaluate_test: bool = True
     predict_samples: int = 0
+    # Record the training step as one CUDA graph and replay it (one CUDA device, not under torchrun).
+    cuda_graphs: bool = False
     # Stop (as if killed) after this many optimiser steps in this process, without saving: for resume tests.
     max_steps: Optional[int] = None
 

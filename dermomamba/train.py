@@ -24,6 +24,12 @@ leaves either the previous or the new checkpoint, never a mix. Resuming restores
 exactly as if the run had not stopped: with deterministic kernels (the CPU), the weights after resuming are
 bitwise the same as those of an uninterrupted run.
 
+CUDA graphs (``cuda_graphs``, ``--cuda-graphs``): the training step is recorded once as a CUDA graph and replayed
+for every later batch, so the host no longer launches its ~2,000 kernels one by one (on a host that launches
+slowly the eager step is bound by them). The first steps run eagerly (Triton compiles, cuDNN chooses its
+algorithms, Adam allocates its state); Adam is fused and capturable with its learning rate a device tensor, so
+ReduceLROnPlateau's changes reach the recorded step. One CUDA device only.
+
 Multi-GPU: ``torchrun --nproc_per_node=N -m dermomamba.cli train ...`` (or the ``dermomamba`` script under
 torchrun) runs DistributedDataParallel with a distributed sampler; ``batch_size`` is per process; validation is
 sharded and its sums are all-reduced; only rank 0 writes files.
@@ -58,7 +64,7 @@ from .data.folders import DataError, SegmentationDataset, discover
 from .data.splits import load_split, published_split, random_split, save_split
 from .data.synthetic import SyntheticLesionDataset
 
-__all__ = ["train", "DistContext", "init_distributed", "build_datasets", "find_last_checkpoint", "resume_config",
+__all__ = ["train", "GraphedTrainStep", "graph_ready_lr", "DistContext", "init_distributed", "build_datasets", "find_last_checkpoint", "resume_config",
            "segmentation_scores", "TRAIN_STATE_JSON", "TRAIN_STATE_TENSORS"]
 
 TRAIN_STATE_JSON = "train_state.json"
@@ -290,12 +296,25 @@ def _rng_restore(state: dict, generator: torch.Generator, device: torch.device) 
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _json_safe(value):
+    """``value`` with every 0-d tensor (a recorded step's learning rate, in the optimizer's and the scheduler's
+    state) replaced by the number it holds."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return float(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_json_safe(item) for item in value)
+    return value
+
+
 def _save_train_state(folder: str, optimizer, scheduler, scaler, rng_states: list[dict], info: dict) -> None:
     from safetensors.torch import save_file
 
     tensors, optimizer_json = {}, {"param_groups": None, "state": {}}
     optimizer_state = optimizer.state_dict()
-    optimizer_json["param_groups"] = optimizer_state["param_groups"]
+    # A recorded (CUDA-graph) step keeps its learning rate in a device tensor: stored as the number it holds.
+    optimizer_json["param_groups"] = _json_safe(optimizer_state["param_groups"])
     for param_id, entries in optimizer_state["state"].items():
         for name, value in entries.items():
             if isinstance(value, torch.Tensor):
@@ -312,7 +331,7 @@ def _save_train_state(folder: str, optimizer, scheduler, scaler, rng_states: lis
         rng_json.append({"python": state["python"], "numpy": {k: v for k, v in state["numpy"].items() if k != "keys"},
                          "has_cuda": "cuda" in state})
     payload = {"format": "dermomamba-train-state", "version": TRAIN_STATE_VERSION, **info,
-               "optimizer": optimizer_json, "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
+               "optimizer": optimizer_json, "scheduler": _json_safe(scheduler.state_dict()), "grad_scaler": scaler.state_dict(),
                "rng": rng_json}
     save_file(tensors, os.path.join(folder, TRAIN_STATE_TENSORS), metadata={"format": "dermomamba-train-state"})
     with open(os.path.join(folder, TRAIN_STATE_JSON), "w") as handle:
@@ -459,6 +478,88 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
+class GraphedTrainStep:
+    """The training step (forward under autocast, loss, backward, GradScaler and Adam steps) recorded as one CUDA
+    graph and replayed.
+
+    The first ``warmup_calls`` calls run eagerly on a side stream, as capture requires (Triton compiles and
+    autotunes, cuDNN picks its algorithms, Adam and the GradScaler allocate their state: none of that may happen
+    during a capture); the next call records the step and replays it; every later call only replays. Each call
+    copies its batch into the graph's static inputs and returns ``(logits, loss)``, static tensors that the next
+    call overwrites. The optimizer must be a fused, capturable Adam whose learning rates are device tensors
+    (:func:`graph_ready_lr` keeps them so), the batch shape fixed (``drop_last=True``).
+
+    Shapes: images (B, 3, H, W), masks (B, 1, H, W) on the model's CUDA device.
+
+    Example (needs a GPU):
+        >>> step = GraphedTrainStep(model, optimizer, scaler, criterion, autocast)   # doctest: +SKIP
+        >>> for images, masks in batches: logits, loss = step(images, masks)          # doctest: +SKIP
+    """
+
+    def __init__(self, model, optimizer, scaler, criterion, autocast, warmup_calls: int = 3):
+        self.model, self.optimizer, self.scaler, self.criterion = model, optimizer, scaler, criterion
+        self.autocast = autocast
+        self.warmup_calls = warmup_calls
+        self.calls = 0
+        self.graph = None
+        self.outputs = None
+        self.images = self.masks = None
+
+    def _body(self):
+        with self.autocast():
+            logits = self.model(self.images)
+        loss = self.criterion(logits.float(), self.masks)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return logits, loss
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor):
+        if self.images is None:
+            if images.device.type != "cuda":
+                raise ValueError(f"cuda_graphs: the batch must be on a CUDA device, got images on {images.device}")
+            self.images, self.masks = torch.empty_like(images), torch.empty_like(masks)
+        for name, new, static in (("images", images, self.images), ("masks", masks, self.masks)):
+            if new.shape != static.shape or new.dtype != static.dtype:
+                raise ValueError(f"cuda_graphs: every batch must have the recorded shape and dtype; {name} "
+                                 f"{tuple(new.shape)} {new.dtype}, recorded {tuple(static.shape)} {static.dtype} "
+                                 "(the loader must drop the last, smaller batch)")
+        self.images.copy_(images)
+        self.masks.copy_(masks)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        current = torch.cuda.current_stream()
+        if self.calls < self.warmup_calls:
+            self.calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                self.optimizer.zero_grad(set_to_none=True)
+                outputs = self._body()
+            current.wait_stream(side)
+            return outputs
+        # Gradients None before the capture: the recorded backward writes them (no accumulation) on every replay.
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.outputs = self._body()
+        self.graph = graph
+        # A capture records without running: this call's step is the first replay.
+        graph.replay()
+        return self.outputs
+
+
+def graph_ready_lr(optimizer, lr_tensors: list) -> None:
+    """Puts each param group's learning rate back into its device tensor (the one a recorded step reads) after
+    anything that may have replaced it with a number: loading a state dict, or a scheduler of a torch version
+    that assigns instead of filling."""
+    for group, tensor in zip(optimizer.param_groups, lr_tensors):
+        if group["lr"] is not tensor:
+            tensor.fill_(float(group["lr"]))
+            group["lr"] = tensor
+
+
 def _make_loss(mode: str):
     from .loss import GuideFusionLoss
     return GuideFusionLoss(mode=mode)
@@ -562,27 +663,42 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> dict:
         raise ValueError(f"the training split has {len(datasets['train'])} images, fewer than one batch of "
                          f"{cfg.batch_size} per process x {ctx.world_size} processes")
 
+    graphs = bool(cfg.cuda_graphs)
+    if graphs and (ctx.device.type != "cuda" or ctx.distributed):
+        raise ValueError("cuda_graphs: the recorded training step needs one CUDA device and no torchrun, got device "
+                         f"{ctx.device}" + (f" with {ctx.world_size} processes" if ctx.distributed else ""))
     model = _create_model(cfg).to(ctx.device)
     if ctx.distributed:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     # PyTorch's fused Adam on CUDA: one kernel for all weights instead of a chain of foreach launches
     # (the published recipe's Adam, same arithmetic: PyTorch tests fused against foreach).
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                 fused=ctx.device.type == "cuda")
+    # Recorded as a CUDA graph, Adam must also be capturable (its step counters on the device) and read its
+    # learning rate from a device tensor, which ReduceLROnPlateau then fills in place.
+    lr = torch.tensor(cfg.lr, dtype=torch.float32, device=ctx.device) if graphs else cfg.lr
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay,
+                                 fused=ctx.device.type == "cuda", capturable=graphs)
+    lr_tensors = [group["lr"] for group in optimizer.param_groups] if graphs else []
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_factor,
                                                            patience=cfg.lr_patience)
     use_scaler = ctx.device.type == "cuda" and cfg.precision == "fp16"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     criterion = _make_loss(cfg.loss)
     augment = PublishedAugmentation() if cfg.augment else None
+    graphed_step = (GraphedTrainStep(model, optimizer, scaler, criterion, lambda: _autocast(cfg, ctx.device))
+                    if graphs else None)
 
     start_epoch, global_step, best_dice, best_epoch = 0, 0, -math.inf, 0
     if state_payload is not None:
         from safetensors.torch import load_file
         weights = load_file(os.path.join(find_last_checkpoint(run_dir), "model.safetensors"))
         _unwrap(model).load_state_dict(weights, strict=True)
-        optimizer.load_state_dict(_optimizer_state(state_payload, state_tensors))
+        saved = _optimizer_state(state_payload, state_tensors)
+        # The run being resumed may have recorded its step or not: this run's Adam keeps its own mode.
+        for saved_group, group in zip(saved["param_groups"], optimizer.param_groups):
+            saved_group["capturable"], saved_group["fused"] = group["capturable"], group["fused"]
+        optimizer.load_state_dict(saved)
+        graph_ready_lr(optimizer, lr_tensors)
         scheduler.load_state_dict(state_payload["scheduler"])
         if use_scaler and state_payload["grad_scaler"]:
             scaler.load_state_dict(state_payload["grad_scaler"])
@@ -638,13 +754,16 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> dict:
                 images, masks = batch_to_device(batch, ctx.device)
                 if augment is not None:
                     images, masks = augment(images, masks, generator)
-                with _autocast(cfg, ctx.device):
-                    logits = model(images)
-                loss = criterion(logits.float(), masks)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                if graphed_step is not None:
+                    logits, loss = graphed_step(images, masks)
+                else:
+                    with _autocast(cfg, ctx.device):
+                        logits = model(images)
+                    loss = criterion(logits.float(), masks)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                 global_step += 1
                 steps_here += 1
                 batches += 1
@@ -662,8 +781,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> dict:
             # The bare module: DDP's forward may broadcast buffers, a collective that would hang when the ranks'
             # validation shards differ in length.
             metrics = validate(_unwrap(model), val_loader, criterion, cfg, ctx, progress)
-            lr = optimizer.param_groups[0]["lr"]
+            lr = float(optimizer.param_groups[0]["lr"])
             scheduler.step(metrics["val_dice"])
+            graph_ready_lr(optimizer, lr_tensors)
             improved = metrics["val_dice"] > best_dice
             if improved:
                 best_dice, best_epoch = metrics["val_dice"], epoch + 1

@@ -373,6 +373,44 @@ def test_two_gpu_ddp_nccl_and_resume(data_root, tmp_path):
     assert all(math.isfinite(float(r["train_loss"])) for r in rows)
 
 
+def test_cuda_graphs_need_one_cuda_device(data_root, tmp_path):
+    """--cuda-graphs on the CPU: a clear error naming the option, before any training."""
+    with pytest.raises(ValueError, match=r"cuda_graphs: .*one CUDA device.*got device cpu"):
+        run(["train", "--data", data_root / "isic", *FAST, "--epochs", 1, "--cache-dir", tmp_path / "cache",
+             "-o", tmp_path / "graphs-on-cpu", "--cuda-graphs"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_train_with_cuda_graphs_and_resume(data_root, tmp_path, precision):
+    """`dermomamba train --cuda-graphs` on the GPU: three eager warm-up steps, then the recorded step replayed;
+    the learning rate halves after every epoch (patience 0 on a synthetic set that stops improving) and the
+    state is saved with it as a number; a run killed in its third epoch resumes, records its step again and
+    finishes. The recorded step's arithmetic is tested in tests/test_compile.py (test_graphed_train_step_*)."""
+    gpu_args = [a for a in map(str, FAST)]
+    gpu_args[gpu_args.index("--device") + 1] = "cuda"
+    run_dir = tmp_path / f"graphs-{precision}"
+    common = ["--data", data_root / "isic", *gpu_args, "--precision", precision, "--cache-dir", tmp_path / "cache",
+              "--predict-samples", 0, "--cuda-graphs", "--lr-patience", 0, "--no-tensorboard"]
+    # 2 steps per epoch: steps 1-3 eager, step 4 recorded; killed after step 5 (epoch 3's first).
+    assert run(["train", *common, "--epochs", 3, "-o", run_dir, "--max-steps", 5]) == 0
+    state = json.load(open(run_dir / "checkpoints" / "last" / TRAIN_STATE_JSON))
+    assert state["epoch"] == 2 and state["global_step"] == 4
+    assert isinstance(state["optimizer"]["param_groups"][0]["lr"], float)
+    assert run(["train", "--resume", run_dir, "--no-progress"]) == 0
+    rows = read_rows(run_dir / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert math.isfinite(float(row["train_loss"])) and 0 <= float(row["val_dice"]) <= 1
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] == pytest.approx(1e-3) and all(b <= a for a, b in zip(lrs, lrs[1:]))
+    state = json.load(open(run_dir / "checkpoints" / "last" / TRAIN_STATE_JSON))
+    assert state["epoch"] == 3 and state["global_step"] == 6
+    weights = load_file(run_dir / "checkpoints" / "last" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
 def test_split_choices(tmp_path, monkeypatch):
     from dermomamba.data import Sample
     from dermomamba.data.splits import published_split

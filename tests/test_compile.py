@@ -245,6 +245,54 @@ def test_tiny_train_step_captures_in_one_cuda_graph(seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_graphed_train_step_of_the_training_loop(seed, precision):
+    """dermomamba.train.GraphedTrainStep (what `dermomamba train --cuda-graphs` runs): three eager warm-up
+    calls, then the recorded step. Every replay applies Adam's update to every weight (or, under fp16, skips
+    it for all when the GradScaler finds an overflow), its loss is that of the batch it was given, and a
+    learning rate changed after the capture (as ReduceLROnPlateau does, through graph_ready_lr) is the one
+    the replays use."""
+    _require_cuda_kernels()
+    from dermomamba.train import GraphedTrainStep, graph_ready_lr
+
+    device = torch.device("cuda")
+    model = _tiny(GPU_SIZE).to(device).train()
+    lr = torch.tensor(1e-3, device=device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=True)
+    lr_tensors = [group["lr"] for group in optimizer.param_groups]
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    step = GraphedTrainStep(model, optimizer, scaler, _bce_dice,
+                            lambda: torch.autocast("cuda", dtype=dtype, enabled=precision == "fp16"))
+    for call in range(6):
+        if call == 5:
+            # What ReduceLROnPlateau does on an older torch (assign a number), repaired by graph_ready_lr.
+            optimizer.param_groups[0]["lr"] = 0.25e-3
+            graph_ready_lr(optimizer, lr_tensors)
+            assert float(lr) == pytest.approx(0.25e-3)
+        images, masks = random_batch(GPU_BATCH, GPU_SIZE, device)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        steps_before = adam_steps(optimizer)
+        logits, loss = step(images, masks)
+        torch.cuda.synchronize()
+        assert (step.graph is not None) == (call >= 3)
+        assert torch.isfinite(loss) and torch.isfinite(logits).all()
+        if precision == "fp32":
+            # The step's loss and gradients are those of this batch at the weights it started from (a replay
+            # reading a stale batch or weights would fail this), judged as test_tiny_train_step_captures_... .
+            replayed = (loss.detach().clone(), {name: p.grad.clone() for name, p in model.named_parameters()})
+            truth = _float64_truth(before, images, masks)
+            _assert_within_float32_error(replayed, _float32_references(before, images, masks), truth,
+                                         f"GraphedTrainStep call {call}")
+        stepped = assert_adam_step_applied(optimizer, model.named_parameters(), before, steps_before)
+        weights = sum(1 for _ in model.parameters())
+        # Under fp16 the GradScaler skips the whole step when it finds an overflow.
+        assert stepped in ((weights, 0) if precision == "fp16" else (weights,)), (call, stepped, weights)
+    with pytest.raises(ValueError, match="cuda_graphs: every batch must have the recorded shape"):
+        step(*random_batch(GPU_BATCH + 1, GPU_SIZE, device))
+
+
+@pytest.mark.gpu
 def test_tiny_model_compiled_with_cuda_graphs_reduce_overhead(seed):
     """torch.compile(mode="reduce-overhead") records the forward and backward graphs as CUDA graphs:
     no cudagraph skip (a CPU tensor, an op that syncs, a mutated non-static input would cause one),
