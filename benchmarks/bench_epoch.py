@@ -10,6 +10,7 @@ optimiser step; validation is not in it). Multi-GPU runs go through ``torchrun -
 
 Usage:
   python benchmarks/bench_epoch.py --gpus 1 2 --images 1024 --batch-size 16 --epochs 3
+  python benchmarks/bench_epoch.py --gpus 1 --graphs  # also one process with --cuda-graphs (the recorded step)
   python benchmarks/bench_epoch.py --cpu-quick        # CPU smoke run: tiny model, 2 epochs, 1 process
   ... [--markdown out.md] [--json out.json]
 """
@@ -57,14 +58,14 @@ def write_dataset(root: str, images: int, sizes, seed: int) -> float:
     return time.perf_counter() - started
 
 
-def train_command(processes: int, args, data_root: str, output: str) -> list[str]:
+def train_command(processes: int, args, data_root: str, output: str, graphs: bool = False) -> list[str]:
     train_args = ["train", "--data", data_root, "--split", "random", "--val-fraction", str(args.val_fraction),
                   "--test-fraction", "0", "--model", args.model, "--img-size", str(args.img_size[0]),
                   str(args.img_size[1]), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                   "--eval-batch-size", str(args.eval_batch_size), "--workers", str(args.workers),
                   "--precision", args.precision, "--device", args.device, "--no-progress", "--no-tensorboard",
                   "--no-evaluate-test", "--predict-samples", "0", "--cache-dir", os.path.join(data_root, ".cache"),
-                  "--output", output]
+                  "--output", output] + (["--cuda-graphs"] if graphs else [])
     if processes > 1:
         return ["torchrun", "--standalone", f"--nproc_per_node={processes}", "-m", "dermomamba.cli"] + train_args
     return [sys.executable, "-m", "dermomamba.cli"] + train_args
@@ -83,9 +84,9 @@ def read_metrics(run_dir: str) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def run_one(processes: int, args, data_root: str, scratch: str) -> dict:
-    output = os.path.join(scratch, f"run-{processes}proc")  # the run folder itself
-    command = train_command(processes, args, data_root, output)
+def run_one(processes: int, args, data_root: str, scratch: str, graphs: bool = False) -> dict:
+    output = os.path.join(scratch, f"run-{processes}proc" + ("-graphs" if graphs else ""))  # the run folder itself
+    command = train_command(processes, args, data_root, output, graphs)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), REPO_ROOT])))
     started = time.perf_counter()
     progress(f"{processes} process(es): {shlex.join(command)}")
@@ -98,7 +99,7 @@ def run_one(processes: int, args, data_root: str, scratch: str) -> dict:
         raise RuntimeError(f"{shlex.join(command)} failed ({result.returncode}); its output is above")
     rows = read_metrics(output)
     later = rows[1:] if len(rows) > 1 else rows
-    return {"processes": processes, "command": shlex.join(command), "wall_seconds": wall,
+    return {"processes": processes, "cuda_graphs": graphs, "command": shlex.join(command), "wall_seconds": wall,
             "epochs": len(rows),
             "first_epoch_seconds": float(rows[0]["epoch_seconds"]),
             "epoch_seconds": statistics.median(float(r["epoch_seconds"]) for r in later),
@@ -132,6 +133,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--data-root", default=None, help="folder for the synthetic data set (kept; default: temp)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--graphs", action="store_true",
+                        help="also one process with `--cuda-graphs` (the training step recorded as a CUDA graph)")
     parser.add_argument("--cpu-quick", action="store_true", help="CPU smoke run: tiny model, 1 process")
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--json", default=None)
@@ -155,6 +158,8 @@ def main(argv=None) -> int:
         write_seconds = write_dataset(data_root, args.images, sizes, args.seed)
         progress(f"written in {write_seconds:.1f} s")
         results = [run_one(n, args, data_root, scratch) for n in args.gpus]
+        if args.graphs:
+            results.append(run_one(1, args, data_root, scratch, graphs=True))
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = (f"Epoch time, `dermomamba train` on {args.images} synthetic ISIC-layout JPEGs "
@@ -162,11 +167,11 @@ def main(argv=None) -> int:
               f"batch {args.batch_size} per process, {args.precision}, {args.workers} loader workers; "
               f"{device_name(args.device)}; {stamp}; commit {git_commit()}; "
               f"command `python benchmarks/bench_epoch.py {shlex.join(argv if argv is not None else sys.argv[1:])}`")
-    lines = [header, "", "| processes | train images/s (data loading included) | epoch s | first epoch s (cache build, "
-             "warm-up) | speed-up vs 1 | val Dice after last epoch |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [header, "", "| processes | step | train images/s (data loading included) | epoch s | first epoch s (cache build, "
+             "warm-up) | speed-up vs 1 | val Dice after last epoch |", "| --- | --- | --- | --- | --- | --- | --- |"]
     base = results[0]["images_per_second"]
     for r in results:
-        lines.append(f"| {r['processes']} | {r['images_per_second']:.1f} | {r['epoch_seconds']:.2f} | "
+        lines.append(f"| {r['processes']} | {'CUDA graph' if r.get('cuda_graphs') else 'eager'} | {r['images_per_second']:.1f} | {r['epoch_seconds']:.2f} | "
                      f"{r['first_epoch_seconds']:.2f} | {r['images_per_second'] / base:.2f}x | {r['val_dice_last']:.3f} |")
     if write_seconds:
         lines.append(f"\n(writing the synthetic folder took {write_seconds:.1f} s, outside the table)")
