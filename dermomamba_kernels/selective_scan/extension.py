@@ -249,12 +249,77 @@ def selective_scan_extension(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     return (out, last_state) if return_last_state else out
 
 
+def _projections(x, x_proj_weight, dt_projs_weight, dtype):
+    """delta (batch, 4, D, H, W) and B, C ((batch, 4, N, H, W) views of one channel-last projection), in
+    ``dtype``, plus the projection x_dbl (batch, H, W, 4, R + 2N) they come from."""
+    dt_rank = dt_projs_weight.shape[2]
+    dstate = (x_proj_weight.shape[1] - dt_rank) // 2
+    # Position-major, channel-last result (batch, H, W, 4, R + 2N): each position's B and C rows are
+    # contiguous, which is what the kernels read per step.
+    x_dbl = torch.einsum("bdhw,kcd->bhwkc", x.to(dtype), x_proj_weight.to(dtype))
+    dts, B, C = torch.split(x_dbl, [dt_rank, dstate, dstate], dim=-1)
+    delta = torch.einsum("bhwkr,kdr->bkdhw", dts, dt_projs_weight.to(dtype))
+    return x_dbl, delta, B.permute(0, 3, 4, 1, 2), C.permute(0, 3, 4, 1, 2)
+
+
+class _ProjectedScan(torch.autograd.Function):
+    """Projections + multiaxial scan whose backward recomputes the projections instead of keeping them.
+
+    Why: x_dbl (batch, H, W, 4, R + 2N) and delta (batch, 4, D, H, W) are 16x and 4x the size of x at N = 16
+    (R + 2N = 33 values per direction and position against D channels); kept for the backward they were about
+    a quarter of DermoMamba's training memory. Recomputing them costs two small matmuls (K = D and K = R).
+    The backward runs the same casts and einsums as the forward (bitwise the same x_dbl and delta, whatever
+    autocast state the backward runs under), then the einsums' gradients written out in the same dtype, as
+    autograd would run them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, deterministic, chunk_size):
+        # Under autocast the einsums run in the autocast dtype (fp16 / bf16), else in x's.
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        _, delta, B, C = _projections(x, x_proj_weight, dt_projs_weight, dtype)
+        A = -torch.exp(A_logs.float())
+        y, chunk_states = _ops.multiaxial_scan_fwd(x, delta, A, B, C, Ds.float(), dt_projs_bias.float().reshape(-1),
+                                                   True, chunk_size)
+        ctx.save_for_backward(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, chunk_states)
+        ctx.dtype, ctx.deterministic, ctx.chunk_size = dtype, deterministic, chunk_size
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, chunk_states = ctx.saved_tensors
+        dtype = ctx.dtype
+        x_dbl, delta, B, C = _projections(x, x_proj_weight, dt_projs_weight, dtype)
+        A = -torch.exp(A_logs.float())
+        dx_scan, ddelta, dA, dB, dC, dD, dbias = _ops.multiaxial_scan_bwd(
+            dy.contiguous(), x, delta, A, B, C, Ds.float(), dt_projs_bias.float().reshape(-1), True, chunk_states,
+            ctx.chunk_size, ctx.deterministic)
+        dt_rank = dt_projs_weight.shape[2]
+        dts = x_dbl[..., :dt_rank]
+        w_dt = dt_projs_weight.to(dtype)
+        ddelta = ddelta.to(dtype)
+        # delta = einsum(dts, w_dt): its two gradients.
+        ddts = torch.einsum("bkdhw,kdr->bhwkr", ddelta, w_dt)
+        dw_dt = torch.einsum("bkdhw,bhwkr->kdr", ddelta, dts)
+        # x_dbl = einsum(x, w_x): the gradient of x_dbl is (ddts, dB, dC) in its channel-last layout.
+        dx_dbl = torch.cat([ddts, dB.to(dtype).permute(0, 3, 4, 1, 2), dC.to(dtype).permute(0, 3, 4, 1, 2)], dim=-1)
+        dx_proj = torch.einsum("bhwkc,kcd->bdhw", dx_dbl, x_proj_weight.to(dtype))
+        dw_x = torch.einsum("bhwkc,bdhw->kcd", dx_dbl, x.to(dtype))
+        dx = dx_scan + dx_proj.to(x.dtype)
+        # A = -exp(A_logs): dA_logs = dA * A.
+        return (dx, dw_x.to(x_proj_weight.dtype), dw_dt.to(dt_projs_weight.dtype),
+                dbias.reshape(dt_projs_bias.shape).to(dt_projs_bias.dtype), (dA * A).to(A_logs.dtype),
+                dD.to(Ds.dtype), None, None)
+
+
 def multiaxial_extension(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, deterministic=False):
     """SS2D's four-direction scan of x (batch, D, H, W), summed, fp32 (batch, D, H, W).
 
-    The projections run in the native (h, w) layout as ordinary differentiable torch ops in x's
-    dtype; x itself reaches the kernel as the caller's view (a permuted, non-contiguous x is read
-    through its strides), so no (batch, 4, D, H*W) copy of x is ever made.
+    The projections run in the native (h, w) layout in x's dtype (the autocast dtype under autocast); x
+    itself reaches the kernel as the caller's view (a permuted, non-contiguous x is read through its strides),
+    so no (batch, 4, D, H*W) copy of x is ever made. For the backward only x, the weights and the scan's
+    chunk_states are kept: the projections are recomputed (see _ProjectedScan).
 
     Shapes: x_proj_weight (4, R + 2N, D); dt_projs_weight (4, D, R); dt_projs_bias (4, D);
     A_logs (4 * D, N); Ds (4 * D,).
@@ -266,23 +331,6 @@ def multiaxial_extension(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_log
     """
     check_kernel_dtypes(x.device.type, x=x, x_proj_weight=x_proj_weight, dt_projs_weight=dt_projs_weight,
                         dt_projs_bias=dt_projs_bias, A_logs=A_logs, Ds=Ds)
-    dt_rank = dt_projs_weight.shape[2]
-    dstate = A_logs.shape[1]
-    # Position-major, channel-last result (batch, H, W, 4, R + 2N): each position's B and C rows are
-    # contiguous, which is what the kernels read per step.
-    x_dbl = torch.einsum("bdhw,kcd->bhwkc", x, x_proj_weight.to(x.dtype))
-    dts, B, C = torch.split(x_dbl, [dt_rank, dstate, dstate], dim=-1)
-    delta = torch.einsum("bhwkr,kdr->bkdhw", dts, dt_projs_weight.to(x.dtype))
-    B = B.permute(0, 3, 4, 1, 2)  # (batch, 4, N, H, W) view
-    C = C.permute(0, 3, 4, 1, 2)
-    A = -torch.exp(A_logs.float())
-    request = bool(deterministic) and not torch.compiler.is_compiling()
-    if request:
-        _set_deterministic_request(True)
-    try:
-        y, _ = _ops.multiaxial_scan_fwd(x, delta, A, B, C, Ds.float(), dt_projs_bias.float().reshape(-1), True,
-                                        chunk_size_for(x.device))
-    finally:
-        if request:
-            _set_deterministic_request(False)
-    return y
+    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+    return _ProjectedScan.apply(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, deterministic,
+                                chunk_size_for(x.device))
