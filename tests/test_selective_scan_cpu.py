@@ -129,8 +129,15 @@ def test_selective_scan_cpu_last_state(seed, chunk_size):
 MULTIAXIAL_CASES = [(1, 4, 5, 7, 16, 1), (2, 3, 6, 4, 5, 2), (1, 2, 1, 9, 4, 1), (1, 5, 9, 3, 16, 1)]
 
 
+@pytest.fixture(params=["recompute", "keep"])
+def projections_policy(request, monkeypatch):
+    """Both backward policies of the extension path: projections recomputed (default) or kept."""
+    monkeypatch.setenv("DERMOMAMBA_RECOMPUTE_PROJECTIONS", "1" if request.param == "recompute" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("case", MULTIAXIAL_CASES, ids=lambda c: "b{}d{}h{}w{}n{}r{}".format(*c))
-def test_multiaxial_cpu_fp32_matches_reference(seed, chunk_size, case):
+def test_multiaxial_cpu_fp32_matches_reference(seed, chunk_size, case, projections_policy):
     inputs = multiaxial_inputs(*case)
     grad_out = torch.randn(inputs[0].shape)
     y, grads = run_multiaxial(inputs, "cpu", grad_out)
@@ -181,7 +188,7 @@ def test_selective_scan_cpu_low_precision(seed, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_multiaxial_cpu_low_precision(seed, dtype):
+def test_multiaxial_cpu_low_precision(seed, dtype, projections_policy):
     inputs = multiaxial_inputs(2, 4, 9, 7, 16, 1, dtype=dtype)
     # Weights in x's dtype too, so that the reference's projections run in that precision as well.
     inputs = [t.to(dtype) if i in (1, 2) else t for i, t in enumerate(inputs)]
@@ -267,6 +274,12 @@ def test_every_instruction_set_variant(seed, monkeypatch, isa):
     assert_fp32_close(out, ref, "out")
     for name in sgrads:
         assert_fp32_close(sgrads[name], sref[name], f"d{name}")
+
+
+def test_recompute_projections_variable_is_checked(seed, monkeypatch):
+    monkeypatch.setenv("DERMOMAMBA_RECOMPUTE_PROJECTIONS", "sometimes")
+    with pytest.raises(ValueError, match="DERMOMAMBA_RECOMPUTE_PROJECTIONS must be 1 or 0"):
+        multiaxial_selective_scan(*multiaxial_inputs(1, 2, 3, 4, 4, 1), backend="cpu")
 
 
 def test_unknown_isa_is_refused(monkeypatch):

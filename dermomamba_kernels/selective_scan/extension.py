@@ -17,6 +17,7 @@ returns u's dtype.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -313,13 +314,28 @@ class _ProjectedScan(torch.autograd.Function):
                 dD.to(Ds.dtype), None, None)
 
 
-def multiaxial_extension(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, deterministic=False):
+# Whether the multiaxial extension path keeps its projections for the backward (faster) or recomputes them
+# there (less memory: see _ProjectedScan). Default: recompute; DERMOMAMBA_RECOMPUTE_PROJECTIONS=0 keeps them.
+RECOMPUTE_PROJECTIONS_VARIABLE = "DERMOMAMBA_RECOMPUTE_PROJECTIONS"
+
+
+def recompute_projections_default() -> bool:
+    value = os.environ.get(RECOMPUTE_PROJECTIONS_VARIABLE, "1").strip().lower()
+    if value not in ("0", "1", "false", "true", "no", "yes", "off", "on"):
+        raise ValueError(f"{RECOMPUTE_PROJECTIONS_VARIABLE} must be 1 or 0, got {value!r}")
+    return value in ("1", "true", "yes", "on")
+
+
+def multiaxial_extension(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, deterministic=False,
+                         recompute_projections=None):
     """SS2D's four-direction scan of x (batch, D, H, W), summed, fp32 (batch, D, H, W).
 
     The projections run in the native (h, w) layout in x's dtype (the autocast dtype under autocast); x
     itself reaches the kernel as the caller's view (a permuted, non-contiguous x is read through its strides),
-    so no (batch, 4, D, H*W) copy of x is ever made. For the backward only x, the weights and the scan's
-    chunk_states are kept: the projections are recomputed (see _ProjectedScan).
+    so no (batch, 4, D, H*W) copy of x is ever made. ``recompute_projections`` (default: the environment
+    variable DERMOMAMBA_RECOMPUTE_PROJECTIONS, else True): keep only x, the weights and the scan's chunk_states
+    for the backward and recompute the projections there (see _ProjectedScan), or keep them (faster, more
+    memory).
 
     Shapes: x_proj_weight (4, R + 2N, D); dt_projs_weight (4, D, R); dt_projs_bias (4, D);
     A_logs (4 * D, N); Ds (4 * D,).
@@ -331,6 +347,24 @@ def multiaxial_extension(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_log
     """
     check_kernel_dtypes(x.device.type, x=x, x_proj_weight=x_proj_weight, dt_projs_weight=dt_projs_weight,
                         dt_projs_bias=dt_projs_bias, A_logs=A_logs, Ds=Ds)
-    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
-    return _ProjectedScan.apply(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, deterministic,
-                                chunk_size_for(x.device))
+    if recompute_projections is None:
+        recompute_projections = recompute_projections_default()
+    chunk_size = chunk_size_for(x.device)
+    if recompute_projections:
+        deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+        return _ProjectedScan.apply(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, deterministic,
+                                    chunk_size)
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    _, delta, B, C = _projections(x, x_proj_weight, dt_projs_weight, dtype)
+    A = -torch.exp(A_logs.float())
+    request = bool(deterministic) and not torch.compiler.is_compiling()
+    if request:
+        _set_deterministic_request(True)
+    try:
+        y, _ = _ops.multiaxial_scan_fwd(x, delta, A, B, C, Ds.float(), dt_projs_bias.float().reshape(-1), True,
+                                        chunk_size)
+    finally:
+        if request:
+            _set_deterministic_request(False)
+    return y
