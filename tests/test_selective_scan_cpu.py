@@ -465,3 +465,16 @@ def test_dispatch_cpu_backend_and_missing_cuda(seed):
         selective_scan_fn(**inputs, backend="cuda")
     with pytest.raises(BackendUnavailableError):
         multiaxial_selective_scan(*multiaxial_inputs(1, 2, 3, 4, 4, 1), backend="cuda")
+
+
+def test_multiaxial_chunk_size_variable(monkeypatch):
+    """DERMOMAMBA_MULTIAXIAL_CHUNK_SIZE sets the multiaxial scan's CUDA chunk size (checked), not the CPU's."""
+    monkeypatch.setenv("DERMOMAMBA_MULTIAXIAL_CHUNK_SIZE", "32")
+    assert scan_ext.multiaxial_chunk_size_for(torch.device("cuda")) == 32
+    assert scan_ext.multiaxial_chunk_size_for(torch.device("cpu")) == scan_ext.CHUNK_SIZE_BY_DEVICE["cpu"]
+    for bad in ("0", "-3", "thirty"):
+        monkeypatch.setenv("DERMOMAMBA_MULTIAXIAL_CHUNK_SIZE", bad)
+        with pytest.raises(ValueError, match="DERMOMAMBA_MULTIAXIAL_CHUNK_SIZE must be a positive integer"):
+            scan_ext.multiaxial_chunk_size_for(torch.device("cuda"))
+    monkeypatch.delenv("DERMOMAMBA_MULTIAXIAL_CHUNK_SIZE")
+    assert scan_ext.multiaxial_chunk_size_for(torch.device("cuda")) == scan_ext.CHUNK_SIZE_BY_DEVICE["cuda"]

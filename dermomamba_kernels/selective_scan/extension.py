@@ -38,12 +38,31 @@ CHUNK_SIZE_BY_DEVICE = {
 }
 
 
+# Overrides the multiaxial scan's chunk size on CUDA for a process (tuning, benchmarks of kernel variants).
+MULTIAXIAL_CHUNK_VARIABLE = "DERMOMAMBA_MULTIAXIAL_CHUNK_SIZE"
+
+
 def chunk_size_for(device: torch.device) -> int:
     """Chunk size of the scan kernels on ``device`` (see CHUNK_SIZE_BY_DEVICE)."""
     try:
         return CHUNK_SIZE_BY_DEVICE[torch.device(device).type]
     except KeyError:
         raise ValueError(f"the scan kernels have no chunk size for device type {torch.device(device).type!r}") from None
+
+
+def multiaxial_chunk_size_for(device: torch.device) -> int:
+    """Chunk size of the multiaxial scan on ``device``: chunk_size_for, or on CUDA the value of
+    DERMOMAMBA_MULTIAXIAL_CHUNK_SIZE when set (a positive integer)."""
+    value = os.environ.get(MULTIAXIAL_CHUNK_VARIABLE)
+    if value is None or torch.device(device).type != "cuda":
+        return chunk_size_for(device)
+    try:
+        chunk = int(value)
+    except ValueError:
+        chunk = 0
+    if chunk < 1:
+        raise ValueError(f"{MULTIAXIAL_CHUNK_VARIABLE} must be a positive integer, got {value!r}")
+    return chunk
 
 
 _ops = torch.ops.dermomamba
@@ -349,7 +368,7 @@ def multiaxial_extension(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_log
                         dt_projs_bias=dt_projs_bias, A_logs=A_logs, Ds=Ds)
     if recompute_projections is None:
         recompute_projections = recompute_projections_default()
-    chunk_size = chunk_size_for(x.device)
+    chunk_size = multiaxial_chunk_size_for(x.device)
     if recompute_projections:
         deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
         return _ProjectedScan.apply(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, deterministic,
