@@ -269,16 +269,43 @@ def selective_scan_extension(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     return (out, last_state) if return_last_state else out
 
 
+# The x projection's rows per direction are padded to a multiple of this many: a (positions, 4 x rows) fp16
+# result whose row length is a multiple of 8 elements lets cuBLAS use its tensor-core kernels (measured on an
+# H200, batch 48 x 8 x 192 x 256: 0.94 ms for 33 rows per direction, 0.44 ms for 40; benchmarks/RESULTS.md).
+PROJECTION_ROW_MULTIPLE = 8
+
+
+def _projection_weight(x_proj_weight, dt_rank, dstate, dtype):
+    """x_proj_weight (4, R + 2N, D) with its rows reordered to [B, C, dt] and zero rows appended up to a multiple
+    of PROJECTION_ROW_MULTIPLE, in ``dtype``: B and C then start at aligned offsets of each position's row."""
+    w = x_proj_weight.to(dtype)
+    rows = dt_rank + 2 * dstate
+    padded = -(-rows // PROJECTION_ROW_MULTIPLE) * PROJECTION_ROW_MULTIPLE
+    parts = [w[:, dt_rank:], w[:, :dt_rank]]
+    if padded > rows:
+        parts.append(w.new_zeros(w.shape[0], padded - rows, w.shape[2]))
+    return torch.cat(parts, dim=1)
+
+
+def _dt_projection(dts, dt_projs_weight):
+    """delta (batch, 4, D, H, W) = sum over r of dts (batch, H, W, 4, R) x dt_projs_weight (4, D, R). With R = 1
+    (DermoMamba's large stages) a broadcast product: einsum would run it as a matmul of inner size 1 (0.64 ms
+    against a few tenths for the product at batch 48 x 8 x 192 x 256)."""
+    if dts.shape[-1] == 1:
+        return dts[..., 0].permute(0, 3, 1, 2).unsqueeze(2) * dt_projs_weight[:, :, 0][None, :, :, None, None]
+    return torch.einsum("bhwkr,kdr->bkdhw", dts, dt_projs_weight)
+
+
 def _projections(x, x_proj_weight, dt_projs_weight, dtype):
     """delta (batch, 4, D, H, W) and B, C ((batch, 4, N, H, W) views of one channel-last projection), in
-    ``dtype``, plus the projection x_dbl (batch, H, W, 4, R + 2N) they come from."""
+    ``dtype``, plus that projection x_dbl (batch, H, W, 4, rows): per direction B (N), C (N), dt (R), zeros."""
     dt_rank = dt_projs_weight.shape[2]
     dstate = (x_proj_weight.shape[1] - dt_rank) // 2
-    # Position-major, channel-last result (batch, H, W, 4, R + 2N): each position's B and C rows are
-    # contiguous, which is what the kernels read per step.
-    x_dbl = torch.einsum("bdhw,kcd->bhwkc", x.to(dtype), x_proj_weight.to(dtype))
-    dts, B, C = torch.split(x_dbl, [dt_rank, dstate, dstate], dim=-1)
-    delta = torch.einsum("bhwkr,kdr->bkdhw", dts, dt_projs_weight.to(dtype))
+    # Position-major, channel-last result: each position's B and C rows are contiguous, which is what the
+    # kernels read per step.
+    x_dbl = torch.einsum("bdhw,kcd->bhwkc", x.to(dtype), _projection_weight(x_proj_weight, dt_rank, dstate, dtype))
+    B, C, dts = x_dbl[..., :dstate], x_dbl[..., dstate:2 * dstate], x_dbl[..., 2 * dstate:2 * dstate + dt_rank]
+    delta = _dt_projection(dts, dt_projs_weight.to(dtype))
     return x_dbl, delta, B.permute(0, 3, 4, 1, 2), C.permute(0, 3, 4, 1, 2)
 
 
@@ -288,14 +315,14 @@ class _ProjectedScan(torch.autograd.Function):
     Why: x_dbl (batch, H, W, 4, R + 2N) and delta (batch, 4, D, H, W) are 16x and 4x the size of x at N = 16
     (R + 2N = 33 values per direction and position against D channels); kept for the backward they were about
     a quarter of DermoMamba's training memory. Recomputing them costs two small matmuls (K = D and K = R).
-    The backward runs the same casts and einsums as the forward (bitwise the same x_dbl and delta, whatever
-    autocast state the backward runs under), then the einsums' gradients written out in the same dtype, as
-    autograd would run them.
+    The backward runs the same casts and products as the forward (bitwise the same x_dbl and delta, whatever
+    autocast state the backward runs under), then their gradients written out in the same dtype, as autograd
+    would run them.
     """
 
     @staticmethod
     def forward(ctx, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, deterministic, chunk_size):
-        # Under autocast the einsums run in the autocast dtype (fp16 / bf16), else in x's.
+        # Under autocast the projections run in the autocast dtype (fp16 / bf16), else in x's.
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         _, delta, B, C = _projections(x, x_proj_weight, dt_projs_weight, dtype)
@@ -316,16 +343,24 @@ class _ProjectedScan(torch.autograd.Function):
             dy.contiguous(), x, delta, A, B, C, Ds.float(), dt_projs_bias.float().reshape(-1), True, chunk_states,
             ctx.chunk_size, ctx.deterministic)
         dt_rank = dt_projs_weight.shape[2]
-        dts = x_dbl[..., :dt_rank]
+        dstate = A_logs.shape[1]
+        dts = x_dbl[..., 2 * dstate:2 * dstate + dt_rank]
         w_dt = dt_projs_weight.to(dtype)
         ddelta = ddelta.to(dtype)
-        # delta = einsum(dts, w_dt): its two gradients.
+        # delta = dts x w_dt summed over r: its two gradients.
         ddts = torch.einsum("bkdhw,kdr->bhwkr", ddelta, w_dt)
         dw_dt = torch.einsum("bkdhw,bhwkr->kdr", ddelta, dts)
-        # x_dbl = einsum(x, w_x): the gradient of x_dbl is (ddts, dB, dC) in its channel-last layout.
-        dx_dbl = torch.cat([ddts, dB.to(dtype).permute(0, 3, 4, 1, 2), dC.to(dtype).permute(0, 3, 4, 1, 2)], dim=-1)
-        dx_proj = torch.einsum("bhwkc,kcd->bdhw", dx_dbl, x_proj_weight.to(dtype))
-        dw_x = torch.einsum("bhwkc,bdhw->kcd", dx_dbl, x.to(dtype))
+        # x_dbl = x against the padded weight: the gradient of x_dbl is (dB, dC, ddts, 0) in its layout.
+        pad = x_dbl.shape[-1] - 2 * dstate - dt_rank
+        parts = [dB.to(dtype).permute(0, 3, 4, 1, 2), dC.to(dtype).permute(0, 3, 4, 1, 2), ddts]
+        if pad:
+            parts.append(ddts.new_zeros(*ddts.shape[:-1], pad))
+        dx_dbl = torch.cat(parts, dim=-1)
+        w_x = _projection_weight(x_proj_weight, dt_rank, dstate, dtype)
+        dx_proj = torch.einsum("bhwkc,kcd->bdhw", dx_dbl, w_x)
+        dw_padded = torch.einsum("bhwkc,bdhw->kcd", dx_dbl, x.to(dtype))
+        # Back to x_proj_weight's row order [dt, B, C].
+        dw_x = torch.cat([dw_padded[:, 2 * dstate:2 * dstate + dt_rank], dw_padded[:, :2 * dstate]], dim=1)
         dx = dx_scan + dx_proj.to(x.dtype)
         # A = -exp(A_logs): dA_logs = dA * A.
         return (dx, dw_x.to(x_proj_weight.dtype), dw_dt.to(dt_projs_weight.dtype),
