@@ -696,6 +696,25 @@ def test_multiaxial_backward_kernel_choice_errors(seed, monkeypatch):
     ops().multiaxial_scan_bwd(*big)
 
 
+@requires_cuda_kernels
+def test_regs_variant_variables_are_checked(seed, monkeypatch):
+    """The regs kernels' benchmark variants (DERMOMAMBA_REGS_FWD_VARIANT / _BWD_VARIANT): an unknown one is an
+    error that names the variable, not a silent default."""
+    m = make_multiaxial(1, 4, 5, 6, 16, torch.float32)
+    args = (m["x"], m["delta"], m["A"], m["B"], m["C"], m["D"], m["delta_bias"], True, 16)
+    monkeypatch.setenv(FWD_KERNEL_VARIABLE, "regs")
+    monkeypatch.setenv("DERMOMAMBA_REGS_FWD_VARIANT", "9")
+    with pytest.raises(RuntimeError, match="DERMOMAMBA_REGS_FWD_VARIANT must be one of"):
+        ops().multiaxial_scan_fwd(*args)
+    monkeypatch.delenv("DERMOMAMBA_REGS_FWD_VARIANT")
+    _, states = ops().multiaxial_scan_fwd(*args)
+    monkeypatch.setenv(BWD_KERNEL_VARIABLE, "regs")
+    monkeypatch.setenv("DERMOMAMBA_REGS_BWD_VARIANT", "s7")
+    dy = torch.randn_like(m["x"])
+    with pytest.raises(RuntimeError, match="DERMOMAMBA_REGS_BWD_VARIANT must name one of"):
+        ops().multiaxial_scan_bwd(dy, *args[:8], states, 16, False)
+
+
 # ---- determinism ----
 
 @requires_cuda_kernels

@@ -1,7 +1,7 @@
 // Backward of the multiaxial selective scan, "regs" form (scan v5 backward): the staged backward's
 // skeleton (scan_staged_bwd_kernels.cuh: same ScanParams, tiles, reverse tickets, mirrored deterministic
-// milestones, chunk_states read, outputs and their modes), but each thread owns kRegsStates (8)
-// consecutive states of one channel in registers instead of one state.
+// milestones, chunk_states read, outputs and their modes), but each thread owns S (8 or 4, the variant's:
+// scan_regs_bwd_layout.h) consecutive states of one channel in registers instead of one state.
 //
 // Why: the staged backward maps one state per lane, so every per-position cost (step / dy / place loads,
 // the softplus slope, index arithmetic, the du / ddelta butterflies over 16 lanes, the dB / dC sum over
@@ -22,19 +22,24 @@
 //   over 2 lanes), stores ~6 (per position: ddelta, dx, 2 of the 32 dB / dC sums per lane): ~42 against
 //   the staged form's ~120, ~0.5 ms issue-bound at 2 warps per scheduler; 3 exp2 per element are ~0.3 ms
 //   of the MUFU pipe.
-//   Registers 191-231 (no spills), 128 threads, 104 KB of shared memory per block at chunk_size 32 (two
-//   blocks, 8 warps per SM): shared memory, not registers, bounds residency (scan_regs_bwd_layout.h).
+//   Variant s8: 221-254 registers (no spills), 128 threads, 104 KB of shared memory per block at
+//   chunk_size 32 (two blocks, 8 warps per SM); too few warps to hide the latency of the shared loads,
+//   exp2s and shuffles. S = 4 (variants s4b3, s4): 52 KB, <= 168 registers (3 blocks, 12 warps per SM)
+//   or <= 128 (4 blocks, 16 warps), at ~35-45 % more SASS instructions per element in walk B (fp32,
+//   N 16, D 8, a full 4-position block: s8 1406 / 32 = 44, s4b3 943 / 16 = 59, s4 1007 / 16 = 63);
+//   scan_regs_bwd_layout.h has the variants.
 //
 // Math: as the staged backward (its header comment). Per position t and state n, with a = exp(delta A_n),
 // dp = a h_{t-1}, g = C_t[n] dy_t + o, w = g dp:
 //   dA_n += delta w,  S1 += g B_t[n],  S2 += A_n w,  o <- a g,  dB term g delta u,  dC term dy h_t;
-//   du_t = delta S1 + D dy, ddelta_t = softplus' (u S1 + S2) (S1, S2 summed over all states).
+//   du_t = delta S1 + D dy, ddelta_t = softplus' (u S1 + S2) (S1, S2 summed over all states; the code
+//   sums A_n log2(e) w, the exponent it already holds, and scales the sum by ln 2 once).
 //
 // Work of one block (layout: regs_bwd_layout in scan_regs_bwd_layout.h):
 //   1. stage the tile: the forward's stage_tile (rows of Lc x 8 B / C floats) and the staged backward's
 //      stage_dy;
 //   2. walk F, each thread over its sub-chunk (whole chunks) left to right: h restarted from
-//      chunk_states at every chunk, a checkpoint of h every kRegsBlock positions (shared memory: the
+//      chunk_states at every chunk, a checkpoint of h every K positions (shared memory: the
 //      walk B rebuild needs h at arbitrary block starts, and a register array cannot be indexed by a
 //      run-time block), and the sub-chunk's adjoint map (running decay, agg += decay C dy);
 //   3. the tile's map, the reverse look-back and the sub-chunks' entering carries: the staged backward's
@@ -43,7 +48,7 @@
 //      warp runs the same shuffles; a sub-chunk with fewer positions runs masked blocks of zeros): h_{t-1}
 //      of the block rebuilt in registers from its checkpoint, then per position right to left the
 //      adjoint, the dB / dC terms reduced over the sub-chunk's channel slots (transposed xor butterfly:
-//      each slot lane ends with 2 x 8 / slots of the (dB, dC) x state sums and stores them), S1 / S2
+//      each slot lane ends with 2 S / slots of the (dB, dC) x state sums and stores them), S1 / S2
 //      summed over the Lc lanes of the channel (xor butterfly), dx / ddelta stored by the channel's
 //      first lane; per-chunk dA, dD, ddelta_bias partials at every chunk's first block.
 // Outputs and their modes as the staged backward: dx by fp32 atomics or one plane per direction; dB / dC
@@ -76,10 +81,11 @@ __device__ __forceinline__ void store_grad_one(const ScanParams& p, void* dst, i
   }
 }
 
-// kRegsStates floats from a 16-byte aligned shared-memory row.
-__device__ __forceinline__ void load_row(const float* row, float (&v)[kRegsStates]) {
+// kS floats from a 16-byte aligned shared-memory row.
+template <int kS>
+__device__ __forceinline__ void load_row(const float* row, float (&v)[kS]) {
 #pragma unroll
-  for (int q = 0; q < kRegsQuads; ++q) {
+  for (int q = 0; q < kS / 4; ++q) {
     const float4 f = reinterpret_cast<const float4*>(row)[q];
     v[4 * q] = f.x;
     v[4 * q + 1] = f.y;
@@ -123,114 +129,162 @@ struct RegsRole {
   float Dv;
 };
 
-// Walk F over one block of positions (tile-local j0 .. j0 + length): h forward, the adjoint map's
-// running decay product and aggregate.
-template <bool kMasked>
+// Walk F over one block of positions (tile-local j0 .. j0 + length): the checkpoint (h entering the
+// block), then h forward, the adjoint map's running decay product and aggregate. Every shared-memory
+// load of the block is issued before the checkpoint store: the compiler cannot tell the checkpoint
+// from the step / B / C rows (one shared buffer), so a load after the store would wait for it.
+template <int kS, int kK, bool kMasked>
 __device__ __forceinline__ void forward_block(const float2* step, const float* dy, const float* B, const float* C,
-                                              int row, int length, const float (&A2)[kRegsStates],
-                                              float (&h)[kRegsStates], float (&decay)[kRegsStates],
-                                              float (&agg)[kRegsStates]) {
+                                              int row, int length, float4* checkpoint, int checkpoint_stride,
+                                              const float (&A2)[kS], float (&h)[kS], float (&decay)[kS],
+                                              float (&agg)[kS]) {
+  float2 s[kK];
+  float dyv[kK], Bv[kK][kS], Cv[kK][kS];
 #pragma unroll
-  for (int j = 0; j < kRegsBlock; ++j) {
+  for (int j = 0; j < kK; ++j) {
     if (!kMasked || j < length) {
-      const float2 s = step[j];
-      const float dyv = dy[j];
-      const float du = s.x * s.y;
-      float Bv[kRegsStates], Cv[kRegsStates];
-      load_row(B + j * row, Bv);
-      load_row(C + j * row, Cv);
+      s[j] = step[j];
+      dyv[j] = dy[j];
+      load_row<kS>(B + j * row, Bv[j]);
+      load_row<kS>(C + j * row, Cv[j]);
+    }
+  }
 #pragma unroll
-      for (int q = 0; q < kRegsStates; ++q) {
-        const float a = exp2f(s.x * A2[q]);
-        h[q] = a * h[q] + du * Bv[q];
+  for (int q = 0; q < kS / 4; ++q)
+    checkpoint[q * checkpoint_stride] = make_float4(h[4 * q], h[4 * q + 1], h[4 * q + 2], h[4 * q + 3]);
+#pragma unroll
+  for (int j = 0; j < kK; ++j) {
+    if (!kMasked || j < length) {
+      const float du = s[j].x * s[j].y;
+#pragma unroll
+      for (int q = 0; q < kS; ++q) {
+        const float a = exp2f(s[j].x * A2[q]);
+        h[q] = a * h[q] + du * Bv[j][q];
         decay[q] *= a;
-        agg[q] += decay[q] * (Cv[q] * dyv);
+        agg[q] += decay[q] * (Cv[j][q] * dyv[j]);
       }
     }
   }
 }
 
-// Walk B over one block, right to left, from h entering it (the checkpoint): the carry o in and out,
-// dA, and every position's dx, ddelta, dB, dC stored. kMasked: positions >= length (a chunk's last
-// block, or a sub-chunk with nothing here) add zeros; the shuffles run for every position regardless.
-template <typename bc_t, int kLc, int kSlots, bool kMasked>
-__device__ __forceinline__ void backward_block(const ScanParams& p, const RegsRole& r, const float2* step,
-                                               const float* dy, const float* B, const float* C, const int2* place,
-                                               int row, int length, const float (&A2)[kRegsStates],
-                                               float (&h)[kRegsStates], float (&o)[kRegsStates],
-                                               float (&dA)[kRegsStates], float& dD, float& dbias) {
-  constexpr int kValues = 2 * kRegsStates;          // dB then dC terms of the thread's states
-  constexpr int kOwned = kValues / kSlots;          // sums a slot lane stores per position
-  static_assert(kOwned >= 1, "at most 2 x kRegsStates slots");
-  float h_prev[kRegsBlock][kRegsStates];
+// Walk B over positions kLo .. kHi - 1 of a block, right to left: h_{t-1} of those positions rebuilt
+// from the block's checkpoint (through positions 0 .. kHi - 1), then the adjoint: the carry o in and
+// out, dA, and every position's dx, ddelta, dB, dC stored. kMasked: positions >= length (a chunk's
+// last block, or a sub-chunk with nothing here) add zeros; the shuffles run for every position
+// regardless. kPrefetch: a position's shared-memory loads (step, dy, B, C, place) are issued before the
+// previous position's global stores: those go through generic pointers the compiler must assume may
+// hit shared memory, so a load written after them could not be hoisted above them (a software pipeline
+// of one position, 2 S + 5 registers; all of a block's rows up front would cost 2 K S and spill).
+template <typename bc_t, int kS, int kLo, int kHi, int kLc, int kSlots, bool kPrefetch, bool kMasked>
+__device__ __forceinline__ void backward_part(const ScanParams& p, const RegsRole& r, const float2* step,
+                                              const float* dy, const float* B, const float* C, const int2* place,
+                                              int row, int length, const float4* checkpoint, int checkpoint_stride,
+                                              const float (&A2)[kS], float (&o)[kS], float (&dA)[kS], float& dD,
+                                              float& dbias) {
+  constexpr int kValues = 2 * kS;          // dB then dC terms of the thread's states
+  constexpr int kOwned = kValues / kSlots;  // sums a slot lane stores per position
+  static_assert(kOwned >= 1, "at most 2 x kS slots");
+  float h[kS];
+  if (!kMasked || kLo < length) {
 #pragma unroll
-  for (int j = 0; j < kRegsBlock; ++j) {
+    for (int q = 0; q < kS / 4; ++q) {
+      const float4 f = checkpoint[q * checkpoint_stride];
+      h[4 * q] = f.x;
+      h[4 * q + 1] = f.y;
+      h[4 * q + 2] = f.z;
+      h[4 * q + 3] = f.w;
+    }
+  }
+  float h_prev[kHi - kLo][kS];
+#pragma unroll
+  for (int j = 0; j < kHi; ++j) {
     if (!kMasked || j < length) {
       const float2 s = step[j];
       const float du = s.x * s.y;
-      float Bv[kRegsStates];
-      load_row(B + j * row, Bv);
+      float Bv[kS];
+      load_row<kS>(B + j * row, Bv);
 #pragma unroll
-      for (int q = 0; q < kRegsStates; ++q) {
-        h_prev[j][q] = h[q];
+      for (int q = 0; q < kS; ++q) {
+        if (j >= kLo) h_prev[j >= kLo ? j - kLo : 0][q] = h[q];
         h[q] = exp2f(s.x * A2[q]) * h[q] + du * Bv[q];
       }
     }
   }
+  // The pipeline's registers: position j's inputs, loaded while position j + 1 is finished.
+  float2 s = make_float2(0.f, 0.f);
+  float dyv = 0.f;
+  int2 hw = make_int2(0, 0);
+  float Bv[kS], Cv[kS];
+  if (kPrefetch && (!kMasked || kHi - 1 < length)) {
+    s = step[kHi - 1];
+    dyv = dy[kHi - 1];
+    hw = place[kHi - 1];
+    load_row<kS>(B + (kHi - 1) * row, Bv);
+    load_row<kS>(C + (kHi - 1) * row, Cv);
+  }
 #pragma unroll
-  for (int j = kRegsBlock - 1; j >= 0; --j) {
+  for (int j = kHi - 1; j >= kLo; --j) {
     const bool valid = !kMasked || j < length;
     float v[kValues];
     float S1 = 0.f, S2 = 0.f;
-    float2 s = make_float2(0.f, 0.f);
-    float dyv = 0.f;
-    if (valid) {
+    if (!kPrefetch && valid) {
       s = step[j];
       dyv = dy[j];
-      const float du = s.x * s.y;
-      float Bv[kRegsStates], Cv[kRegsStates];
-      load_row(B + j * row, Bv);
-      load_row(C + j * row, Cv);
+      hw = place[j];
+      load_row<kS>(B + j * row, Bv);
+      load_row<kS>(C + j * row, Cv);
+    }
+    const float2 sj = s;
+    const float dyj = dyv;
+    const int2 hwj = hw;
+    if (valid) {
+      const float du = sj.x * sj.y;
 #pragma unroll
-      for (int q = 0; q < kRegsStates; ++q) {
-        const float a = exp2f(s.x * A2[q]);
-        const float dp = a * h_prev[j][q];
-        const float g = Cv[q] * dyv + o[q];
+      for (int q = 0; q < kS; ++q) {
+        const float a = exp2f(sj.x * A2[q]);
+        const float dp = a * h_prev[j - kLo][q];
+        const float g = Cv[q] * dyj + o[q];
         const float w = g * dp;
-        dA[q] += s.x * w;
+        dA[q] += sj.x * w;
         S2 += A2[q] * w;
         S1 += g * Bv[q];
         v[q] = g * du;
-        v[kRegsStates + q] = dyv * (dp + du * Bv[q]);
+        v[kS + q] = dyj * (dp + du * Bv[q]);
         o[q] = a * g;
       }
     } else {
 #pragma unroll
       for (int i = 0; i < kValues; ++i) v[i] = 0.f;
     }
+    if (kPrefetch && j > kLo && (!kMasked || j - 1 < length)) {
+      s = step[j - 1];
+      dyv = dy[j - 1];
+      hw = place[j - 1];
+      load_row<kS>(B + (j - 1) * row, Bv);
+      load_row<kS>(C + (j - 1) * row, Cv);
+    }
     slot_sum_rounds<kLc, kSlots / 2, kValues, kValues>(v, r.slot);
     S1 = channel_sum<kLc>(S1);
     S2 = channel_sum<kLc>(S2);
     if (valid) {
-      const int2 hw = place[j];
-      const int native = hw.x * p.width + hw.y;
-      // The lane of slot s owns the sums s kOwned .. of (dB of states state0 .. state0 + 7, then dC).
+      const int native = hwj.x * p.width + hwj.y;
+      // The lane of slot s owns the sums s kOwned .. of (dB of states state0 .. state0 + kS - 1, then dC).
 #pragma unroll
       for (int i = 0; i < kOwned; ++i) {
         const int value = r.slot * kOwned + i;
-        const bool is_C = value >= kRegsStates;
-        const int n = r.state0 + (is_C ? value - kRegsStates : value);
+        const bool is_C = value >= kS;
+        const int n = r.state0 + (is_C ? value - kS : value);
         if (n < p.dstate)
           store_grad_one<bc_t>(p, is_C ? p.dC : p.dB, (r.bc_plane + n) * p.length + native, v[i]);
       }
       if (r.first && r.seq_ok) {
         // softplus'(raw) = sigmoid(raw) = 1 - exp(-softplus(raw)); 1 in float above the threshold.
-        const float slope = p.delta_softplus ? -expm1f(-s.x) : 1.f;
-        const float ddelta_raw = (s.y * S1 + kLn2 * S2) * slope;
-        dD += dyv * s.y;
+        const float slope = p.delta_softplus ? -expm1f(-sj.x) : 1.f;
+        const float ddelta_raw = (sj.y * S1 + kLn2 * S2) * slope;
+        dD += dyj * sj.y;
         dbias += ddelta_raw;
         store_kind(p.ddelta, r.seq_index * p.length + native, p.delta_kind, ddelta_raw);
-        const float dx = s.x * S1 + r.Dv * dyv;
+        const float dx = sj.x * S1 + r.Dv * dyj;
         if (p.dx_per_direction != nullptr) {
           p.dx_per_direction[r.dx_base + native] = dx;
         } else {
@@ -241,13 +295,40 @@ __device__ __forceinline__ void backward_block(const ScanParams& p, const RegsRo
   }
 }
 
-template <typename bc_t, int kLc, int kSlots>
-__global__ void __launch_bounds__(kRegsMaxThreads, kRegsMinBlocksPerSM) scan_regs_bwd(ScanParams p) {
+// Walk B over one block of kK positions in kParts parts, right part first. Each part rebuilds its h_{t-1}
+// from the checkpoint (through the positions before it again): kParts parts keep kK S / kParts h_prev
+// registers for (kParts + 1) / 2 times the rebuild work (ptxas recomputes the earlier positions' exp2s
+// rather than keeping them: the SASS MUFU count is the parts' sum).
+template <typename bc_t, int kS, int kK, int kParts, int kLc, int kSlots, bool kPrefetch, bool kMasked, int kPart = kParts - 1>
+__device__ __forceinline__ void backward_block(const ScanParams& p, const RegsRole& r, const float2* step,
+                                               const float* dy, const float* B, const float* C, const int2* place,
+                                               int row, int length, const float4* checkpoint, int checkpoint_stride,
+                                               const float (&A2)[kS], float (&o)[kS], float (&dA)[kS], float& dD,
+                                               float& dbias) {
+  static_assert(kK % kParts == 0, "whole parts");
+  constexpr int kLen = kK / kParts;
+  backward_part<bc_t, kS, kPart * kLen, (kPart + 1) * kLen, kLc, kSlots, kPrefetch, kMasked>(
+      p, r, step, dy, B, C, place, row, length, checkpoint, checkpoint_stride, A2, o, dA, dD, dbias);
+  if constexpr (kPart > 0) {
+    backward_block<bc_t, kS, kK, kParts, kLc, kSlots, kPrefetch, kMasked, kPart - 1>(
+        p, r, step, dy, B, C, place, row, length, checkpoint, checkpoint_stride, A2, o, dA, dD, dbias);
+  }
+}
+
+template <typename bc_t, int kVariant, int kLc, int kSlots>
+__global__ void __launch_bounds__(kRegsMaxThreads, regs_bwd_variant_config(kVariant).blocks_per_sm)
+    scan_regs_bwd(ScanParams p) {
   using staged::kMilestoneSpan;
+  constexpr int kRegsStates = regs_bwd_variant_config(kVariant).states;
+  constexpr int kRegsQuads = kRegsStates / 4;
+  constexpr int kRegsBlock = regs_bwd_variant_config(kVariant).block;
+  constexpr bool kPrefetch = regs_bwd_variant_config(kVariant).prefetch;
+  constexpr int kParts = regs_bwd_variant_config(kVariant).parts;
   constexpr int kLanesPerSub = kSlots * kLc;
   constexpr int kRow = kLc * kRegsStates;  // floats per position of staged B / C
   static_assert(kLanesPerSub <= kWarpSize, "a sub-chunk sits in one warp");
-  const staged::StagedLayout l = regs_bwd_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
+  static_assert(kRegsStates % 4 == 0, "float4 rows");
+  const staged::StagedLayout l = regs_bwd_layout_for(kVariant, p.dim, p.dstate, p.chunk_size, p.num_chunks);
   const staged::BwdTileShared sh = staged::bwd_tile_shared(l);
   __shared__ int ticket;
   if (threadIdx.x == 0) ticket = atomicAdd(p.tile_ticket, 1);
@@ -285,7 +366,7 @@ __global__ void __launch_bounds__(kRegsMaxThreads, kRegsMinBlocksPerSM) scan_reg
   const int chunks_per_sub = l.chunks_per_sub;
   const int c_begin = w.first_chunk + sub * chunks_per_sub;
   const int c_end = sub_ok ? min(c_begin + chunks_per_sub, p.num_chunks) : c_begin;
-  const int blocks_per_chunk = regs_blocks_per_chunk(p.chunk_size);
+  const int blocks_per_chunk = regs_blocks_per_chunk(p.chunk_size, kRegsBlock);
   const float2* step = sh.fwd.step + r.slot * P;
   const float* dy = sh.dy + r.slot * P;
   const float* Brow = sh.fwd.B + r.state0;
@@ -311,17 +392,14 @@ __global__ void __launch_bounds__(kRegsMaxThreads, kRegsMinBlocksPerSM) scan_reg
       const int base = chunk_t - w.t0;
       int block = (c - c_begin) * blocks_per_chunk;
       for (int j0 = 0; j0 < length; j0 += kRegsBlock, ++block) {
-#pragma unroll
-        for (int q = 0; q < kRegsQuads; ++q)
-          checkpoint[(block * kRegsQuads + q) * kLanesPerSub] =
-              make_float4(h[4 * q], h[4 * q + 1], h[4 * q + 2], h[4 * q + 3]);
+        float4* block_checkpoint = checkpoint + block * kRegsQuads * kLanesPerSub;
         const int t = base + j0;
         if (length - j0 >= kRegsBlock) {
-          forward_block<false>(step + t, dy + t, Brow + t * kRow, Crow + t * kRow, kRow, kRegsBlock, A2, h, decay,
-                               agg);
+          forward_block<kRegsStates, kRegsBlock, false>(step + t, dy + t, Brow + t * kRow, Crow + t * kRow, kRow,
+                                                        kRegsBlock, block_checkpoint, kLanesPerSub, A2, h, decay, agg);
         } else {
-          forward_block<true>(step + t, dy + t, Brow + t * kRow, Crow + t * kRow, kRow, length - j0, A2, h, decay,
-                              agg);
+          forward_block<kRegsStates, kRegsBlock, true>(step + t, dy + t, Brow + t * kRow, Crow + t * kRow, kRow,
+                                                       length - j0, block_checkpoint, kLanesPerSub, A2, h, decay, agg);
         }
       }
     }
@@ -446,27 +524,19 @@ __global__ void __launch_bounds__(kRegsMaxThreads, kRegsMinBlocksPerSM) scan_reg
     for (int bb = blocks_per_chunk - 1; bb >= 0; --bb) {
       const int j0 = bb * kRegsBlock;
       const int block = ci * blocks_per_chunk + bb;
-      float h[kRegsStates];
-      if (j0 < length) {
-#pragma unroll
-        for (int q = 0; q < kRegsQuads; ++q) {
-          const float4 f = checkpoint[(block * kRegsQuads + q) * kLanesPerSub];
-          h[4 * q] = f.x;
-          h[4 * q + 1] = f.y;
-          h[4 * q + 2] = f.z;
-          h[4 * q + 3] = f.w;
-        }
-      }
+      const float4* block_checkpoint = checkpoint + block * kRegsQuads * kLanesPerSub;
       const int t = base + j0;
       if (last_length - j0 >= kRegsBlock) {
-        backward_block<bc_t, kLc, kSlots, false>(p, r, step + t, dy + t, Brow + t * kRow, Crow + t * kRow,
-                                                 sh.fwd.place + t, kRow, kRegsBlock, A2, h, o, dA, dD, dbias);
+        backward_block<bc_t, kRegsStates, kRegsBlock, kParts, kLc, kSlots, kPrefetch, false>(
+            p, r, step + t, dy + t, Brow + t * kRow, Crow + t * kRow, sh.fwd.place + t, kRow, kRegsBlock,
+            block_checkpoint, kLanesPerSub, A2, o, dA, dD, dbias);
       } else {
         const int valid = j0 < length ? min(kRegsBlock, length - j0) : 0;
         // Masked sub-chunks read nothing: their pointers stay at the tile's start.
         const int at = valid > 0 ? t : 0;
-        backward_block<bc_t, kLc, kSlots, true>(p, r, step + at, dy + at, Brow + at * kRow, Crow + at * kRow,
-                                                sh.fwd.place + at, kRow, valid, A2, h, o, dA, dD, dbias);
+        backward_block<bc_t, kRegsStates, kRegsBlock, kParts, kLc, kSlots, kPrefetch, true>(
+            p, r, step + at, dy + at, Brow + at * kRow, Crow + at * kRow, sh.fwd.place + at, kRow, valid,
+            block_checkpoint, kLanesPerSub, A2, o, dA, dD, dbias);
       }
     }
     // The chunk's first block closes it: its dA, dD and ddelta_bias partials.
@@ -486,28 +556,47 @@ __global__ void __launch_bounds__(kRegsMaxThreads, kRegsMinBlocksPerSM) scan_reg
   }
 }
 
-template <typename bc_t, int kLc>
+template <typename bc_t, int kVariant, int kLc>
 RegsKernel regs_bwd_kernel_for_slots(int slots) {
   switch (slots) {
-    case 4: return scan_regs_bwd<bc_t, kLc, 4>;
-    case 8: return scan_regs_bwd<bc_t, kLc, 8>;
+    case 4: return scan_regs_bwd<bc_t, kVariant, kLc, 4>;
+    case 8:
+      if constexpr (kLc * 8 <= kWarpSize) return scan_regs_bwd<bc_t, kVariant, kLc, 8>;
+      return nullptr;
     default:
-      if constexpr (kLc * kRegsMaxSlots <= kWarpSize) {
-        if (slots == 16) return scan_regs_bwd<bc_t, kLc, 16>;
+      if constexpr (kLc * 16 <= kWarpSize && regs_bwd_max_slots(regs_bwd_variant_config(kVariant).states) >= 16) {
+        if (slots == 16) return scan_regs_bwd<bc_t, kVariant, kLc, 16>;
       }
       return nullptr;
   }
 }
 
-// The kernel instantiation that runs layout l (the launcher and the host emulator both use it); null
-// for a layout it has none for.
+template <typename bc_t, int kVariant>
+RegsKernel regs_bwd_kernel_for_variant(const staged::StagedLayout& l) {
+  constexpr int kStates = regs_bwd_variant_config(kVariant).states;
+  switch (l.group) {
+    case 1: return regs_bwd_kernel_for_slots<bc_t, kVariant, 1>(l.slots);
+    case 2: return regs_bwd_kernel_for_slots<bc_t, kVariant, 2>(l.slots);
+    case 4: return regs_bwd_kernel_for_slots<bc_t, kVariant, 4>(l.slots);
+    case 8:
+      // 8 lanes of kStates cover N <= 32 only when kStates == 4.
+      if constexpr (kStates < 8)
+        return regs_bwd_kernel_for_slots<bc_t, kVariant, 8>(l.slots);
+      return nullptr;
+    default: return nullptr;
+  }
+}
+
+// The kernel instantiation that runs layout l (its variant in l.reduce_row; the launcher and the host
+// emulator both use it); null for a layout it has none for.
 template <typename bc_t>
 RegsKernel regs_bwd_kernel(const staged::StagedLayout& l) {
   if (!l.ok) return nullptr;
-  switch (l.group) {
-    case 1: return regs_bwd_kernel_for_slots<bc_t, 1>(l.slots);
-    case 2: return regs_bwd_kernel_for_slots<bc_t, 2>(l.slots);
-    case 4: return regs_bwd_kernel_for_slots<bc_t, 4>(l.slots);
+  static_assert(kBwdVariantCount == 3, "one case per variant");
+  switch (l.reduce_row) {
+    case 0: return regs_bwd_kernel_for_variant<bc_t, 0>(l);
+    case 1: return regs_bwd_kernel_for_variant<bc_t, 1>(l);
+    case 2: return regs_bwd_kernel_for_variant<bc_t, 2>(l);
     default: return nullptr;
   }
 }
@@ -521,6 +610,7 @@ RegsKernel regs_bwd_kernel(const staged::StagedLayout& l) {
 template <typename bc_t>
 int scan_backward_multiaxial_regs(const ScanParams& p, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
+  // The variant is read from DERMOMAMBA_REGS_BWD_VARIANT here as in the host glue's layout (same call).
   const staged::StagedLayout l = regs::regs_bwd_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
   if (!l.ok || p.num_splits != l.num_tiles || p.chunks_per_split != l.chunks_per_tile ||
       p.tile_ticket == nullptr || p.tile_flags == nullptr ||

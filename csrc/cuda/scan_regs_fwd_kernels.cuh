@@ -4,8 +4,8 @@
 // cost (the (delta, x) load, index math, the transposed butterfly that sums y over states, the y
 // atomics) is paid by 16 lanes: Nsight Compute at DermoMamba's largest shape (batch 16, D 8,
 // 192 x 256, N 16, fp32, H200) counted ~51 thread-instructions per (position, state) element.
-// Here a thread keeps kFwdStates = 8 consecutive states of one channel in registers and pays those
-// costs once per 8 states.
+// Here a thread keeps 8 or 4 consecutive states of one channel in registers (the variant,
+// scan_regs_fwd_layout.h) and pays those costs once per 8 or 4 states.
 //
 // Floor (per (position, state) element, N = 16, fp32):
 //   * instructions: walk 1 = FMUL (delta A2), MUFU.EX2, FMUL (delta x B), FFMA (a h + ...) = 4;
@@ -22,7 +22,13 @@
 //     position for N = 16), delta and x once (8 B per channel and position), y by fp32 atomics
 //     (coalesced along rows in directions 0 / 2), chunk_states once (64 B per channel and chunk):
 //     ~0.6 GB at 192 x 256, ~0.13 ms of H200 bandwidth; so the walks, not memory, bound the kernel.
-// Registers: 126 per thread (every instantiation, no spills) under __launch_bounds__(256, 2).
+// Variants (DERMOMAMBA_REGS_FWD_VARIANT, scan_regs_fwd_layout.h), ptxas -v (nvcc 13.0, sm_90), no spills:
+//   0: 8 states, 2 blocks / SM: 126-128 registers, ~108 KB shared (D 8, N 16), 16 warps / SM;
+//      SASS per position: walk 1 44.5 instructions (5.6 per state), walk 2 ~60 (7.5 per state);
+//   1: 8 states, 3 blocks / SM: 79-80 registers, ~70 KB, 24 warps; walk 1 47 (5.9), walk 2 ~65 (8.1);
+//   2: 4 states, 4 blocks / SM: 64 registers, ~49 KB, 32 warps; walk 1 37 (9.3), walk 2 51 (12.8).
+// Nsight Compute found variant 0 latency-bound (0.58 eligible warps per scheduler, issue 36 % busy):
+// variants 1 and 2 trade instructions per state for warps to hide the latency.
 //
 // Work of one block (plan: scan_regs_fwd_layout.h): one tile of one (batch, direction) for a group of
 // channels; threads = sub-chunks x channel slots x state groups (`lanes` threads per channel).
@@ -57,10 +63,17 @@ using RegsKernel = void (*)(ScanParams);
 // Elements each thread loads per staging round before storing any (two loads each: 16 in flight).
 constexpr int kFwdStageLoads = 8;
 // B / C quads per thread and round (x 2 arrays: 8 vector loads, 32 registers in flight; 8 quads
-// spill at the 128-register cap).
+// spill at the 128-register cap). Variants capped at 64 registers keep half as many in flight (their
+// 4 resident blocks keep the SM's loads in flight instead).
 constexpr int kFwdQuadLoads = 4;
 // Positions per thread and round when staging (delta, x): 2 x 8 slots x 2 loads = 32 in flight.
 constexpr int kFwdStepPositions = 2;
+// Register caps at which a variant keeps the staging loads above in flight (below: a quarter of the
+// (delta, x) loads, half the quads, half the look-back hops) and unrolls its walks twice. Measured
+// with ptxas -v (nvcc 13.0, sm_90): the 80-register variant spills with the wide staging, the
+// 64-register one with an unrolled walk or more staging loads in flight.
+constexpr int kFwdWideStagingRegisters = 96;
+constexpr int kFwdUnrolledWalkRegisters = 80;
 constexpr unsigned kFwdFullMask = 0xffffffffu;
 // Never a position index: the chunk-start countdown of a thread with no (more) chunk starts.
 constexpr int kFwdNoChunkStart = INT_MAX;
@@ -161,17 +174,17 @@ __device__ __forceinline__ RegsFwdTile regs_fwd_tile(const ScanParams& p, const 
 // (delta after bias / softplus, x) of every (slot, padded position): positions across threads
 // (consecutive along a contiguous row), slots in registers. kFloatInputs: x and delta are fp32 (no
 // per-load dtype test).
-template <bool kFloatInputs>
+template <bool kFloatInputs, int kStepPositions, int kSlotLoads>
 __device__ __forceinline__ void stage_steps(const ScanParams& p, const RegsFwdPlan& q, const RegsFwdTile& w,
                                             const RegsFwdShared& sh) {
   const int Pp = q.padded_positions;
   // Mixed dtypes (rarer) walk one position per round: load_kind's dtype tests need the registers.
-  constexpr int kPositions = kFloatInputs ? kFwdStepPositions : 1;
+  constexpr int kPositions = kFloatInputs ? kStepPositions : 1;
   const int64_t u_base = w.batch * p.u_batch_stride + w.channel0 * p.u_dim_stride;
   const int64_t delta_base =
       w.batch * p.delta_batch_stride + w.direction * p.delta_dir_stride + w.channel0 * p.delta_dim_stride;
   const float* bias_row = p.delta_bias ? p.delta_bias + w.direction * p.dim + w.channel0 : nullptr;
-  // kPositions positions x kFwdStageLoads slots per round: all their loads are in flight at once.
+  // kPositions positions x kSlotLoads slots per round: all their loads are in flight at once.
   for (int i0 = threadIdx.x; i0 < Pp; i0 += kPositions * blockDim.x) {
     int2 hw[kPositions];
 #pragma unroll
@@ -179,10 +192,10 @@ __device__ __forceinline__ void stage_steps(const ScanParams& p, const RegsFwdPl
       const int i = i0 + r * blockDim.x;
       hw[r] = i < Pp ? sh.place[i] : make_int2(-1, -1);
     }
-    for (int slot0 = 0; slot0 < q.l.slots; slot0 += kFwdStageLoads) {
-      float u[kPositions][kFwdStageLoads], raw[kPositions][kFwdStageLoads], bias[kFwdStageLoads];
+    for (int slot0 = 0; slot0 < q.l.slots; slot0 += kSlotLoads) {
+      float u[kPositions][kSlotLoads], raw[kPositions][kSlotLoads], bias[kSlotLoads];
 #pragma unroll
-      for (int k = 0; k < kFwdStageLoads; ++k) {
+      for (int k = 0; k < kSlotLoads; ++k) {
         const int slot = slot0 + k;
         bias[k] = bias_row && slot < w.block_channels ? bias_row[slot] : 0.f;
       }
@@ -193,7 +206,7 @@ __device__ __forceinline__ void stage_steps(const ScanParams& p, const RegsFwdPl
         int64_t delta_at =
             delta_base + slot0 * p.delta_dim_stride + hw[r].x * p.delta_h_stride + hw[r].y * p.delta_w_stride;
 #pragma unroll
-        for (int k = 0; k < kFwdStageLoads; ++k) {
+        for (int k = 0; k < kSlotLoads; ++k) {
           const int slot = slot0 + k;
           u[r][k] = raw[r][k] = 0.f;
           if (hw[r].x >= 0 && slot < w.block_channels) {
@@ -213,7 +226,7 @@ __device__ __forceinline__ void stage_steps(const ScanParams& p, const RegsFwdPl
       for (int r = 0; r < kPositions; ++r) {
         const int i = i0 + r * blockDim.x;
 #pragma unroll
-        for (int k = 0; k < kFwdStageLoads; ++k) {
+        for (int k = 0; k < kSlotLoads; ++k) {
           const int slot = slot0 + k;
           if (i < Pp && slot < q.l.slots) {
             float dt = 0.f;
@@ -231,7 +244,7 @@ __device__ __forceinline__ void stage_steps(const ScanParams& p, const RegsFwdPl
 
 // Step 1: places, (delta, x) per channel, B and C per state, for every padded position; zeros where
 // there is no position (padding, past the tile or L) or no state (>= N), so those steps are identities.
-template <typename bc_t, int kGroup>
+template <typename bc_t, int kGroup, int kQuadLoads, int kStepPositions, int kStepSlots>
 __device__ __forceinline__ void stage_regs_fwd_tile(const ScanParams& p, const RegsFwdPlan& q, const RegsFwdTile& w,
                                                 const RegsFwdShared& sh) {
   const int Pp = q.padded_positions;
@@ -246,9 +259,9 @@ __device__ __forceinline__ void stage_regs_fwd_tile(const ScanParams& p, const R
   }
   __syncthreads();
   if (p.u_kind == kFloat32 && p.delta_kind == kFloat32) {
-    stage_steps<true>(p, q, w, sh);
+    stage_steps<true, kStepPositions, kStepSlots>(p, q, w, sh);
   } else {
-    stage_steps<false>(p, q, w, sh);
+    stage_steps<false, kStepPositions, kStepSlots>(p, q, w, sh);
   }
   // B and C.
   const bc_t* B = static_cast<const bc_t*>(p.B) + w.batch * p.B_batch_stride + w.direction * p.B_group_stride;
@@ -265,11 +278,11 @@ __device__ __forceinline__ void stage_regs_fwd_tile(const ScanParams& p, const R
     // DermoMamba tile (496 positions x 16 states, B and C) in two rounds of 8 vector loads per thread.
     constexpr int kQuadsPerRow = kGroup / 4;
     const int elements = Pp * kQuadsPerRow;
-    for (int first = threadIdx.x; first < elements; first += kFwdQuadLoads * blockDim.x) {
-      BcQuad<bc_t> Bq[kFwdQuadLoads], Cq[kFwdQuadLoads];
-      bool real[kFwdQuadLoads];
+    for (int first = threadIdx.x; first < elements; first += kQuadLoads * blockDim.x) {
+      BcQuad<bc_t> Bq[kQuadLoads], Cq[kQuadLoads];
+      bool real[kQuadLoads];
 #pragma unroll
-      for (int k = 0; k < kFwdQuadLoads; ++k) {
+      for (int k = 0; k < kQuadLoads; ++k) {
         const int e = first + k * blockDim.x;
         const int i = e / kQuadsPerRow;
         const int n = (e - i * kQuadsPerRow) * 4;
@@ -284,7 +297,7 @@ __device__ __forceinline__ void stage_regs_fwd_tile(const ScanParams& p, const R
         }
       }
 #pragma unroll
-      for (int k = 0; k < kFwdQuadLoads; ++k) {
+      for (int k = 0; k < kQuadLoads; ++k) {
         const int e = first + k * blockDim.x;
         if (e < elements) {
           float4 b = make_float4(0.f, 0.f, 0.f, 0.f), c = b;
@@ -328,30 +341,32 @@ __device__ __forceinline__ void stage_regs_fwd_tile(const ScanParams& p, const R
       }
     }
   } else {
-    // Positions fastest: positions across threads, kFwdStageLoads states of one position per round.
+    // Positions fastest: positions across threads, kStatesPerRound states of one position per round
+    // (never more than the row: a 4-state group's rounds must not spill into the next position's row).
+    constexpr int kStatesPerRound = kGroup < kFwdStageLoads ? kGroup : kFwdStageLoads;
     for (int i = threadIdx.x; i < Pp; i += blockDim.x) {
       const int2 hw = sh.place[i];
       // Not unrolled: hoisting every round's loads (kGroup 32: 64 in flight) exceeds 128 registers.
 #pragma unroll 1
-      for (int n0 = 0; n0 < kGroup; n0 += kFwdStageLoads) {
-        bc_t Bv[kFwdStageLoads], Cv[kFwdStageLoads];
+      for (int n0 = 0; n0 < kGroup; n0 += kStatesPerRound) {
+        bc_t Bv[kStatesPerRound], Cv[kStatesPerRound];
 #pragma unroll
-        for (int k = 0; k < kFwdStageLoads; ++k) {
+        for (int k = 0; k < kStatesPerRound; ++k) {
           const int n = n0 + k;
           if (hw.x >= 0 && n < N) {
             Bv[k] = B[n * p.B_state_stride + hw.x * p.B_h_stride + hw.y * p.B_w_stride];
             Cv[k] = C[n * p.C_state_stride + hw.x * p.C_h_stride + hw.y * p.C_w_stride];
           }
         }
-        float b[kFwdStageLoads], c[kFwdStageLoads];
+        float b[kStatesPerRound], c[kStatesPerRound];
 #pragma unroll
-        for (int k = 0; k < kFwdStageLoads; ++k) {
+        for (int k = 0; k < kStatesPerRound; ++k) {
           const bool real = hw.x >= 0 && n0 + k < N;
           b[k] = real ? to_float(Bv[k]) : 0.f;
           c[k] = real ? to_float(Cv[k]) : 0.f;
         }
 #pragma unroll
-        for (int k = 0; k < kFwdStageLoads; k += 4) {
+        for (int k = 0; k < kStatesPerRound; k += 4) {
           fwd_store_float4(sh.B + i * kGroup + n0 + k, make_float4(b[k], b[k + 1], b[k + 2], b[k + 3]));
           fwd_store_float4(sh.C + i * kGroup + n0 + k, make_float4(c[k], c[k + 1], c[k + 2], c[k + 3]));
         }
@@ -388,10 +403,19 @@ __device__ __forceinline__ void fwd_store_chunk_state(float* row, const float (&
   }
 }
 
-template <typename bc_t, int kLanes, int kStates>
-__global__ void __launch_bounds__(kFwdMaxThreads, 2) scan_regs_fwd(ScanParams p) {
+template <typename bc_t, int kLanes, int kVariant>
+__global__ void __launch_bounds__(kFwdMaxThreads, regs_fwd_variant_config(kVariant).blocks_per_sm)
+    scan_regs_fwd(ScanParams p) {
+  constexpr RegsFwdVariant kConfig = regs_fwd_variant_config(kVariant);
+  constexpr int kStates = kConfig.states;
   constexpr int G = kLanes * kStates;
-  const RegsFwdPlan q = regs_fwd_plan(p.dim, p.dstate, p.chunk_size, p.num_chunks);
+  // Register cap of the variant: 128 (2 blocks), 80 (3), 64 (4). The staging loads in flight, the
+  // look-back hops in flight and the walks' unrolling shrink with it, so that no variant spills.
+  constexpr int kRegisterCap = 65536 / (kFwdMaxThreads * kConfig.blocks_per_sm);
+  constexpr bool kWideStaging = kRegisterCap >= kFwdWideStagingRegisters;
+  constexpr int kWalkUnroll = kRegisterCap >= kFwdUnrolledWalkRegisters ? 2 : 1;
+  constexpr int kHopsInFlight = kWideStaging ? kFwdMaxLookbackHops : (kFwdMaxLookbackHops + 1) / 2;
+  const RegsFwdPlan q = regs_fwd_plan(p.dim, p.dstate, p.chunk_size, p.num_chunks, kConfig);
   const staged::StagedLayout& l = q.l;
   const RegsFwdShared sh = regs_fwd_shared(q);
   __shared__ int ticket;
@@ -399,7 +423,9 @@ __global__ void __launch_bounds__(kFwdMaxThreads, 2) scan_regs_fwd(ScanParams p)
   __syncthreads();
   const RegsFwdTile w = regs_fwd_tile(p, q, ticket);
 
-  stage_regs_fwd_tile<bc_t, G>(p, q, w, sh);
+  stage_regs_fwd_tile<bc_t, G, kWideStaging ? kFwdQuadLoads : kFwdQuadLoads / 2, kWideStaging ? kFwdStepPositions : 1,
+                      kWideStaging ? kFwdStageLoads : kFwdStageLoads / 4>(
+      p, q, w, sh);
 
   // This thread's (sub-chunk, channel slot, state group), after staging: its loads need the registers.
   const int N = p.dstate;
@@ -414,30 +440,45 @@ __global__ void __launch_bounds__(kFwdMaxThreads, 2) scan_regs_fwd(ScanParams p)
   const int seq = w.direction * p.dim + channel;
   const int64_t seq_index = static_cast<int64_t>(w.batch) * p.num_seqs + seq;
   const int64_t flags = static_cast<int64_t>(w.unit) * l.num_tiles;
-  float A2[kStates];
+  // A2 is loaded by each walk (L1 hits): kept from walk 1 to walk 2, it would hold kStates registers
+  // through the fold and the look-back, where the 64-register variant has none to spare.
+  const auto load_A2 = [&](float (&A2)[kStates]) {
 #pragma unroll
-  for (int k = 0; k < kStates; ++k)
-    A2[k] = seq_ok && first_state + k < N ? p.A[static_cast<int64_t>(seq) * N + first_state + k] * kLog2e : 0.f;
+    for (int k = 0; k < kStates; ++k)
+      A2[k] = seq_ok && first_state + k < N ? p.A[static_cast<int64_t>(seq) * N + first_state + k] * kLog2e : 0.f;
+  };
 
   float2* step = sh.step + slot * q.slot_stride + sub * q.sub_stride;
   const float* Brow = sh.B + sub * q.sub_stride * G + first_state;
   const float* Crow = sh.C + sub * q.sub_stride * G + first_state;
   const int sub_len = q.sub_len;
 
+  // Both walks are software-pipelined: position j + 1's (delta, x), B (and C) are loaded before
+  // position j's arithmetic, so the shared-memory latency overlaps the exp2 / FMA work (the loop's
+  // y store into step[] would otherwise keep the compiler from hoisting the next loads above it).
+  // The last position re-loads itself: no read past the sub-chunk's positions.
+
   // Step 2 (walk 1): the sub-chunk's end state from zero and its sum of delta.
   {
-    float h[kStates], b[kStates];
+    float h[kStates], b[kStates], b_next[kStates], A2[kStates];
+    load_A2(A2);
 #pragma unroll
     for (int k = 0; k < kStates; ++k) h[k] = 0.f;
     float delta_sum = 0.f;
-#pragma unroll 2
+    float2 s = step[0];
+    fwd_load_row<kStates>(Brow, b);
+#pragma unroll kWalkUnroll
     for (int j = 0; j < sub_len; ++j) {
-      const float2 s = step[j];
-      fwd_load_row<kStates>(Brow + j * G, b);
+      const int j_next = j + 1 < sub_len ? j + 1 : j;
+      const float2 s_next = step[j_next];
+      fwd_load_row<kStates>(Brow + j_next * G, b_next);
       const float dx = s.x * s.y;
       delta_sum += s.x;
 #pragma unroll
       for (int k = 0; k < kStates; ++k) h[k] = exp2f(s.x * A2[k]) * h[k] + dx * b[k];
+      s = s_next;
+#pragma unroll
+      for (int k = 0; k < kStates; ++k) b[k] = b_next[k];
     }
     float* agg = sh.agg + (sub * l.slots + slot) * G + first_state;
 #pragma unroll
@@ -483,22 +524,26 @@ __global__ void __launch_bounds__(kFwdMaxThreads, 2) scan_regs_fwd(ScanParams p)
     const float c_A2 = c_ok ? p.A[static_cast<int64_t>(c_seq) * N + n] * kLog2e : 0.f;
     float e = 0.f;
     if (c_ok) {
-      // All hops' loads first (independent), then the fold in tile order.
-      float decay[kFwdMaxLookbackHops], state[kFwdMaxLookbackHops];
+      // The hops' loads in groups (independent within a group: all of them when registers allow),
+      // then the fold in tile order.
       const int hop0 = w.milestone_before + 1;
-#pragma unroll
-      for (int k = 0; k < kFwdMaxLookbackHops; ++k) {
-        decay[k] = 1.f;
-        state[k] = 0.f;
-        if (hop0 + k < w.tile) {
-          const int64_t at = (c_index * p.num_splits + hop0 + k) * N + n;
-          decay[k] = __ldcg(p.split_decay + at);
-          state[k] = __ldcg(p.split_state + at);
-        }
-      }
       if (w.milestone_before >= 0) e = __ldcg(p.split_state + (c_index * p.num_splits + w.milestone_before) * N + n);
 #pragma unroll
-      for (int k = 0; k < kFwdMaxLookbackHops; ++k) e = decay[k] * e + state[k];
+      for (int k0 = 0; k0 < kFwdMaxLookbackHops; k0 += kHopsInFlight) {
+        float decay[kHopsInFlight], state[kHopsInFlight];
+#pragma unroll
+        for (int k = 0; k < kHopsInFlight; ++k) {
+          decay[k] = 1.f;
+          state[k] = 0.f;
+          if (k0 + k < kFwdMaxLookbackHops && hop0 + k0 + k < w.tile) {
+            const int64_t at = (c_index * p.num_splits + hop0 + k0 + k) * N + n;
+            decay[k] = __ldcg(p.split_decay + at);
+            state[k] = __ldcg(p.split_state + at);
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < kHopsInFlight; ++k) e = decay[k] * e + state[k];
+      }
     }
     // The entering state of every sub-chunk, over its end state from zero.
     for (int s = 0; s < l.subs; ++s) {
@@ -515,7 +560,8 @@ __global__ void __launch_bounds__(kFwdMaxThreads, 2) scan_regs_fwd(ScanParams p)
 
   // Step 4 (walk 2): chunk_states and y + D x from the entering state.
   {
-    float h[kStates], b[kStates], c[kStates];
+    float h[kStates], b[kStates], c[kStates], b_next[kStates], A2[kStates];
+    load_A2(A2);
     fwd_load_row<kStates>(sh.agg + (sub * l.slots + slot) * G + first_state, h);
     const float Dv = p.D ? p.D[seq] : 0.f;
     // Chunk starts inside this sub-chunk's valid positions: a countdown (no division per position).
@@ -526,7 +572,9 @@ __global__ void __launch_bounds__(kFwdMaxThreads, 2) scan_regs_fwd(ScanParams p)
     int chunk = (t_sub + next_start) / p.chunk_size;
     if (next_start >= valid || !seq_ok || first_state >= N) next_start = kFwdNoChunkStart;
     float* states = p.chunk_states + seq_index * p.num_chunks * N + first_state;
-#pragma unroll 2
+    float2 s = step[0];
+    fwd_load_row<kStates>(Brow, b);
+#pragma unroll kWalkUnroll
     for (int j = 0; j < sub_len; ++j) {
       if (j == next_start) {
         fwd_store_chunk_state<kStates>(states + static_cast<int64_t>(chunk) * N, h, first_state, N);
@@ -534,9 +582,11 @@ __global__ void __launch_bounds__(kFwdMaxThreads, 2) scan_regs_fwd(ScanParams p)
         next_start += p.chunk_size;
         if (next_start >= valid) next_start = kFwdNoChunkStart;
       }
-      const float2 s = step[j];
-      fwd_load_row<kStates>(Brow + j * G, b);
+      // C is not needed before the new state: its latency hides behind the exp2 / FMA of h.
       fwd_load_row<kStates>(Crow + j * G, c);
+      const int j_next = j + 1 < sub_len ? j + 1 : j;
+      const float2 s_next = step[j_next];
+      fwd_load_row<kStates>(Brow + j_next * G, b_next);
       const float dx = s.x * s.y;
       float y = 0.f;
 #pragma unroll
@@ -546,9 +596,15 @@ __global__ void __launch_bounds__(kFwdMaxThreads, 2) scan_regs_fwd(ScanParams p)
       }
 #pragma unroll
       for (int m = 1; m < kLanes; m <<= 1) y += __shfl_xor_sync(kFwdFullMask, y, m);
-      // The channel's other lanes read step[j] above; the store below must come after their reads.
+      // The channel's other lanes read step[j] (and step[j + 1]) before this point; the store below
+      // must come after their reads.
       if (kLanes > 1) __syncwarp();
+      // The last position re-loaded step[j] before this store: its (delta, x) are already in s_next
+      // and unused after the loop.
       if (grp == 0) reinterpret_cast<float*>(step + j)[0] = y + Dv * s.y;
+      s = s_next;
+#pragma unroll
+      for (int k = 0; k < kStates; ++k) b[k] = b_next[k];
     }
   }
   __syncthreads();
@@ -565,14 +621,32 @@ __global__ void __launch_bounds__(kFwdMaxThreads, 2) scan_regs_fwd(ScanParams p)
   }
 }
 
-// The kernel instantiation that runs layout l (the launcher and the host emulator both use it).
+// The kernel instantiation that runs layout l of the variant DERMOMAMBA_REGS_FWD_VARIANT names (the
+// launcher and the host emulator both use it; l must come from regs_fwd_layout of the same variant).
+template <typename bc_t, int kVariant>
+RegsKernel regs_fwd_variant_kernel(int lanes) {
+  switch (lanes) {
+    case 1: return scan_regs_fwd<bc_t, 1, kVariant>;
+    case 2: return scan_regs_fwd<bc_t, 2, kVariant>;
+    case 4: return scan_regs_fwd<bc_t, 4, kVariant>;
+    case 8:
+      if constexpr (regs_fwd_variant_config(kVariant).states * 8 <= staged::kMaxStateDim)
+        return scan_regs_fwd<bc_t, 8, kVariant>;
+      return nullptr;
+    default: return nullptr;
+  }
+}
+
 template <typename bc_t>
 RegsKernel regs_fwd_kernel(const staged::StagedLayout& l) {
   if (!l.ok) return nullptr;
-  switch (l.group / kFwdStates) {
-    case 1: return scan_regs_fwd<bc_t, 1, kFwdStates>;
-    case 2: return scan_regs_fwd<bc_t, 2, kFwdStates>;
-    case 4: return scan_regs_fwd<bc_t, 4, kFwdStates>;
+  const int variant = regs_fwd_variant();
+  if (variant < 0) return nullptr;
+  const int lanes = l.group / regs_fwd_variant_config(variant).states;
+  switch (variant) {
+    case 0: return regs_fwd_variant_kernel<bc_t, 0>(lanes);
+    case 1: return regs_fwd_variant_kernel<bc_t, 1>(lanes);
+    case 2: return regs_fwd_variant_kernel<bc_t, 2>(lanes);
     default: return nullptr;
   }
 }
@@ -580,7 +654,8 @@ RegsKernel regs_fwd_kernel(const staged::StagedLayout& l) {
 }  // namespace regs
 
 #ifdef __CUDACC__
-// The regs multiaxial forward. The host sized its scratch from regs::regs_fwd_layout: the tiles are
+// The regs multiaxial forward, variant DERMOMAMBA_REGS_FWD_VARIANT (read by regs_fwd_layout and
+// regs_fwd_kernel alike). The host sized its scratch from regs::regs_fwd_layout: the tiles are
 // p's splits (chunks_per_split == chunks_per_tile, 0 when chunks are cut into several tiles),
 // tile_ticket and tile_flags zeroed, split_decay / split_state when there is more than one tile.
 template <typename bc_t>
@@ -594,6 +669,11 @@ int scan_forward_multiaxial_regs(const ScanParams& p, void* stream) {
   const regs::RegsKernel kernel = regs::regs_fwd_kernel<bc_t>(l);
   if (kernel == nullptr) return static_cast<int>(cudaErrorInvalidValue);
   const int64_t blocks = static_cast<int64_t>(p.batch) * p.num_directions * l.channel_blocks * l.num_tiles;
+  // The variants' blocks per SM need the whole shared-memory carveout (3 x 70 KB, 4 x 49 KB); without
+  // the hint the driver may pick a smaller one for a block that needs only 49 KB.
+  const cudaError_t carveout =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+  if (carveout != cudaSuccess) return static_cast<int>(carveout);
   return launch_with_shared(kernel, dim3(static_cast<unsigned>(blocks)), dim3(l.threads), l.shared_bytes, s, p);
 }
 #endif  // __CUDACC__

@@ -515,6 +515,9 @@ int run_forward_regs(const ScanParams& p, at::ScalarType bc_dtype, cudaStream_t 
 // its kernel uses to find its work), checked, and its tiles set up by set_staged_tiles.
 at::Tensor setup_tiled_forward(ScanParams& p, const at::Tensor& x, const char* op, ForwardKernel kernel) {
   const bool regs = kernel == ForwardKernel::kRegs;
+  TORCH_CHECK(!regs || cuda::regs::regs_fwd_variant() >= 0, op, ": environment variable ",
+              cuda::regs::kFwdVariantVariable, " must be one of 0 .. ", cuda::regs::kFwdVariantCount - 1,
+              " (the regs forward's variants), or unset");
   const cuda::staged::StagedLayout layout =
       regs ? cuda::regs::regs_fwd_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks)
            : cuda::staged::staged_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
@@ -583,6 +586,15 @@ int run_backward_staged(const ScanParams& p, at::ScalarType bc_dtype, cudaStream
     case at::kHalf: return cuda::scan_backward_multiaxial_staged_half(p, stream);
     default: return cuda::scan_backward_multiaxial_staged_bfloat16(p, stream);
   }
+}
+
+std::string regs_bwd_variant_names() {
+  std::string names;
+  for (int i = 0; i < cuda::regs::kBwdVariantCount; ++i) {
+    if (i) names += ", ";
+    names += cuda::regs::kBwdVariantNames[i];
+  }
+  return names;
 }
 
 int run_backward_regs(const ScanParams& p, at::ScalarType bc_dtype, cudaStream_t stream) {
@@ -710,6 +722,9 @@ multiaxial_scan_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
   TORCH_CHECK(!(staged || regs) || p.dstate <= cuda::staged::kMaxStateDim, op, ": the ", tiled_name, " kernel (",
               kBackwardKernelVariable, "=", tiled_name, ") supports a state size N up to ", cuda::staged::kMaxStateDim,
               " (A.shape[1]), got ", p.dstate, "; unset ", kBackwardKernelVariable, " or set it to 'warp' for larger N");
+  TORCH_CHECK(!regs || cuda::regs::regs_bwd_variant() >= 0, op, ": environment variable ",
+              cuda::regs::kBwdVariantVariable, " must name one of the regs backward's variants (",
+              regs_bwd_variant_names(), "), or be unset");
   cuda::staged::StagedLayout staged_layout{};
   if (staged || regs) {
     staged_layout = regs ? cuda::regs::regs_bwd_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks)
