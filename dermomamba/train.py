@@ -478,6 +478,19 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
+def _step_body(model, images, masks, criterion, scaler, optimizer, autocast):
+    """Forward under ``autocast()``, the loss in fp32, the scaled backward, the optimizer and scaler steps; returns
+    (logits, loss). The gradients must be None or zero before it (the eager loop zeroes them, a recorded step
+    writes them)."""
+    with autocast():
+        logits = model(images)
+    loss = criterion(logits.float(), masks)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return logits, loss
+
+
 class GraphedTrainStep:
     """The training step (forward under autocast, loss, backward, GradScaler and Adam steps) recorded as one CUDA
     graph and replayed.
@@ -506,13 +519,8 @@ class GraphedTrainStep:
         self.images = self.masks = None
 
     def _body(self):
-        with self.autocast():
-            logits = self.model(self.images)
-        loss = self.criterion(logits.float(), self.masks)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return logits, loss
+        return _step_body(self.model, self.images, self.masks, self.criterion, self.scaler, self.optimizer,
+                          self.autocast)
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor):
         if self.images is None:
@@ -685,8 +693,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     criterion = _make_loss(cfg.loss)
     augment = PublishedAugmentation() if cfg.augment else None
-    graphed_step = (GraphedTrainStep(model, optimizer, scaler, criterion, lambda: _autocast(cfg, ctx.device))
-                    if graphs else None)
+    def autocast():
+        return _autocast(cfg, ctx.device)
+
+    graphed_step = GraphedTrainStep(model, optimizer, scaler, criterion, autocast) if graphs else None
 
     start_epoch, global_step, best_dice, best_epoch = 0, 0, -math.inf, 0
     if state_payload is not None:
@@ -757,13 +767,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> dict:
                 if graphed_step is not None:
                     logits, loss = graphed_step(images, masks)
                 else:
-                    with _autocast(cfg, ctx.device):
-                        logits = model(images)
-                    loss = criterion(logits.float(), masks)
                     optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
+                    logits, loss = _step_body(model, images, masks, criterion, scaler, optimizer, autocast)
                 global_step += 1
                 steps_here += 1
                 batches += 1

@@ -308,6 +308,12 @@ def _dt_projection_grads(ddelta, dts, w_dt):
     return (torch.einsum("bkdhw,kdr->bhwkr", ddelta, w_dt), torch.einsum("bkdhw,bhwkr->kdr", ddelta, dts))
 
 
+def _projection_dtype(x):
+    """Under autocast the projections run in the autocast dtype (fp16 / bf16), else in x's."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
 def _projections(x, x_proj_weight, dt_projs_weight, dtype):
     """delta (batch, 4, D, H, W) and B, C ((batch, 4, N, H, W) views of one channel-last projection), in
     ``dtype``, plus that projection x_dbl (batch, H, W, 4, rows): per direction B (N), C (N), dt (R), zeros."""
@@ -334,9 +340,7 @@ class _ProjectedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, deterministic, chunk_size):
-        # Under autocast the projections run in the autocast dtype (fp16 / bf16), else in x's.
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        dtype = _projection_dtype(x)
         _, delta, B, C = _projections(x, x_proj_weight, dt_projs_weight, dtype)
         A = -torch.exp(A_logs.float())
         y, chunk_states = _ops.multiaxial_scan_fwd(x, delta, A, B, C, Ds.float(), dt_projs_bias.float().reshape(-1),
@@ -421,9 +425,7 @@ def multiaxial_extension(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_log
         deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
         return _ProjectedScan.apply(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, deterministic,
                                     chunk_size)
-    device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    _, delta, B, C = _projections(x, x_proj_weight, dt_projs_weight, dtype)
+    _, delta, B, C = _projections(x, x_proj_weight, dt_projs_weight, _projection_dtype(x))
     A = -torch.exp(A_logs.float())
     request = bool(deterministic) and not torch.compiler.is_compiling()
     if request:
