@@ -134,6 +134,9 @@ def _add_hooks(probe: nn.Module, counts: Dict[str, int]):
             counts[name] += value
         return x.new_empty(x.shape, dtype=torch.float32)
 
+    def whole_input_projection(self, x):
+        return self.in_proj(x).chunk(2, dim=-1)
+
     def cbam_hook(module, inputs, output):
         # The fused CBAM op does not run its submodules, so its cost is written out here from its
         # parameters: the shared MLP once per pool, the 2 -> 1 spatial conv and its BatchNorm.
@@ -171,6 +174,9 @@ def _add_hooks(probe: nn.Module, counts: Dict[str, int]):
         if isinstance(module, SS2D):
             # An instance attribute shadows the method on this throw-away copy only.
             module.scan = types.MethodType(shape_only_scan, module)
+            # SS2D runs in_proj's two halves as two functional products; calling the module here
+            # lets linear_hook count it like every other Linear.
+            module._input_projection = types.MethodType(whole_input_projection, module)
 
 
 def cost_report(model: nn.Module, img_size: Optional[Union[int, Sequence[int]]] = None) -> CostReport:

@@ -202,3 +202,43 @@ def test_drop_path(seed):
     torch.testing.assert_close(y[kept], x[kept] * 2)
     with pytest.raises(ValueError, match="drop_prob"):
         DropPath(1.0)
+
+
+def _saved_bytes_and_grads(layer, x, grad_out):
+    """Forward + backward of layer on x; returns the bytes autograd kept between them and the grads."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    x = x.detach().clone().requires_grad_(True)
+    layer.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = layer(x)
+    out.backward(grad_out)
+    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    kept = sum(n for ptr, n in storages.items() if ptr not in weights)
+    grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
+    return kept, out.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_ss2d_recomputed_gate_is_the_same_arithmetic(seed, bias):
+    """recompute_gate (the default) keeps less for the backward and gives bit-identical results."""
+    d_model, shape = 6, (2, 5, 7)
+    recomputing = SS2D(d_model, bias=bias)
+    keeping = SS2D(d_model, bias=bias, recompute_gate=False)
+    keeping.load_state_dict(plain.perturbed(recomputing.state_dict()))
+    recomputing.load_state_dict(keeping.state_dict())
+    x = torch.randn(*shape, d_model)
+    grad_out = torch.randn(*shape, d_model)
+    kept_r, out_r, dx_r, grads_r = _saved_bytes_and_grads(recomputing, x, grad_out)
+    kept_k, out_k, dx_k, grads_k = _saved_bytes_and_grads(keeping, x, grad_out)
+    assert torch.equal(out_r, out_k) and torch.equal(dx_r, dx_k)
+    assert set(grads_r) == set(grads_k)
+    for name in grads_k:
+        assert torch.equal(grads_r[name], grads_k[name]), name
+    # y, z and the norm's statistics stay; the norm's output, silu(z) and out_proj's input go.
+    d_inner, positions = 2 * d_model, math.prod(shape)
+    assert kept_k - kept_r >= 3 * positions * d_inner * x.element_size(), (kept_k, kept_r)

@@ -14,6 +14,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..selective_scan import multiaxial_selective_scan
 from .layer_norm import LayerNorm
@@ -66,6 +67,9 @@ class SS2D(nn.Module):
         dropout: on the output. conv_bias / bias: biases of conv2d / of in_proj and out_proj.
         backend: scan backend ("auto", "cuda", "triton", "cpu", "reference"; None = the
             ``DERMOMAMBA_BACKEND`` environment variable, else auto).
+        recompute_gate: in training, keep only y and z of the output gate
+            ``out_proj(out_norm(y) * silu(z))`` for the backward and recompute the rest there (less
+            activation memory, same results); False keeps everything autograd saves.
 
     Parameters (names and shapes as in VMamba v0, with d_inner = expand * d_model, K = 4):
         in_proj.weight (2 * d_inner, d_model); conv2d.weight (d_inner, 1, d_conv, d_conv);
@@ -85,7 +89,7 @@ class SS2D(nn.Module):
                  dt_rank: Union[int, str] = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
                  dropout: float = 0.0, conv_bias: bool = True, bias: bool = False,
-                 device=None, dtype=None, backend: Optional[str] = None):
+                 device=None, dtype=None, backend: Optional[str] = None, recompute_gate: bool = True):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -104,6 +108,7 @@ class SS2D(nn.Module):
         self.d_inner = expand * d_model
         self.dt_rank = resolve_dt_rank(dt_rank, d_model)
         self.backend = backend
+        self.recompute_gate = bool(recompute_gate)
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
         self.conv2d = nn.Conv2d(self.d_inner, self.d_inner, kernel_size=d_conv, padding=(d_conv - 1) // 2,
@@ -165,13 +170,32 @@ class SS2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[-1] != self.d_model:
             raise ValueError(f"SS2D: x must be channels-last (B, H, W, {self.d_model}), got shape {tuple(x.shape)}")
-        x, z = self.in_proj(x).chunk(2, dim=-1)
+        x, z = self._input_projection(x)
         # The conv wants channels-first; contiguous keeps the conv's arithmetic the published one.
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
         y = self.scan(x)
         y = y.permute(0, 2, 3, 1).contiguous()
+        if self.recompute_gate and torch.is_grad_enabled() and (y.requires_grad or z.requires_grad):
+            # Autograd would keep the norm's fp32 output, silu(z) and out_proj's input for the
+            # backward: three more maps per position than y and z themselves (at DermoMamba's first
+            # stage, batch 16, fp16 autocast: ~150 MB). Recomputing the tail in the backward costs a
+            # norm, an elementwise pass and a thin GEMM; the arithmetic is the same, so the results are.
+            out = checkpoint(self._gated_output, y, z, use_reentrant=False, preserve_rng_state=False)
+        else:
+            out = self._gated_output(y, z)
+        return self.dropout(out)
+
+    def _input_projection(self, x: torch.Tensor):
+        """in_proj split into its x and z halves, as two products instead of one and a chunk: z then
+        owns its memory, so keeping it for the backward does not keep the dead x half alive too. Each
+        output element is the same dot product as in the single in_proj call."""
+        weight, bias = self.in_proj.weight, self.in_proj.bias
+        halves = (slice(0, self.d_inner), slice(self.d_inner, 2 * self.d_inner))
+        return tuple(F.linear(x, weight[half], None if bias is None else bias[half]) for half in halves)
+
+    def _gated_output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """out_proj(out_norm(y) * silu(z)): y (B, H, W, d_inner) fp32, z (B, H, W, d_inner)."""
         # The core's sum is fp32 (as in VMamba); under autocast the norm takes it as is. A model cast
         # to half/bf16 as a whole has low-precision norm weights, which need matching input.
         y = self.out_norm(y.to(self.out_norm.weight.dtype))
-        y = y * F.silu(z)
-        return self.dropout(self.out_proj(y))
+        return self.out_proj(y * F.silu(z))
