@@ -129,10 +129,14 @@ def test_selective_scan_cpu_last_state(seed, chunk_size):
 MULTIAXIAL_CASES = [(1, 4, 5, 7, 16, 1), (2, 3, 6, 4, 5, 2), (1, 2, 1, 9, 4, 1), (1, 5, 9, 3, 16, 1)]
 
 
-@pytest.fixture(params=["recompute", "keep"])
+@pytest.fixture(params=["recompute", "keep", "recompute-per-image"])
 def projections_policy(request, monkeypatch):
-    """Both backward policies of the extension path: projections recomputed (default) or kept."""
-    monkeypatch.setenv("DERMOMAMBA_RECOMPUTE_PROJECTIONS", "1" if request.param == "recompute" else "0")
+    """The backward policies of the extension path: projections recomputed (default) or kept; and recomputed
+    one image at a time (the slicing that bounds the backward's memory, forced down to single images)."""
+    monkeypatch.setenv("DERMOMAMBA_RECOMPUTE_PROJECTIONS", "0" if request.param == "keep" else "1")
+    if request.param == "recompute-per-image":
+        from dermomamba_kernels.selective_scan import extension
+        monkeypatch.setattr(extension, "BACKWARD_SLICE_PROJECTION_ELEMENTS", 1)
     return request.param
 
 

@@ -390,6 +390,16 @@ def test_multiaxial_parity(seed, dtype, hw, fwd_kernel, bwd_kernel):
 
 
 @requires_cuda_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_multiaxial_backward_in_batch_slices(seed, dtype, monkeypatch):
+    """The recomputing backward run one image at a time (its memory bound, forced down): same gradients."""
+    from dermomamba_kernels.selective_scan import extension
+    monkeypatch.setattr(extension, "BACKWARD_SLICE_PROJECTION_ELEMENTS", 1)
+    inp = make_multiaxial(3, 8, 7, 5, 16, dtype)
+    check_multiaxial(inp, softplus=True, tag=f"ma/{dtype}/sliced", chunk=16)
+
+
+@requires_cuda_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_multiaxial_fp32_projections(seed, dtype, fwd_kernel, bwd_kernel):
     inp = make_multiaxial(1, 4, 6, 9, 16, dtype, fp32_params=True)

@@ -352,37 +352,74 @@ class _ProjectedScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, chunk_states = ctx.saved_tensors
-        dtype = ctx.dtype
-        x_dbl, delta, B, C = _projections(x, x_proj_weight, dt_projs_weight, dtype)
         A = -torch.exp(A_logs.float())
-        dx_scan, ddelta, dA, dB, dC, dD, dbias = _ops.multiaxial_scan_bwd(
-            dy.contiguous(), x, delta, A, B, C, Ds.float(), dt_projs_bias.float().reshape(-1), True, chunk_states,
-            ctx.chunk_size, ctx.deterministic)
-        dt_rank = dt_projs_weight.shape[2]
-        dstate = A_logs.shape[1]
-        dts = x_dbl[..., 2 * dstate:2 * dstate + dt_rank]
-        ddelta = ddelta.to(dtype)
-        ddts, dw_dt = _dt_projection_grads(ddelta, dts, dt_projs_weight.to(dtype))
-        # x_dbl = x against the padded weight: the gradient of x_dbl is (dB, dC, ddts, 0) in its layout.
-        pad = x_dbl.shape[-1] - 2 * dstate - dt_rank
-        parts = [dB.to(dtype).permute(0, 3, 4, 1, 2), dC.to(dtype).permute(0, 3, 4, 1, 2), ddts]
-        if pad:
-            parts.append(ddts.new_zeros(*ddts.shape[:-1], pad))
-        dx_dbl = torch.cat(parts, dim=-1)
-        w_x = _projection_weight(x_proj_weight, dt_rank, dstate, dtype)
-        # Both as one matmul over all positions (einsum batched them per image: 4 ms at the first stage).
-        batch, height, width, directions, rows = dx_dbl.shape
-        dx_rows = dx_dbl.reshape(-1, directions * rows)
-        dx_proj = (dx_rows @ w_x.reshape(directions * rows, -1)).view(batch, height, width, -1).permute(0, 3, 1, 2)
-        x_rows = x.to(dtype).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-        dw_padded = (dx_rows.t() @ x_rows).view(directions, rows, -1)
-        # Back to x_proj_weight's row order [dt, B, C].
-        dw_x = torch.cat([dw_padded[:, 2 * dstate:2 * dstate + dt_rank], dw_padded[:, :2 * dstate]], dim=1)
-        dx = dx_scan + dx_proj.to(x.dtype)
+        images_per_slice = _backward_images_per_slice(x, x_proj_weight)
+        dx_parts, param_grads = [], None
+        for start in range(0, x.shape[0], images_per_slice):
+            batch = slice(start, start + images_per_slice)
+            dx, *grads = _projected_scan_backward(ctx, dy[batch], x[batch], chunk_states[batch], A, x_proj_weight,
+                                                  dt_projs_weight, dt_projs_bias, Ds)
+            dx_parts.append(dx)
+            # Fixed order over the slices: the deterministic mode stays bit-reproducible.
+            param_grads = grads if param_grads is None else [acc + g for acc, g in zip(param_grads, grads)]
+        dx = dx_parts[0] if len(dx_parts) == 1 else torch.cat(dx_parts)
+        dw_x, dw_dt, dbias, dA, dD = param_grads
         # A = -exp(A_logs): dA_logs = dA * A.
         return (dx, dw_x.to(x_proj_weight.dtype), dw_dt.to(dt_projs_weight.dtype),
                 dbias.reshape(dt_projs_bias.shape).to(dt_projs_bias.dtype), (dA * A).to(A_logs.dtype),
                 dD.to(Ds.dtype), None, None)
+
+
+# The backward's transient memory per (position, direction) is the recomputed projection x_dbl, its
+# gradient and the kernel's fp32 dB / dC: ~R + 2N values each, ~12x x's bytes. At DermoMamba's first stage
+# (48 x 49,152 positions, the three branches batched) that is ~3 GB at once, the training step's memory peak.
+# Slices of at most this many x_dbl elements (16 such images at 192x256) bound it; each slice still gives the
+# kernel thousands of sequences, so the GPU stays full.
+BACKWARD_SLICE_PROJECTION_ELEMENTS = 1 << 27
+
+
+def _backward_images_per_slice(x, x_proj_weight):
+    """Images per slice of _ProjectedScan's backward: x (batch, D, H, W), x_proj_weight (4, R + 2N, D)."""
+    directions, rows = x_proj_weight.shape[0], x_proj_weight.shape[1]
+    padded_rows = -(-rows // PROJECTION_ROW_MULTIPLE) * PROJECTION_ROW_MULTIPLE
+    per_image = x.shape[2] * x.shape[3] * directions * padded_rows
+    return max(1, BACKWARD_SLICE_PROJECTION_ELEMENTS // max(1, per_image))
+
+
+def _projected_scan_backward(ctx, dy, x, chunk_states, A, x_proj_weight, dt_projs_weight, dt_projs_bias, Ds):
+    """_ProjectedScan's backward on a slice of the batch: dx (in x's dtype) and the parameters' gradients
+    (x_proj_weight, dt_projs_weight, delta bias, A, D) as sums over the slice, fp32 where the kernel's are."""
+    dtype = ctx.dtype
+    x_dbl, delta, B, C = _projections(x, x_proj_weight, dt_projs_weight, dtype)
+    dx_scan, ddelta, dA, dB, dC, dD, dbias = _ops.multiaxial_scan_bwd(
+        dy.contiguous(), x, delta, A, B, C, Ds.float(), dt_projs_bias.float().reshape(-1), True, chunk_states,
+        ctx.chunk_size, ctx.deterministic)
+    del delta, B, C
+    dt_rank = dt_projs_weight.shape[2]
+    dstate = (x_proj_weight.shape[1] - dt_rank) // 2
+    dts = x_dbl[..., 2 * dstate:2 * dstate + dt_rank]
+    ddelta = ddelta.to(dtype)
+    ddts, dw_dt = _dt_projection_grads(ddelta, dts, dt_projs_weight.to(dtype))
+    del ddelta, dts, x_dbl
+    # x_dbl = x against the padded weight: the gradient of x_dbl is (dB, dC, ddts, 0) in its layout.
+    w_x = _projection_weight(x_proj_weight, dt_rank, dstate, dtype)
+    pad = w_x.shape[1] - 2 * dstate - dt_rank
+    parts = [dB.to(dtype).permute(0, 3, 4, 1, 2), dC.to(dtype).permute(0, 3, 4, 1, 2), ddts]
+    del dB, dC
+    if pad:
+        parts.append(ddts.new_zeros(*ddts.shape[:-1], pad))
+    dx_dbl = torch.cat(parts, dim=-1)
+    del parts, ddts
+    # Both as one matmul over all positions (einsum batched them per image: 4 ms at the first stage).
+    batch, height, width, directions, rows = dx_dbl.shape
+    dx_rows = dx_dbl.reshape(-1, directions * rows)
+    dx_proj = (dx_rows @ w_x.reshape(directions * rows, -1)).view(batch, height, width, -1).permute(0, 3, 1, 2)
+    x_rows = x.to(dtype).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    dw_padded = (dx_rows.t() @ x_rows).view(directions, rows, -1)
+    # Back to x_proj_weight's row order [dt, B, C].
+    dw_x = torch.cat([dw_padded[:, 2 * dstate:2 * dstate + dt_rank], dw_padded[:, :2 * dstate]], dim=1)
+    dx = dx_scan + dx_proj.to(x.dtype)
+    return dx, dw_x.float(), dw_dt.float(), dbias, dA, dD
 
 
 # Whether the multiaxial extension path keeps its projections for the backward (faster) or recomputes them
