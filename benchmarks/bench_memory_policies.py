@@ -1,0 +1,83 @@
+"""What each activation-memory policy of the model costs and saves: training step time and peak memory.
+
+Two policies trade recomputation for memory in DermoMamba's training step:
+  * SS2D ``recompute_gate``: the output gate out_proj(out_norm(y) * silu(z)) recomputed in the backward;
+  * the multiaxial scan's backward in batch slices (dermomamba_kernels.selective_scan.extension,
+    BACKWARD_SLICE_PROJECTION_ELEMENTS): bounds the recomputed projections' transient.
+Each combination runs the same eager training step (forward under autocast, Guide Fusion Loss, backward, Adam)
+and, on CUDA, the step recorded as a CUDA graph; the table gives medians and torch.cuda.max_memory_allocated.
+
+Example (GPU):
+    python benchmarks/bench_memory_policies.py --batch 16 --precision fp16
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import dermomamba  # noqa: E402
+from dermomamba import benchmark as bench  # noqa: E402
+from dermomamba.loss import GuideFusionLoss  # noqa: E402
+from dermomamba_kernels.layers import SS2D  # noqa: E402
+from dermomamba_kernels.selective_scan import extension  # noqa: E402
+
+# Large enough that no DermoMamba call is ever sliced: the unsliced backward.
+UNSLICED = 1 << 62
+
+
+def run(args):
+    device = torch.device(args.device)
+    images, masks = bench.random_batch(args.batch, tuple(args.img_size), device)
+    criterion = GuideFusionLoss()
+    default_slice = extension.BACKWARD_SLICE_PROJECTION_ELEMENTS
+    print(f"{bench.device_description(device)}; batch {args.batch}, {args.img_size[0]}x{args.img_size[1]}, "
+          f"{args.precision}, Guide Fusion Loss; median of {args.repeats}")
+    print("| gate recomputed | backward sliced | eager ms | eager peak GiB | graph ms | graph peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for recompute_gate, sliced in itertools.product((True, False), (True, False)):
+        extension.BACKWARD_SLICE_PROJECTION_ELEMENTS = default_slice if sliced else UNSLICED
+        torch.manual_seed(0)
+        model = dermomamba.create_model(args.model, img_size=tuple(args.img_size)).to(device).train()
+        for module in model.modules():
+            if isinstance(module, SS2D):
+                module.recompute_gate = recompute_gate
+        step = bench.make_train_step(model, images, masks, criterion, args.precision)
+        eager = bench.median(bench.time_ms(step, device, warmup=args.warmup, repeats=args.repeats))
+        eager_peak = bench.peak_memory_bytes(step, device)
+        graph_ms = graph_peak = None
+        if device.type == "cuda" and not args.no_graphs:
+            graphed = bench.make_graphed_train_step(model, images, masks, criterion, args.precision)
+            graph_ms = bench.median(bench.time_ms(graphed, device, warmup=args.warmup, repeats=args.repeats))
+            graph_peak = bench.peak_memory_bytes(graphed, device)
+        gib = lambda b: "-" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
+        ms = lambda t: "-" if t is None else f"{t:.2f}"  # noqa: E731
+        print(f"| {recompute_gate} | {sliced} | {eager:.2f} | {gib(eager_peak)} | {ms(graph_ms)} | {gib(graph_peak)} |",
+              flush=True)
+        del model, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    extension.BACKWARD_SLICE_PROJECTION_ELEMENTS = default_slice
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="dermomamba")
+    parser.add_argument("--img-size", type=int, nargs=2, default=(192, 256), metavar=("H", "W"))
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-graphs", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
