@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dermomamba_kernels.depthwise_conv import DepthwiseConv2d
 from dermomamba_kernels.layers import CBAM, SS2D, LayerNorm, VSSBlock
 
 from ..hub import HubMixin
@@ -76,9 +77,9 @@ class AxialSpatialDW(nn.Module):
     def __init__(self, dim: int, mixer_kernel: Tuple[int, int] = AXIAL_KERNEL, dilation: int = 1):
         super().__init__()
         kernel_h, kernel_w = mixer_kernel
-        self.mixer_h = nn.Conv2d(dim, dim, (kernel_h, 1), padding="same", groups=dim, dilation=dilation)
-        self.mixer_w = nn.Conv2d(dim, dim, (1, kernel_w), padding="same", groups=dim, dilation=dilation)
-        self.conv = nn.Conv2d(dim, dim, 3, padding="same", groups=dim, dilation=dilation)
+        self.mixer_h = DepthwiseConv2d(dim, (kernel_h, 1), padding="same", dilation=dilation)
+        self.mixer_w = DepthwiseConv2d(dim, (1, kernel_w), padding="same", dilation=dilation)
+        self.conv = DepthwiseConv2d(dim, 3, padding="same", dilation=dilation)
 
     def forward(self, x):
         # The width mixer runs first although the height mixer is registered first (published order).
@@ -190,7 +191,7 @@ class PCAM(nn.Module):
 
     def __init__(self, dim: int, kernel_size: int = PCAM_KERNEL):
         super().__init__()
-        self.dw = nn.Conv2d(dim, dim, kernel_size, padding="same", groups=dim)
+        self.dw = DepthwiseConv2d(dim, kernel_size, padding="same")
 
     def forward(self, x):
         before = x.mean(dim=(2, 3))

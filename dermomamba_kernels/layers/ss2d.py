@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..depthwise_conv import DepthwiseConv2d
 from ..selective_scan import multiaxial_selective_scan
 from .layer_norm import LayerNorm
 
@@ -111,8 +112,8 @@ class SS2D(nn.Module):
         self.recompute_gate = bool(recompute_gate)
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
-        self.conv2d = nn.Conv2d(self.d_inner, self.d_inner, kernel_size=d_conv, padding=(d_conv - 1) // 2,
-                                groups=self.d_inner, bias=conv_bias, **factory)
+        # Depthwise: an nn.Conv2d (same parameters and state_dict) whose weight gradient has its own kernel.
+        self.conv2d = DepthwiseConv2d(self.d_inner, d_conv, padding=(d_conv - 1) // 2, bias=conv_bias, **factory)
 
         proj_rows = self.dt_rank + 2 * d_state
         self.x_proj_weight = nn.Parameter(torch.empty(NUM_DIRECTIONS, proj_rows, self.d_inner, **factory))
