@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dermomamba_kernels.depthwise_conv import DepthwiseConv2d
+from dermomamba_kernels.layers.batch_norm import BatchNorm2d
 from dermomamba_kernels.layers import CBAM, SS2D, LayerNorm, VSSBlock
 
 from ..hub import HubMixin
@@ -114,7 +115,7 @@ class CrossScaleMambaBlock(nn.Module):
         self.dw2 = AxialSpatialDW(quarter, AXIAL_KERNEL, dilation=BRANCH_DILATIONS[1])
         self.dw3 = AxialSpatialDW(quarter, AXIAL_KERNEL, dilation=BRANCH_DILATIONS[2])
         self.vss = VSSBlock(quarter, d_state=d_state, backend=backend)
-        self.bn = nn.BatchNorm2d(dim)
+        self.bn = BatchNorm2d(dim)
         self.act = nn.ReLU()
 
     def forward(self, x):
@@ -166,7 +167,7 @@ class EncoderBlock(nn.Module):
     def __init__(self, in_c: int, out_c: int, d_state: int = 16, backend: Optional[str] = None):
         super().__init__()
         self.pw = nn.Conv2d(in_c, out_c, 3, padding="same")
-        self.bn = nn.BatchNorm2d(out_c)
+        self.bn = BatchNorm2d(out_c)
         self.act = nn.ReLU()
         self.resmamba = ResMambaBlock(in_c, d_state=d_state, backend=backend)
         self.down = nn.MaxPool2d(2)
@@ -235,7 +236,7 @@ class SweepMamba(nn.Module):
         self.mamba3 = SS2D(d_model=width, d_state=d_state, backend=backend)
         self.proj_out = nn.Linear(hidden, dim)
         self.scale = nn.Parameter(torch.ones(1))
-        self.bn = nn.BatchNorm2d(dim)
+        self.bn = BatchNorm2d(dim)
 
     def forward(self, x):
         if tuple(x.shape[2:]) != self.spatial_size:
@@ -270,7 +271,7 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
         self.pw = nn.Conv2d(2 * in_c, in_c, 1)
-        self.bn = nn.BatchNorm2d(out_c)
+        self.bn = BatchNorm2d(out_c)
         self.act = nn.GELU()
         self.pw2 = nn.Conv2d(in_c, out_c, 3, padding="same")
 
