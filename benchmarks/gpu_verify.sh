@@ -24,6 +24,9 @@
 #   sanitize compute-sanitizer memcheck and racecheck on benchmarks/sanitize_cases.py (every CUDA kernel, small)
 #   layernorm benchmarks/bench_small_layernorm.py: Triton LayerNorm for few channels vs PyTorch's native (issue 9)
 #   profile  benchmarks/profile_step.py: where our training step's GPU time goes (PROFILE_ARGS)
+#   policies benchmarks/bench_step_policies.py: the step under each memory policy / opt-in kernel (POLICIES_ARGS)
+#   dwconv, batchnorm, gatednorm, stagedbwd: bench_depthwise_conv.py, bench_batch_norm.py,
+#            bench_gated_layer_norm.py, bench_staged_bwd_variants.py (<STEP>_ARGS)
 #   stress   benchmarks/stress_replays.py: repeated staged forwards (chunk_states bit-identical) and compiled
 #            CUDA-graph steps against eager (intermittent faults); runs after the tests, on their GPU
 #   epoch    benchmarks/bench_epoch.py on every visible GPU count up to 2 (issue 7; EPOCH_ARGS)
@@ -165,6 +168,11 @@ if has ncu; then
     python3 benchmarks/ncu_scan_case.py
 fi
 has layernorm && bench layernorm 150 python3 benchmarks/bench_small_layernorm.py
+has policies && bench policies 300 python3 benchmarks/bench_step_policies.py ${POLICIES_ARGS:-}
+has dwconv && bench dwconv 200 python3 benchmarks/bench_depthwise_conv.py ${DWCONV_ARGS:-}
+has batchnorm && bench batchnorm 200 python3 benchmarks/bench_batch_norm.py ${BATCHNORM_ARGS:-}
+has gatednorm && bench gatednorm 150 python3 benchmarks/bench_gated_layer_norm.py ${GATEDNORM_ARGS:-}
+has stagedbwd && bench stagedbwd 300 python3 benchmarks/bench_staged_bwd_variants.py ${STAGEDBWD_ARGS:-}
 has profile && bench profile 150 python3 benchmarks/profile_step.py ${PROFILE_ARGS:---batches 16 --precision fp16}
 has quick && bench quick 120 python3 -m dermomamba.cli benchmark
 has layers && bench layers 420 python3 benchmarks/bench_layers.py --baseline mamba --json "$OUT/bench_layers.json" \

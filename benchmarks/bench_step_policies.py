@@ -1,20 +1,21 @@
-"""What each activation-memory policy of the model costs and saves: training step time and peak memory.
+"""The training step under each choice of its policies and opt-in kernels, in one run: step time and peak memory.
 
-Two policies trade recomputation for memory in DermoMamba's training step:
+What is switched (one row each, same process, same inputs):
   * SS2D ``recompute_gate``: the output gate out_proj(out_norm(y) * silu(z)) recomputed in the backward;
   * the multiaxial scan's backward in batch slices (dermomamba_kernels.selective_scan.extension,
-    BACKWARD_SLICE_PROJECTION_ELEMENTS): bounds the recomputed projections' transient.
-Each combination runs the same eager training step (forward under autocast, Guide Fusion Loss, backward, Adam)
-and, on CUDA, the step recorded as a CUDA graph; the table gives medians and torch.cuda.max_memory_allocated.
+    BACKWARD_SLICE_PROJECTION_ELEMENTS): bounds the recomputed projections' transient;
+  * opt-in kernels chosen by environment variables (read at call time; a CUDA graph records the choice at
+    capture): the depthwise convs' Triton weight gradient, Triton BatchNorm, the fused gated LayerNorm.
+Each row runs the eager training step (forward under autocast, Guide Fusion Loss, backward, Adam) and, on
+CUDA, the step recorded as a CUDA graph; medians and torch.cuda.max_memory_allocated.
 
 Example (GPU):
-    python benchmarks/bench_memory_policies.py --batch 16 --precision fp16
+    python benchmarks/bench_step_policies.py --batch 16 --precision fp16
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 
@@ -30,6 +31,19 @@ from dermomamba_kernels.selective_scan import extension  # noqa: E402
 
 # Large enough that no DermoMamba call is ever sliced: the unsliced backward.
 UNSLICED = 1 << 62
+# Opt-in kernels, by the environment variable that selects them and its value.
+KERNEL_VARIABLES = {"dw": ("DERMOMAMBA_DEPTHWISE_BACKEND", "triton"), "bn": ("DERMOMAMBA_BATCHNORM_BACKEND", "triton"),
+                    "gate": ("DERMOMAMBA_GATED_NORM_BACKEND", "triton")}
+# (label, recompute_gate, sliced backward, opt-in kernels)
+CONFIGS = [
+    ("defaults", True, True, ()),
+    ("+ Triton depthwise weight grad", True, True, ("dw",)),
+    ("+ Triton BatchNorm", True, True, ("bn",)),
+    ("+ both", True, True, ("dw", "bn")),
+    ("+ both, gate kept", False, True, ("dw", "bn")),
+    ("+ both, backward unsliced", True, False, ("dw", "bn")),
+    ("+ both + fused gated norm", True, True, ("dw", "bn", "gate")),
+]
 
 
 def run(args):
@@ -39,9 +53,15 @@ def run(args):
     default_slice = extension.BACKWARD_SLICE_PROJECTION_ELEMENTS
     print(f"{bench.device_description(device)}; batch {args.batch}, {args.img_size[0]}x{args.img_size[1]}, "
           f"{args.precision}, Guide Fusion Loss; median of {args.repeats}")
-    print("| gate recomputed | backward sliced | eager ms | eager peak GiB | graph ms | graph peak GiB |")
-    print("|---|---|---|---|---|---|")
-    for recompute_gate, sliced in itertools.product((True, False), (True, False)):
+    print("| configuration | gate recomputed | backward sliced | eager ms | eager peak GiB | graph ms | graph peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    chosen = [c for c in CONFIGS if not args.configs or c[0] in args.configs]
+    for label, recompute_gate, sliced, kernels in chosen:
+        for key, (variable, value) in KERNEL_VARIABLES.items():
+            if key in kernels:
+                os.environ[variable] = value
+            else:
+                os.environ.pop(variable, None)
         extension.BACKWARD_SLICE_PROJECTION_ELEMENTS = default_slice if sliced else UNSLICED
         torch.manual_seed(0)
         model = dermomamba.create_model(args.model, img_size=tuple(args.img_size)).to(device).train()
@@ -58,7 +78,7 @@ def run(args):
             graph_peak = bench.peak_memory_bytes(graphed, device)
         gib = lambda b: "-" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
         ms = lambda t: "-" if t is None else f"{t:.2f}"  # noqa: E731
-        print(f"| {recompute_gate} | {sliced} | {eager:.2f} | {gib(eager_peak)} | {ms(graph_ms)} | {gib(graph_peak)} |",
+        print(f"| {label} | {recompute_gate} | {sliced} | {eager:.2f} | {gib(eager_peak)} | {ms(graph_ms)} | {gib(graph_peak)} |",
               flush=True)
         del model, step
         if device.type == "cuda":
@@ -75,6 +95,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-graphs", action="store_true")
+    parser.add_argument("--configs", nargs="*", default=None, help="labels of CONFIGS to run (default: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run(parser.parse_args(argv))
 
