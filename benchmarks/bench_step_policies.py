@@ -34,15 +34,16 @@ UNSLICED = 1 << 62
 # Opt-in kernels, by the environment variable that selects them and its value.
 KERNEL_VARIABLES = {"dw": ("DERMOMAMBA_DEPTHWISE_BACKEND", "triton"), "bn": ("DERMOMAMBA_BATCHNORM_BACKEND", "triton"),
                     "gate": ("DERMOMAMBA_GATED_NORM_BACKEND", "triton")}
-# (label, recompute_gate, sliced backward, opt-in kernels)
+# (id, label, recompute_gate, sliced backward, opt-in kernels)
 CONFIGS = [
-    ("defaults", True, True, ()),
-    ("+ Triton depthwise weight grad", True, True, ("dw",)),
-    ("+ Triton BatchNorm", True, True, ("bn",)),
-    ("+ both", True, True, ("dw", "bn")),
-    ("+ both, gate kept", False, True, ("dw", "bn")),
-    ("+ both, backward unsliced", True, False, ("dw", "bn")),
-    ("+ both + fused gated norm", True, True, ("dw", "bn", "gate")),
+    ("defaults", "defaults", True, True, ()),
+    ("dw", "+ Triton depthwise weight grad", True, True, ("dw",)),
+    ("bn", "+ Triton BatchNorm", True, True, ("bn",)),
+    ("both", "+ both", True, True, ("dw", "bn")),
+    ("keep-gate", "+ both, gate kept", False, True, ("dw", "bn")),
+    ("unsliced", "+ both, backward unsliced", True, False, ("dw", "bn")),
+    ("fused-gate", "+ both + fused gated norm", True, True, ("dw", "bn", "gate")),
+    ("fused-gate-kept", "+ both + fused gated norm, no checkpoint", False, True, ("dw", "bn", "gate")),
 ]
 
 
@@ -55,8 +56,11 @@ def run(args):
           f"{args.precision}, Guide Fusion Loss; median of {args.repeats}")
     print("| configuration | gate recomputed | backward sliced | eager ms | eager peak GiB | graph ms | graph peak GiB |")
     print("|---|---|---|---|---|---|---|")
+    unknown = set(args.configs or ()) - {c[0] for c in CONFIGS}
+    if unknown:
+        raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {[c[0] for c in CONFIGS]}")
     chosen = [c for c in CONFIGS if not args.configs or c[0] in args.configs]
-    for label, recompute_gate, sliced, kernels in chosen:
+    for _, label, recompute_gate, sliced, kernels in chosen:
         for key, (variable, value) in KERNEL_VARIABLES.items():
             if key in kernels:
                 os.environ[variable] = value
@@ -95,7 +99,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-graphs", action="store_true")
-    parser.add_argument("--configs", nargs="*", default=None, help="labels of CONFIGS to run (default: all)")
+    parser.add_argument("--configs", nargs="*", default=None, help="ids of CONFIGS to run (default: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run(parser.parse_args(argv))
 
