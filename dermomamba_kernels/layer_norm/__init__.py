@@ -7,6 +7,9 @@ gives each program a tile of rows instead.
 Backends: "reference" (``torch.nn.functional.layer_norm`` itself, PyTorch's native kernels, any
 device), "cpu" (the same native kernel, CPU tensors), "triton" (CUDA tensors; CPU tensors under
 ``TRITON_INTERPRET=1``). The specification is :func:`layer_norm_ref` (naive.py).
+
+Also :func:`gated_layer_norm` (gated.py): ``LayerNorm(y) * silu(z)``, SS2D's output gate, fused into one
+Triton kernel each way (spec: :func:`gated_layer_norm_ref`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import _dispatch
 from .._dispatch import BackendUnavailableError, OpDispatcher, always, cpu_tensors
-from .naive import layer_norm_ref
+from .naive import gated_layer_norm_ref, layer_norm_ref
 
 # "auto" on CUDA: the Triton kernel for up to TRITON_AUTO_MAX_CHANNELS channels, PyTorch's native
 # kernel otherwise and for what the Triton kernel does not take (see _auto_takes_triton). On the CPU
@@ -152,4 +155,9 @@ def _triton(x, normalized_shape, weight, bias, eps):
     return y
 
 
-__all__ = ["layer_norm", "layer_norm_ref", "layer_norm_dispatcher"]
+# After the constants above: gated.py reads them from this module.
+from .gated import (GATED_BACKEND_ENV_VAR, gated_layer_norm, gated_layer_norm_backend,  # noqa: E402
+                    gated_layer_norm_dispatcher)
+
+__all__ = ["layer_norm", "layer_norm_ref", "layer_norm_dispatcher", "gated_layer_norm", "gated_layer_norm_ref",
+           "gated_layer_norm_backend", "gated_layer_norm_dispatcher", "GATED_BACKEND_ENV_VAR"]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..depthwise_conv import DepthwiseConv2d
+from ..layer_norm import gated_layer_norm, gated_layer_norm_backend
 from ..selective_scan import multiaxial_selective_scan
 from .layer_norm import LayerNorm
 
@@ -70,7 +71,10 @@ class SS2D(nn.Module):
             ``DERMOMAMBA_BACKEND`` environment variable, else auto).
         recompute_gate: in training, keep only y and z of the output gate
             ``out_proj(out_norm(y) * silu(z))`` for the backward and recompute the rest there (less
-            activation memory, same results); False keeps everything autograd saves.
+            activation memory, same results); False keeps everything autograd saves. Moot where the
+            norm and gate run fused (:func:`dermomamba_kernels.layer_norm.gated_layer_norm`'s triton
+            backend, chosen through ``out_norm.backend``): that op keeps only y, z and two fp32
+            statistics per row (and out_proj its input), so nothing is recomputed.
 
     Parameters (names and shapes as in VMamba v0, with d_inner = expand * d_model, K = 4):
         in_proj.weight (2 * d_inner, d_model); conv2d.weight (d_inner, 1, d_conv, d_conv);
@@ -176,14 +180,15 @@ class SS2D(nn.Module):
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
         y = self.scan(x)
         y = y.permute(0, 2, 3, 1).contiguous()
-        if self.recompute_gate and torch.is_grad_enabled() and (y.requires_grad or z.requires_grad):
+        fused = self._gate_is_fused(y, z)
+        if self.recompute_gate and not fused and torch.is_grad_enabled() and (y.requires_grad or z.requires_grad):
             # Autograd would keep the norm's fp32 output, silu(z) and out_proj's input for the
             # backward: three more maps per position than y and z themselves (at DermoMamba's first
             # stage, batch 16, fp16 autocast: ~150 MB). Recomputing the tail in the backward costs a
             # norm, an elementwise pass and a thin GEMM; the arithmetic is the same, so the results are.
             out = checkpoint(self._gated_output, y, z, use_reentrant=False, preserve_rng_state=False)
         else:
-            out = self._gated_output(y, z)
+            out = self._gated_output(y, z, fused)
         return self.dropout(out)
 
     def _input_projection(self, x: torch.Tensor):
@@ -194,9 +199,33 @@ class SS2D(nn.Module):
         halves = (slice(0, self.d_inner), slice(self.d_inner, 2 * self.d_inner))
         return tuple(F.linear(x, weight[half], None if bias is None else bias[half]) for half in halves)
 
-    def _gated_output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def _gated_output(self, y: torch.Tensor, z: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """out_proj(out_norm(y) * silu(z)): y (B, H, W, d_inner) fp32, z (B, H, W, d_inner)."""
+        norm = self.out_norm
         # The core's sum is fp32 (as in VMamba); under autocast the norm takes it as is. A model cast
         # to half/bf16 as a whole has low-precision norm weights, which need matching input.
-        y = self.out_norm(y.to(self.out_norm.weight.dtype))
-        return self.out_proj(y * F.silu(z))
+        y = y.to(norm.weight.dtype)
+        if fused:
+            # One kernel each way, its result written directly in the dtype out_proj casts to under
+            # autocast (the same values as the published fp32 product cast there, one copy fewer).
+            return self.out_proj(gated_layer_norm(y, z, norm.weight, norm.bias, norm.eps,
+                                                  out_dtype=_autocast_dtype(y), backend="triton"))
+        return self.out_proj(norm(y) * F.silu(z))
+
+    def _gate_is_fused(self, y: torch.Tensor, z: torch.Tensor) -> bool:
+        """Whether out_norm's backend runs the norm and the gate as one op (gated_layer_norm's rule for
+        "auto": opt-in through DERMOMAMBA_GATED_NORM_BACKEND=triton until measured)."""
+        norm = self.out_norm
+        if norm.weight is None or norm.bias is None or len(norm.normalized_shape) != 1:
+            return False
+        return gated_layer_norm_backend(y, z, norm.weight, norm.bias, out_dtype=_autocast_dtype(y),
+                                        backend=norm.backend) == "triton"
+
+
+def _autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype out_proj casts its input to under autocast on t's device (None without autocast, or on a
+    device with none, e.g. "meta" as the cost report runs the model)."""
+    device_type = t.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
