@@ -17,7 +17,8 @@
 #   quick    `dermomamba benchmark` (the model's own quick benchmark)
 #   cbam     benchmarks/bench_cbam.py with CUDA graphs and the per-kernel profile (issue 5)
 #   layers   benchmarks/bench_layers.py, drop-in layers vs mamba-ssm (issue 8)
-#   model    benchmarks/bench_model.py, whole network vs the published path (issue 9; BENCH_MODEL_ARGS)
+#   model    benchmarks/bench_model.py, whole network vs the published path (issue 9; BENCH_MODEL_ARGS; MODEL_ENV:
+#            VAR=value pairs for its process only, e.g. the opt-in kernels' variables)
 #   scan     benchmarks/bench_scan.py and bench_triton_scan.py (issues 3 and 4)
 #   scanv3   benchmarks/bench_scan_v3.py: the scan forward, warp vs lane vs lane4 kernels vs mamba-ssm
 #   ncu      Nsight Compute on each scan kernel form at 192x256 (benchmarks/ncu_scan_case.py; $OUT/ncu.log)
@@ -104,7 +105,7 @@ fi
 # MODEL_ALONE=1: the whole-network benchmark runs right after the build, before any test or other
 # benchmark starts, so that nothing else loads the host (its eager columns are host-bound).
 model_bench() {
-  bench model 420 python3 benchmarks/bench_model.py --json "$OUT/bench_model.json" \
+  bench model 420 env ${MODEL_ENV:-} python3 benchmarks/bench_model.py --json "$OUT/bench_model.json" \
     --markdown "$OUT/bench_model.md" --plot "$OUT/bench_model.png" ${BENCH_MODEL_ARGS:-}
 }
 if has model && [ -n "${MODEL_ALONE:-}" ]; then
