@@ -8,6 +8,8 @@ in one process on one GPU, forward and forward + backward (medians of ``triton.t
   mamba_ssm   the published code's path: 4 materialised direction copies, two einsums, mamba-ssm's
               selective_scan_fn, merge (only when mamba_ssm and its compiled selective_scan_cuda import)
   triton-alt-bwd    the same with the backward's tuning alternative (--alt-backward)
+  triton-baseline   the same op launching another version of kernels.py (--baseline-kernels FILE), to
+                    check that a kernel change did not slow it (same process, same inputs)
   published+triton  that same published path with our Triton 1-D scan in place of mamba-ssm's
   reference   multiaxial_selective_scan_ref (Python loop over L; only for L <= --reference-max-len)
 
@@ -15,13 +17,15 @@ and the Triton scan core alone (the multiaxial_scan_fwd op on precomputed projec
 bandwidth: bytes that must move (x, delta, B, C read once, y written once) over time, against the
 device-to-device copy bandwidth measured in the same run.
 
-Usage: python benchmarks/bench_triton_scan.py [--shapes 0,1] [--json out.json]
+Usage: python benchmarks/bench_triton_scan.py [--shapes 0,1] [--json out.json] [--baseline-kernels FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -44,17 +48,34 @@ from common import published_core as published_path  # noqa: E402
 
 
 
-def alternative_backward(op):
-    """op with the backward's tuning alternative (ops.SPLIT_BACKWARD flipped)."""
-
-    def run(*args):
+@contextlib.contextmanager
+def alternative_backward():
+    """The backward's tuning alternative (ops.SPLIT_BACKWARD flipped). Held over the forward AND the
+    backward: the op reads the flag when autograd runs its backward, after the forward has returned."""
+    ops.SPLIT_BACKWARD = not ops.SPLIT_BACKWARD
+    try:
+        yield
+    finally:
         ops.SPLIT_BACKWARD = not ops.SPLIT_BACKWARD
-        try:
-            return op(*args)
-        finally:
-            ops.SPLIT_BACKWARD = not ops.SPLIT_BACKWARD
 
-    return run
+
+def load_kernels(path):
+    """Another version of kernels.py (e.g. a previous commit's) as a module, to time against this one."""
+    spec = importlib.util.spec_from_file_location("baseline_triton_scan_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def kernels_from(module):
+    """The Triton ops launch ``module``'s kernels (same signatures as kernels.py) inside this block."""
+    saved = ops.kernels
+    ops.kernels = module
+    try:
+        yield
+    finally:
+        ops.kernels = saved
 
 
 def make_inputs(d_model, height, width, batch=BATCH, device="cuda"):
@@ -75,7 +96,8 @@ def time_ms(fn, warmup=25, rep=100):
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
-def fwd_and_fwd_bwd(op, args, quick=False):
+def fwd_and_fwd_bwd(op, args, quick=False, context=contextlib.nullcontext):
+    """(forward ms, forward + backward ms); ``context`` (a context-manager factory) is held over both."""
     grad = torch.randn(args[0].shape, device=args[0].device)
     kw = dict(warmup=1, rep=1) if quick else {}
 
@@ -86,7 +108,8 @@ def fwd_and_fwd_bwd(op, args, quick=False):
     def fwd_bwd():
         torch.autograd.grad(op(*args), args, grad)
 
-    return time_ms(fwd, **kw), time_ms(fwd_bwd, **kw)
+    with context():
+        return time_ms(fwd, **kw), time_ms(fwd_bwd, **kw)
 
 
 def scan_core(args):
@@ -109,6 +132,10 @@ def main():
     parser.add_argument("--no-published-triton", action="store_true")
     parser.add_argument("--alt-backward", action="store_true",
                         help="also time the backward's tuning alternative (ops.SPLIT_BACKWARD flipped)")
+    parser.add_argument("--baseline-kernels", default=None, metavar="KERNELS_PY",
+                        help="also time the Triton op with the kernels of this file (another version of "
+                             "kernels.py, e.g. `git show <commit>:dermomamba_kernels/selective_scan/triton/"
+                             "kernels.py`) as 'triton-baseline', and print triton / triton-baseline")
     parser.add_argument("--compile-only", action="store_true",
                         help="run each Triton path once at batch 2 (fills Triton's on-disk cache; run several "
                              "of these in parallel before timing)")
@@ -133,9 +160,15 @@ def main():
     if args_ns.compile_only:
         for index in (int(i) for i in args_ns.shapes.split(",")):
             args = make_inputs(*SHAPES[index], batch=2)
-            for op in (triton_scan.multiaxial_triton, alternative_backward(triton_scan.multiaxial_triton),
-                       published_path(triton_scan.selective_scan_triton)):
-                torch.autograd.grad(op(*args), args, torch.randn(args[0].shape, device="cuda"))
+            variants = [(triton_scan.multiaxial_triton, contextlib.nullcontext),
+                        (triton_scan.multiaxial_triton, alternative_backward),
+                        (published_path(triton_scan.selective_scan_triton), contextlib.nullcontext)]
+            if args_ns.baseline_kernels:
+                baseline = load_kernels(args_ns.baseline_kernels)
+                variants.append((triton_scan.multiaxial_triton, lambda: kernels_from(baseline)))
+            for op, context in variants:
+                with context():
+                    torch.autograd.grad(op(*args), args, torch.randn(args[0].shape, device="cuda"))
         torch.cuda.synchronize()
         return
     assert torch.cuda.is_available(), "the benchmark needs a CUDA GPU"
@@ -153,15 +186,23 @@ def main():
     info["copy_bandwidth_GBs"] = copy_bandwidth_gbs(time_ms)
     print(json.dumps(info, indent=1), flush=True)
 
-    paths = {"triton": lambda *a: multiaxial_selective_scan(*a, backend="triton")}
+    def triton_op(*a):
+        return multiaxial_selective_scan(*a, backend="triton")
+
+    # name -> (op, context-manager factory held over its forward and backward)
+    paths = {"triton": (triton_op, contextlib.nullcontext)}
+    if args_ns.baseline_kernels:
+        baseline = load_kernels(args_ns.baseline_kernels)
+        info["baseline_kernels"] = args_ns.baseline_kernels
+        paths["triton-baseline"] = (triton_op, lambda: kernels_from(baseline))
     if args_ns.alt_backward:
-        paths["triton-alt-bwd"] = alternative_backward(paths["triton"])
+        paths["triton-alt-bwd"] = (triton_op, alternative_backward)
     if cuda_reason is None:
-        paths["cuda"] = lambda *a: multiaxial_selective_scan(*a, backend="cuda")
+        paths["cuda"] = (lambda *a: multiaxial_selective_scan(*a, backend="cuda"), contextlib.nullcontext)
     if mamba_scan is not None:
-        paths["mamba_ssm"] = published_path(mamba_scan)
+        paths["mamba_ssm"] = (published_path(mamba_scan), contextlib.nullcontext)
     if not args_ns.no_published_triton:
-        paths["published+triton"] = published_path(triton_scan.selective_scan_triton)
+        paths["published+triton"] = (published_path(triton_scan.selective_scan_triton), contextlib.nullcontext)
     from dermomamba_kernels.selective_scan import multiaxial_selective_scan_ref
 
     rows = []
@@ -169,9 +210,9 @@ def main():
         d_model, height, width = SHAPES[index]
         args = make_inputs(d_model, height, width)
         row = {"d_model": d_model, "d_inner": 2 * d_model, "H": height, "W": width, "L": height * width}
-        for name, op in paths.items():
+        for name, (op, context) in paths.items():
             try:
-                row[name] = fwd_and_fwd_bwd(op, args)
+                row[name] = fwd_and_fwd_bwd(op, args, context=context)
             except Exception as exc:  # noqa: BLE001 - a failing path is reported, the others still run
                 row[name] = None
                 print(f"{name} failed at {SHAPES[index]}: {type(exc).__name__}: {exc}", flush=True)
@@ -191,18 +232,21 @@ def main():
     def ratio(row, num, den, i):
         return f"{row[num][i] / row[den][i]:.2f}x" if row.get(num) and row.get(den) else "-"
 
-    names = [n for n in ("triton", "triton-alt-bwd", "cuda", "mamba_ssm", "published+triton", "reference")
+    names = [n for n in ("triton", "triton-baseline", "triton-alt-bwd", "cuda", "mamba_ssm", "published+triton",
+                         "reference")
              if any(r.get(n) for r in rows)]
     print(f"\nGPU {info['gpu']}, {info['date']}, commit {info['commit']}, batch {BATCH}, N {DSTATE}, fp32; "
           f"copy bandwidth {info['copy_bandwidth_GBs']:.0f} GB/s")
     header = "| d_model @ HxW | " + " | ".join(f"{n} fwd / fwd+bwd ms" for n in names) + \
-             " | mamba_ssm/triton fwd+bwd | triton/cuda fwd+bwd | core fwd GB/s (% copy) |"
+             " | mamba_ssm/triton fwd+bwd | triton/cuda fwd+bwd | triton/triton-baseline fwd, fwd+bwd |" \
+             " core fwd GB/s (% copy) |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for r in rows:
         cells = [f"{cell(r, n, 0)} / {cell(r, n, 1)}" for n in names]
         print(f"| {r['d_model']} @ {r['H']}x{r['W']} | " + " | ".join(cells) +
               f" | {ratio(r, 'mamba_ssm', 'triton', 1)} | {ratio(r, 'triton', 'cuda', 1)} | "
+              f"{ratio(r, 'triton', 'triton-baseline', 0)}, {ratio(r, 'triton', 'triton-baseline', 1)} | "
               f"{r['core_fwd_GBs']:.0f} ({100 * r['core_fwd_GBs'] / info['copy_bandwidth_GBs']:.0f}%) |")
     if args_ns.json:
         with open(args_ns.json, "w") as fh:

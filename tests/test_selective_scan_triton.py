@@ -15,7 +15,7 @@ import torch
 
 from scan_oracles import closed_form_multiaxial, closed_form_scan
 from triton_scan_parity import (STRICT_FP32_FLOOR, check_multiaxial, check_selective_scan, multiaxial_inputs,
-                                rel_err, scan_inputs)
+                                rel_err, scan_inputs, with_fast_decay)
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
@@ -146,6 +146,24 @@ def test_multiaxial_gpu_degenerate_planes(seed, plane):
     inputs = multiaxial_inputs(1, 4, height, width, 16, "cuda")
     print(check_multiaxial(_triton().multiaxial_triton, inputs, torch.float32, oracle="recurrent",
                            floor=STRICT_FP32_FLOOR))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["variable", "constant"])
+def test_selective_scan_gpu_fast_decay(seed, layout):
+    """a_t = exp(delta_t A) often tiny (triton_scan_parity.with_fast_decay), over three GPU chunks: dA once
+    kept b_t's rounding error through a_t h_{t-1} = h_t - b_t, up to 9000 times the reference's error
+    under the interpreter. The default floor, as the interpreter's fast-decay cases explain."""
+    inputs = with_fast_decay(scan_inputs(1, 8, 2 * _gpu_chunk() + 5, 16, "cuda", b_layout=layout, c_layout=layout))
+    print(check_selective_scan(_triton().selective_scan_triton, inputs, torch.float32, oracle="recurrent"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("plane", [(3, 129), (24, 32)], ids=lambda p: f"{p[0]}x{p[1]}")
+def test_multiaxial_gpu_fast_decay(seed, plane):
+    """The same for the four SS2D directions (each forms a_t h_{t-1} in its own scan order)."""
+    inputs = with_fast_decay(multiaxial_inputs(1, 4, *plane, 16, "cuda"))
+    print(check_multiaxial(_triton().multiaxial_triton, inputs, torch.float32, oracle="recurrent"))
 
 
 @pytest.mark.gpu

@@ -39,6 +39,17 @@ def _linear_combine(a_first, b_first, a_second, b_second):
 
 
 @triton.jit
+def _linear_combine_with_previous(a_first, b_first, q_first, a_second, b_second, q_second):
+    # _linear_combine carrying a third part q: the state before the segment's last step times that
+    # step's decay, from a zero start (a_t h_{t-1} at the segment's last position t). A single step has
+    # q = 0; after composition the second segment's last step is the last one, so the first segment's
+    # state reaches it decayed by the whole second segment: q = a_second * b_first + q_second. Every
+    # term is a product, so q is as accurate as b itself, where h_t - b_t cancels when a_t is small.
+    carried = a_second * b_first
+    return a_first * a_second, carried + b_second, carried + q_second
+
+
+@triton.jit
 def _softplus(x):
     # log1p(exp(x)) without tl.log1p: Goldberg's correction keeps small exp(-|x|) accurate.
     e = tl.exp(-tl.abs(x))
@@ -85,20 +96,21 @@ def _load_state_tile(ptr, base, s_n, s_line, s_pos, nn, lines, pos, mask3):
 
 
 @triton.jit
-def _decayed_previous_state(h, bterm, acc_a, h_in, pos, seg_start, LEN, BJ: tl.constexpr, REV: tl.constexpr):
-    """a_t h_{t-1} of h_t = a_t h_{t-1} + b_t over a chunk's tile (NP, LINES, BJ), for dA and ddelta.
+def _state_and_decayed_previous(dt, A, bterm, h_in, REV: tl.constexpr):
+    """h_t and a_t h_{t-1} of h_t = a_t h_{t-1} + b_t over a chunk's tile (NP, LINES, BJ), from the
+    state h_in entering the chunk; a_t h_{t-1} feeds dA and ddelta.
 
-    Inside the chunk it is h_t - b_t, which needs no shifted copy of the state. At the chunk's first
-    position in scan order h_{t-1} is the entering state h_in and the scanned decay acc_a is a_t itself,
-    so the product is formed exactly there. That is where the exact value can be 0 (a sequence's first
-    position: all of dA at L = 1), and h_t - b_t is not 0 there on the GPU: the compiler fuses b_t's
-    product into the subtraction (an FMA), which then returns b_t's rounding error.
+    a_t h_{t-1} is not formed as h_t - b_t: where a_t is small (large delta |A|) h_t and b_t nearly
+    cancel, and the difference kept b_t's rounding error (dA thousands of times the reference's error
+    off in the tests' with_fast_decay draws).
+    The scan carries it as a product instead (_linear_combine_with_previous). At the chunk's first
+    position in scan order it is acc_a h_in = a_t h_in; at a sequence's first position, h_in = 0 makes
+    it exactly 0 (all of dA at L = 1), with or without a fused multiply-add.
     """
-    if REV:
-        first = pos == tl.minimum(seg_start + BJ, LEN) - 1
-    else:
-        first = pos == seg_start
-    return tl.where(first[None, :, :], acc_a * h_in[:, :, None], h - bterm)
+    acc_a, acc_b, acc_q = tl.associative_scan((tl.exp(dt[None, :, :] * A), bterm, tl.zeros_like(bterm)), 2,
+                                              _linear_combine_with_previous, reverse=REV)
+    entering = acc_a * h_in[:, :, None]
+    return entering + acc_b, entering + acc_q
 
 
 @triton.jit
@@ -395,11 +407,7 @@ def _bwd_one_direction(
         g_in = tl.load(genter_ptr + chunk_offs, mask=line_ok[None, :], other=0.0)
         dtu = dt * u
         bterm = dtu[None, :, :] * Bt
-        acc_a, acc_b = tl.associative_scan((tl.exp(dt[None, :, :] * A), bterm), 2, _linear_combine,
-                                          reverse=REV)
-        h = acc_a * h_in[:, :, None] + acc_b
-        # Formed next to h from acc_a and bterm, which need not outlive it.
-        h_minus_b = _decayed_previous_state(h, bterm, acc_a, h_in, pos, seg_start, LEN, BJ, REV)
+        h, decayed_prev = _state_and_decayed_previous(dt, A, bterm, h_in, REV)
         if HAS_Z:
             y = tl.sum(h * Ct, axis=0)
             if HAS_D:
@@ -412,10 +420,10 @@ def _bwd_one_direction(
                                            _linear_combine, reverse=AGAINST)
         g = acc_g + acc_p * g_in[:, :, None]
         gB = tl.sum(g * Bt, axis=0)
-        ddt = tl.sum(g * A * h_minus_b, axis=0) + u * gB
+        ddt = tl.sum(g * A * decayed_prev, axis=0) + u * gB
         du = dt * gB
         tl.store(dA_part + (part * NDIR * DK + ch) * NP + nn,
-                 tl.sum(tl.sum(g * dt[None, :, :] * h_minus_b, axis=2), axis=1))
+                 tl.sum(tl.sum(g * dt[None, :, :] * decayed_prev, axis=2), axis=1))
         grad_b = g * dtu[None, :, :]
         grad_c = h * dy[None, :, :]
         if B_CONST:
@@ -473,8 +481,8 @@ def bwd_grads_split_kernel(
     programs, at the price of a per-direction du buffer that the caller sums.
 
     With h_t = a_t h_{t-1} + b_t, a_t = exp(delta_t A), b_t = delta_t u_t B_t and y_t = C_t . h_t:
-      g_t = C_t dy_t + a_{t+1} g_{t+1};   a_t h_{t-1} = h_t - b_t (a_t h_in at a chunk's first position);
-      ddelta_t = sum_n g (A (h - b) + B u);  du_t = delta_t sum_n g B;  dA = sum_t g delta (h - b);
+      g_t = C_t dy_t + a_{t+1} g_{t+1};   a_t h_{t-1} from the scan (_state_and_decayed_previous);
+      ddelta_t = sum_n g (A a_t h_{t-1} + B u);  du_t = delta_t sum_n g B;  dA = sum_t g delta a_t h_{t-1};
       dB_t = g delta u;  dC_t = dy h.
     du is written per direction (stride sdu_r); the caller sums the directions.
     """
@@ -530,8 +538,8 @@ def bwd_grads_kernel(
     up in registers and is written once (ACCUMULATE adds it to what is already there).
 
     With h_t = a_t h_{t-1} + b_t, a_t = exp(delta_t A), b_t = delta_t u_t B_t and y_t = C_t . h_t:
-      g_t = C_t dy_t + a_{t+1} g_{t+1};   a_t h_{t-1} = h_t - b_t (a_t h_in at a chunk's first position);
-      ddelta_t = sum_n g (A (h - b) + B u);  du_t = delta_t sum_n g B;  dA = sum_t g delta (h - b);
+      g_t = C_t dy_t + a_{t+1} g_{t+1};   a_t h_{t-1} from the scan (_state_and_decayed_previous);
+      ddelta_t = sum_n g (A a_t h_{t-1} + B u);  du_t = delta_t sum_n g B;  dA = sum_t g delta a_t h_{t-1};
       dB_t = g delta u;  dC_t = dy h.
     """
     pid_t = tl.program_id(0)
@@ -608,11 +616,7 @@ def bwd_grads_kernel(
             g_in = tl.load(genter_ptr + chunk_offs, mask=line_ok[None, :], other=0.0)
             dtu = dt * u
             bterm = dtu[None, :, :] * Bt
-            acc_a, acc_b = tl.associative_scan((tl.exp(dt[None, :, :] * A), bterm), 2, _linear_combine,
-                                              reverse=r == 1)
-            h = acc_a * h_in[:, :, None] + acc_b
-            # Formed next to h from acc_a and bterm, which need not outlive it.
-            h_minus_b = _decayed_previous_state(h, bterm, acc_a, h_in, pos, seg_start, LEN, BJ, r == 1)
+            h, decayed_prev = _state_and_decayed_previous(dt, A, bterm, h_in, r == 1)
             if HAS_Z:
                 y = tl.sum(h * Ct, axis=0)
                 if HAS_D:
@@ -624,10 +628,10 @@ def bwd_grads_kernel(
                                                _linear_combine, reverse=r == 0)
             g = acc_g + acc_p * g_in[:, :, None]
             gB = tl.sum(g * Bt, axis=0)
-            ddt = tl.sum(g * A * h_minus_b, axis=0) + u * gB
+            ddt = tl.sum(g * A * decayed_prev, axis=0) + u * gB
             du += dt * gB
             tl.store(dA_part + (part * NDIR * DK + ch) * NP + nn,
-                     tl.sum(tl.sum(g * dt[None, :, :] * h_minus_b, axis=2), axis=1))
+                     tl.sum(tl.sum(g * dt[None, :, :] * decayed_prev, axis=2), axis=1))
             grad_b = g * dtu[None, :, :]
             grad_c = h * dy[None, :, :]
             if B_CONST:
