@@ -26,6 +26,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from dermomamba_kernels import graph_recording
+
 PRECISIONS = ("fp32", "fp16", "bf16")
 # Released recipe: Adam at 1e-4 (the step's cost does not depend on the value).
 LEARNING_RATE = 1e-4
@@ -137,13 +139,15 @@ def capture_cuda_graph(fn: Callable[[], object], warmup: int = CAPTURE_WARMUP_CA
     """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        result = fn()
+    # Warm-up and capture run the kernels chosen for graphs (see dermomamba_kernels.graph_recording).
+    with graph_recording():
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            result = fn()
     return graph, result
 
 
@@ -178,7 +182,7 @@ def make_graphed_train_step(model, images, masks, criterion, precision: str = "f
 
     side_warmup = torch.cuda.Stream()
     side_warmup.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side_warmup):
+    with graph_recording(), torch.cuda.stream(side_warmup):
         for _ in range(CAPTURE_WARMUP_CALLS):
             warm_step()
     torch.cuda.current_stream().wait_stream(side_warmup)

@@ -58,6 +58,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+from dermomamba_kernels import graph_recording
+
 from .config import TrainConfig, load_config, resolve_config, save_config
 from .data.augment import PublishedAugmentation
 from .data.folders import DataError, SegmentationDataset, discover
@@ -542,7 +544,8 @@ class GraphedTrainStep:
             self.calls += 1
             side = torch.cuda.Stream()
             side.wait_stream(current)
-            with torch.cuda.stream(side):
+            # The kernels chosen for graphs, in the warm-ups too: they compile what the capture records.
+            with graph_recording(), torch.cuda.stream(side):
                 self.optimizer.zero_grad(set_to_none=True)
                 outputs = self._body()
             current.wait_stream(side)
@@ -550,7 +553,7 @@ class GraphedTrainStep:
         # Gradients None before the capture: the recorded backward writes them (no accumulation) on every replay.
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with graph_recording(), torch.cuda.graph(graph):
             self.outputs = self._body()
         self.graph = graph
         # A capture records without running: this call's step is the first replay.

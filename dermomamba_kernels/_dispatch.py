@@ -13,9 +13,11 @@ names above); a ``backend=`` argument always wins over it. Which backend ran las
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import threading
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -33,6 +35,38 @@ AUTO_ORDER = {
 Availability = Callable[[torch.device], Optional[str]]
 
 _DISPATCHERS: Dict[str, "OpDispatcher"] = {}
+
+
+_graph_recording = threading.local()
+
+
+@contextlib.contextmanager
+def graph_recording():
+    """Marks code that is warmed up for and recorded into a CUDA graph (replayed later without the host).
+
+    Some Triton kernels (BatchNorm on few channels, the depthwise convs' weight gradient, the fused gated
+    LayerNorm) do a call's work in less GPU time than PyTorch's kernels but with more, smaller launches. In
+    a graph the launches cost nothing and they win; issued one by one from Python, a host-bound eager step
+    loses more in launches than it gains (measured: benchmarks/RESULTS.md, seventh session). So their
+    "auto" picks them inside this context and PyTorch's kernels outside it. The warm-up calls before a
+    capture must run inside it too: they compile the kernels the capture records.
+
+    Example:
+        >>> with graph_recording():
+        ...     in_graph_recording()
+        True
+    """
+    depth = getattr(_graph_recording, "depth", 0)
+    _graph_recording.depth = depth + 1
+    try:
+        yield
+    finally:
+        _graph_recording.depth = depth
+
+
+def in_graph_recording() -> bool:
+    """True inside :func:`graph_recording` (on this thread)."""
+    return getattr(_graph_recording, "depth", 0) > 0
 
 
 class BackendUnavailableError(RuntimeError):

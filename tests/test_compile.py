@@ -350,3 +350,51 @@ def test_train_step_never_syncs_with_the_host(seed, precision):
         torch.cuda.set_sync_debug_mode(previous)
     torch.cuda.synchronize()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _launch_bound_layers(device):
+    from dermomamba_kernels.depthwise_conv import DepthwiseConv2d
+    from dermomamba_kernels.layers import SS2D
+    from dermomamba_kernels.layers.batch_norm import BatchNorm2d
+
+    return BatchNorm2d(8).to(device), DepthwiseConv2d(8, 3).to(device), SS2D(4).to(device)
+
+
+def test_graph_recording_leaves_cpu_kernels_alone(seed, monkeypatch):
+    """On the CPU there are no graphs: inside graph_recording "auto" runs what it runs outside."""
+    for variable in ("DERMOMAMBA_BATCHNORM_BACKEND", "DERMOMAMBA_DEPTHWISE_BACKEND", "DERMOMAMBA_GATED_NORM_BACKEND"):
+        monkeypatch.delenv(variable, raising=False)
+    bn, conv, ss2d = _launch_bound_layers("cpu")
+    x = torch.randn(2, 8, 6, 5)
+    with dk.graph_recording():
+        assert dk.in_graph_recording()
+        ss2d(conv(bn(x))[:, :4].permute(0, 2, 3, 1))
+        inside = {op: dk.last_backend(op) for op in ("batch_norm", "depthwise_conv2d", "gated_layer_norm")}
+    assert not dk.in_graph_recording()
+    assert "triton" not in inside.values(), inside
+
+
+@pytest.mark.gpu
+def test_graph_recording_picks_the_launch_bound_kernels(seed, monkeypatch):
+    """Inside graph_recording "auto" runs Triton BatchNorm, the Triton depthwise weight gradient and the fused
+    gated norm (their launches are free in a graph); outside it, PyTorch's kernels (host-bound eager steps)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    for variable in ("DERMOMAMBA_BATCHNORM_BACKEND", "DERMOMAMBA_DEPTHWISE_BACKEND", "DERMOMAMBA_GATED_NORM_BACKEND"):
+        monkeypatch.delenv(variable, raising=False)
+    bn, conv, ss2d = _launch_bound_layers("cuda")
+    x = torch.randn(2, 8, 6, 5, device="cuda", requires_grad=True)
+    ops = ("batch_norm", "depthwise_conv2d", "gated_layer_norm")
+
+    def run():
+        for op in ops:  # an op that does not run (the unfused gate) must not report an earlier call's backend
+            dk._dispatch._DISPATCHERS[op].last_backend = None
+        out = ss2d(conv(bn(x))[:, :4].permute(0, 2, 3, 1))
+        out.square().mean().backward()
+        return {op: dk.last_backend(op) for op in ops}
+
+    with dk.graph_recording():
+        inside = run()
+    outside = run()
+    assert inside == {op: "triton" for op in ops}, inside
+    assert "triton" not in outside.values(), outside

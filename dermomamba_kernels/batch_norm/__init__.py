@@ -79,10 +79,13 @@ def batch_norm(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_va
 def _auto_prefers_triton(device: torch.device) -> bool:
     """Whether "auto" is opted into the Triton kernels (AUTO_ENV_VAR) and they can run on ``device``.
     (A constant under torch.compile: read once, when the graph is traced.)"""
-    choice = os.environ.get(AUTO_ENV_VAR, "native").strip().lower() or "native"
-    if choice not in AUTO_ENV_CHOICES:
+    choice = os.environ.get(AUTO_ENV_VAR, "").strip().lower()
+    if choice and choice not in AUTO_ENV_CHOICES:
         raise ValueError(f"{AUTO_ENV_VAR}={choice!r}: expected one of {', '.join(AUTO_ENV_CHOICES)}")
-    return (choice == "triton" and device.type == "cuda"
+    # Unset: the Triton kernels while a CUDA graph is recorded (their launches are free there), PyTorch's
+    # in eager steps (see _dispatch.graph_recording).
+    wanted = choice == "triton" or (not choice and _dispatch.in_graph_recording())
+    return (wanted and device.type == "cuda"
             and batch_norm_dispatcher.unavailable_reason("triton", device) is None)
 
 

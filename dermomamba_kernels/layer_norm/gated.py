@@ -83,8 +83,13 @@ def _preselect(y, z, weight, bias, out_dtype, backend) -> Optional[str]:
 
 @torch.compiler.assume_constant_result
 def triton_opted_in() -> bool:
-    """Whether ``DERMOMAMBA_GATED_NORM_BACKEND=triton`` lets "auto" take the Triton kernel."""
-    return os.environ.get(GATED_BACKEND_ENV_VAR, "").strip().lower() == "triton"
+    """Whether "auto" may take the Triton kernel: ``DERMOMAMBA_GATED_NORM_BACKEND=triton``, or the variable
+    unset while a CUDA graph is recorded (its launches cost nothing there; see _dispatch.graph_recording);
+    ``=reference`` never."""
+    choice = os.environ.get(GATED_BACKEND_ENV_VAR, "").strip().lower()
+    if choice not in ("", "auto", "triton", "reference"):
+        raise ValueError(f"{GATED_BACKEND_ENV_VAR}={choice!r}: expected triton, reference or auto")
+    return choice == "triton" or (choice in ("", "auto") and _dispatch.in_graph_recording())
 
 
 def _auto_takes_triton(device: torch.device, y, z, weight, bias, out_dtype) -> bool:
