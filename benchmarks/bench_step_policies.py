@@ -31,19 +31,22 @@ from dermomamba_kernels.selective_scan import extension  # noqa: E402
 
 # Large enough that no DermoMamba call is ever sliced: the unsliced backward.
 UNSLICED = 1 << 62
-# Opt-in kernels, by the environment variable that selects them and its value.
-KERNEL_VARIABLES = {"dw": ("DERMOMAMBA_DEPTHWISE_BACKEND", "triton"), "bn": ("DERMOMAMBA_BATCHNORM_BACKEND", "triton"),
-                    "gate": ("DERMOMAMBA_GATED_NORM_BACKEND", "triton")}
-# (id, label, recompute_gate, sliced backward, opt-in kernels)
+# The kernels whose "auto" differs between eager steps (PyTorch's) and CUDA graphs (Triton's; see
+# dermomamba_kernels.graph_recording), by the environment variable that forces one or the other.
+KERNEL_VARIABLES = {"dw": "DERMOMAMBA_DEPTHWISE_BACKEND", "bn": "DERMOMAMBA_BATCHNORM_BACKEND",
+                    "gate": "DERMOMAMBA_GATED_NORM_BACKEND"}
+PYTORCH = {"dw": "reference", "bn": "native", "gate": "reference"}
+TRITON = {"dw": "triton", "bn": "triton", "gate": "triton"}
+# (id, label, recompute_gate, sliced backward, forced kernels {key: value}; unset = auto)
 CONFIGS = [
-    ("defaults", "defaults", True, True, ()),
-    ("dw", "+ Triton depthwise weight grad", True, True, ("dw",)),
-    ("bn", "+ Triton BatchNorm", True, True, ("bn",)),
-    ("both", "+ both", True, True, ("dw", "bn")),
-    ("keep-gate", "+ both, gate kept", False, True, ("dw", "bn")),
-    ("unsliced", "+ both, backward unsliced", True, False, ("dw", "bn")),
-    ("fused-gate", "+ both + fused gated norm", True, True, ("dw", "bn", "gate")),
-    ("fused-gate-kept", "+ both + fused gated norm, no checkpoint", False, True, ("dw", "bn", "gate")),
+    ("defaults", "defaults (graph: Triton BN / dw / fused gate; eager: PyTorch's)", True, True, {}),
+    ("pytorch", "PyTorch's BN, dw weight grad and unfused gate everywhere", True, True, PYTORCH),
+    ("triton", "the Triton ones everywhere (eager too)", True, True, TRITON),
+    ("no-bn", "defaults but PyTorch's BatchNorm", True, True, {"bn": "native"}),
+    ("no-dw", "defaults but PyTorch's depthwise weight grad", True, True, {"dw": "reference"}),
+    ("no-gate", "defaults but the unfused gate", True, True, {"gate": "reference"}),
+    ("keep-gate", "defaults, unfused gate kept (no checkpoint)", False, True, {"gate": "reference"}),
+    ("unsliced", "defaults, scan backward unsliced", True, False, {}),
 ]
 
 
@@ -60,10 +63,10 @@ def run(args):
     if unknown:
         raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {[c[0] for c in CONFIGS]}")
     chosen = [c for c in CONFIGS if not args.configs or c[0] in args.configs]
-    for _, label, recompute_gate, sliced, kernels in chosen:
-        for key, (variable, value) in KERNEL_VARIABLES.items():
-            if key in kernels:
-                os.environ[variable] = value
+    for _, label, recompute_gate, sliced, forced in chosen:
+        for key, variable in KERNEL_VARIABLES.items():
+            if key in forced:
+                os.environ[variable] = forced[key]
             else:
                 os.environ.pop(variable, None)
         extension.BACKWARD_SLICE_PROJECTION_ELEMENTS = default_slice if sliced else UNSLICED
@@ -77,9 +80,15 @@ def run(args):
         eager_peak = bench.peak_memory_bytes(step, device)
         graph_ms = graph_peak = None
         if device.type == "cuda" and not args.no_graphs:
+            # The graph's peak: its warm-up steps, the capture (whose pool the replays reuse) and a replay.
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
             graphed = bench.make_graphed_train_step(model, images, masks, criterion, args.precision)
+            graphed()
+            torch.cuda.synchronize(device)
+            graph_peak = torch.cuda.max_memory_allocated(device)
             graph_ms = bench.median(bench.time_ms(graphed, device, warmup=args.warmup, repeats=args.repeats))
-            graph_peak = bench.peak_memory_bytes(graphed, device)
         gib = lambda b: "-" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
         ms = lambda t: "-" if t is None else f"{t:.2f}"  # noqa: E731
         print(f"| {label} | {recompute_gate} | {sliced} | {eager:.2f} | {gib(eager_peak)} | {ms(graph_ms)} | {gib(graph_peak)} |",
