@@ -112,6 +112,9 @@ if has model && [ -n "${MODEL_ALONE:-}" ]; then
   wait_for_mamba
   model_bench
 fi
+# POLICIES_ALONE=1: likewise the step-policy benchmark (its eager column is host-bound too).
+policies_bench() { bench policies 300 python3 benchmarks/bench_step_policies.py ${POLICIES_ARGS:-}; }
+has policies && [ -n "${POLICIES_ALONE:-}" ] && policies_bench
 
 run_tests() {
   if has tests; then
@@ -169,7 +172,7 @@ if has ncu; then
     python3 benchmarks/ncu_scan_case.py
 fi
 has layernorm && bench layernorm 150 python3 benchmarks/bench_small_layernorm.py
-has policies && bench policies 300 python3 benchmarks/bench_step_policies.py ${POLICIES_ARGS:-}
+has policies && [ -z "${POLICIES_ALONE:-}" ] && policies_bench
 has dwconv && bench dwconv 200 python3 benchmarks/bench_depthwise_conv.py ${DWCONV_ARGS:-}
 has batchnorm && bench batchnorm 200 python3 benchmarks/bench_batch_norm.py ${BATCHNORM_ARGS:-}
 has gatednorm && bench gatednorm 150 python3 benchmarks/bench_gated_layer_norm.py ${GATEDNORM_ARGS:-}
