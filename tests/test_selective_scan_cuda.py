@@ -628,13 +628,34 @@ STAGED_BWD_CASES = [
 ]
 
 
+# The staged backward's variants (csrc/cuda/scan_staged_layout.h, DERMOMAMBA_STAGED_BWD_VARIANT): "v4" (the
+# default) and the "lean" / "lean80" forms with fewer registers per lane (more warps per SM).
+STAGED_BWD_VARIANT_VARIABLE = "DERMOMAMBA_STAGED_BWD_VARIANT"
+STAGED_BWD_VARIANTS = ["v4", "lean", "lean80"]
+
+
 @requires_cuda_kernels
+@pytest.mark.parametrize("variant", STAGED_BWD_VARIANTS)
 @pytest.mark.parametrize("case", STAGED_BWD_CASES, ids=lane_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_multiaxial_backward_staged_shapes(seed, case, dtype, deterministic, monkeypatch):
-    """Every gradient of the staged backward against float64, from the staged forward's chunk_states."""
+def test_multiaxial_backward_staged_shapes(seed, case, dtype, deterministic, variant, monkeypatch):
+    """Every gradient of the staged backward (each variant) against float64, from the staged forward's
+    chunk_states."""
+    monkeypatch.setenv(STAGED_BWD_VARIANT_VARIABLE, variant)
     check_backward_kernel_shape("staged", case, dtype, deterministic, monkeypatch)
+
+
+@requires_cuda_kernels
+def test_staged_backward_variant_name_is_checked(seed, monkeypatch):
+    m = make_multiaxial(1, 4, 5, 6, 8, torch.float32)
+    _, states, _ = run_multiaxial_op(m, True, chunk=16)
+    dy = torch.randn_like(m["x"], dtype=torch.float32)
+    monkeypatch.setenv(BWD_KERNEL_VARIABLE, "staged")
+    monkeypatch.setenv(STAGED_BWD_VARIANT_VARIABLE, "leaner")
+    with pytest.raises(RuntimeError, match=STAGED_BWD_VARIANT_VARIABLE):
+        ops().multiaxial_scan_bwd(dy, m["x"], m["delta"], m["A"], m["B"], m["C"], m["D"], m["delta_bias"], True,
+                                  states, 16, False)
 
 
 @requires_cuda_kernels

@@ -183,6 +183,76 @@ __device__ __forceinline__ void walk_backward_block(const float2* step, const fl
   }
 }
 
+// Walk B of the lean variants (scan_staged_layout.h, "compile-time variants"): the same values as
+// walk_backward_block, with a lane holding arrays of kBlock / 2 positions instead of kBlock.
+//   * h_{t-1} of the block's lower half is parked in the lane's own reduce row (row[j], j < kBlock / 2),
+//     each slot read back just before the lane's dB / dC value of position j overwrites it;
+//   * dB / dC: the warp's two channels (slots 2m, 2m + 1, lanes n and n + 16) are summed by one xor
+//     shuffle: the even slot's row gets the dB sum, the odd slot's row the dC sum;
+//   * du and ddelta: the upper half's per-state terms wait in du_hi / dd_hi; as the walk reaches the
+//     lower half, position j's terms meet position j + kBlock / 2's in the first round of the transposed
+//     butterfly (lane::transposed_sum_rounds with half kBlock / 2, the same operands in the same order),
+//     and the caller runs the remaining rounds on the kBlock / 2 results.
+// The kernel instantiates the full walk only (kMasked false: see walk F in staged_bwd_body); a masked
+// walk would be correct as written, but its per-position predicates spill under the lean register caps.
+template <typename S, bool kMasked>
+__device__ __forceinline__ void walk_backward_block_lean(const float2* step, const float* dy, const float* B,
+                                                         const float* C, int n, int length, float A2, float An,
+                                                         float h, bool odd_slot, float& o, float& dA, float* row,
+                                                         float (&v_du)[S::kBlock / 2],
+                                                         float (&v_dd)[S::kBlock / 2]) {
+  constexpr int kHalf = S::kBlock / 2;
+  static_assert(S::kSeqsPerWarp == 2, "the dB / dC pair sum pairs the two channels of a warp");
+  float h_hi[kHalf];
+#pragma unroll
+  for (int j = 0; j < S::kBlock; ++j) {
+    if (!kMasked || j < length) {
+      const float2 s = step[j];
+      if (j < kHalf) {
+        row[j] = h;
+      } else {
+        h_hi[j - kHalf] = h;
+      }
+      h = exp2f(s.x * A2) * h + (s.x * s.y) * B[j * S::kGroup + n];
+    }
+  }
+  // As in walk_backward_block: the loop below reads step and B again instead of keeping them live.
+  __syncwarp();
+  const bool upper = (n & kHalf) != 0;
+  float du_hi[kHalf], dd_hi[kHalf];
+#pragma unroll
+  for (int j = S::kBlock - 1; j >= 0; --j) {
+    float du = 0.f, dd = 0.f;
+    if (!kMasked || j < length) {
+      const float2 s = step[j];
+      const float dyv = dy[j];
+      const float Bv = B[j * S::kGroup + n];
+      const float decay = exp2f(s.x * A2);
+      const float h_prev = j < kHalf ? row[j] : h_hi[j - kHalf];
+      const float decayed_prev = decay * h_prev;
+      const float g = dyv * C[j * S::kGroup + n] + o;
+      const float h_j = decayed_prev + (s.x * s.y) * Bv;
+      const float g_delta = g * s.x;
+      const float term_B = g_delta * s.y;
+      const float term_C = dyv * h_j;
+      // length is the same for the whole warp (one sub-chunk), so every lane takes part in the shuffle.
+      const float partner = __shfl_xor_sync(kFullMask, odd_slot ? term_B : term_C, S::kGroup);
+      row[j] = odd_slot ? partner + term_C : term_B + partner;
+      du = g_delta * Bv;
+      dd = g * (s.y * Bv + An * decayed_prev);
+      dA += g_delta * decayed_prev;
+      o = decay * g;
+    }
+    if (j >= kHalf) {
+      du_hi[j - kHalf] = du;
+      dd_hi[j - kHalf] = dd;
+    } else {
+      v_du[j] = (upper ? du_hi[j] : du) + __shfl_xor_sync(kFullMask, upper ? du : du_hi[j], kHalf);
+      v_dd[j] = (upper ? dd_hi[j] : dd) + __shfl_xor_sync(kFullMask, upper ? dd : dd_hi[j], kHalf);
+    }
+  }
+}
+
 // Sum over the kGroup lanes of a group (every lane gets the total).
 template <typename S>
 __device__ __forceinline__ float staged_group_sum(float v) {
@@ -207,11 +277,13 @@ __device__ __forceinline__ int sub_blocks(const ScanParams& p, const StagedLayou
 template <int kGroup>
 constexpr int kBwdMaxThreads = kGroup == kNarrowGroup ? kMaxThreads : kMaxBwdThreadsWide;
 
-template <typename bc_t, typename S>
-__global__ void __launch_bounds__(kBwdMaxThreads<S::kGroup>, 1) scan_staged_bwd(ScanParams p) {
+// The kernel's body, for the v4 kernel and the lean variants (kVariant: staged_bwd_variant_config).
+template <typename bc_t, typename S, int kVariant>
+__device__ __forceinline__ void staged_bwd_body(const ScanParams& p) {
   static_assert(S::kRows == 1 && S::kBlock == S::kGroup, "one position per lane and block");
   constexpr int G = S::kGroup;
-  const StagedLayout l = staged_bwd_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
+  constexpr bool kLean = staged_bwd_variant_config(kVariant).lean;
+  const StagedLayout l = staged_bwd_layout_for(kVariant, p.dim, p.dstate, p.chunk_size, p.num_chunks);
   const BwdTileShared sh = bwd_tile_shared(l);
   __shared__ int ticket;
   if (threadIdx.x == 0) ticket = atomicAdd(p.tile_ticket, 1);
@@ -258,7 +330,12 @@ __global__ void __launch_bounds__(kBwdMaxThreads<S::kGroup>, 1) scan_staged_bwd(
       checkpoint[k * lanes] = h;
       const int base = blk.t0 - w.t0;
       const int length = blk.end - blk.t0;
-      if (length == G) {
+      // The lean variants run only where chunk_size is a multiple of G (staged_bwd_layout_for), so a
+      // block is short only at the sequence's end, and its positions up to the chunk's end are staged
+      // (step, B, C and dy zero past L): the full walk passes h, decay and agg through them unchanged
+      // (a = 1, zero terms), as walk B does o; its terms there are zero or never stored. No masked walk,
+      // whose per-position predicates spill under the lean register caps.
+      if (kLean || length == G) {
         walk_forward_block<S, false>(step + base, dy + base, sh.fwd.B + base * G, sh.fwd.C + base * G, n, length, A2,
                                      h, decay, agg);
       } else {
@@ -330,9 +407,10 @@ __global__ void __launch_bounds__(kBwdMaxThreads<S::kGroup>, 1) scan_staged_bwd(
       p.grad_bc_mode == kGradBCPartials
           ? ((static_cast<int64_t>(w.batch) * p.num_bc_groups + w.direction) * l.channel_blocks + block_in_group) * N
           : (static_cast<int64_t>(w.batch) * p.num_bc_groups + w.direction) * N;
-  const int reduce_plane = l.subs * lanes * l.reduce_row;  // dB rows, then dC rows
+  const int reduce_plane = l.subs * lanes * l.reduce_row;  // dB rows, then dC rows (v4; lean: one plane)
   float* red_B = sh.reduce + (sub * lanes + lane_index) * l.reduce_row;
   float* red_C = red_B + reduce_plane;
+  const bool odd_slot = (slot & 1) != 0;
   float dA = 0.f, dD = 0.f, dbias = 0.f;
   for (int k = l.blocks_per_sub - 1; k >= 0; --k) {
     const bool active = k < blocks;
@@ -342,17 +420,26 @@ __global__ void __launch_bounds__(kBwdMaxThreads<S::kGroup>, 1) scan_staged_bwd(
       const int base = blk.t0 - w.t0;
       const int length = blk.end - blk.t0;
       const float h = checkpoint[k * lanes];
-      float v_du[G], v_dd[G];
-      if (length == G) {
-        walk_backward_block<S, false>(step + base, dy + base, sh.fwd.B + base * G, sh.fwd.C + base * G, n, length,
-                                      A2, An, h, o, dA, red_B, red_C, v_du, v_dd);
+      float v_du[kLean ? G / 2 : G], v_dd[kLean ? G / 2 : G];
+      if constexpr (kLean) {
+        // Always the full walk (see walk F: a block is short only at the sequence's end).
+        walk_backward_block_lean<S, false>(step + base, dy + base, sh.fwd.B + base * G, sh.fwd.C + base * G, n,
+                                           length, A2, An, h, odd_slot, o, dA, red_B, v_du, v_dd);
+        // The butterfly's first round ran in the walk; the rest as in lane::transposed_group_sum.
+        lane::transposed_sum_rounds<G / 4, G / 2, G / 2>(v_du, n);
+        lane::transposed_sum_rounds<G / 4, G / 2, G / 2>(v_dd, n);
       } else {
-        walk_backward_block<S, true>(step + base, dy + base, sh.fwd.B + base * G, sh.fwd.C + base * G, n, length,
-                                     A2, An, h, o, dA, red_B, red_C, v_du, v_dd);
+        if (length == G) {
+          walk_backward_block<S, false>(step + base, dy + base, sh.fwd.B + base * G, sh.fwd.C + base * G, n, length,
+                                        A2, An, h, o, dA, red_B, red_C, v_du, v_dd);
+        } else {
+          walk_backward_block<S, true>(step + base, dy + base, sh.fwd.B + base * G, sh.fwd.C + base * G, n, length,
+                                       A2, An, h, o, dA, red_B, red_C, v_du, v_dd);
+        }
+        lane::transposed_group_sum<S>(v_du, n);
+        lane::transposed_group_sum<S>(v_dd, n);
       }
       // Lane n now holds the sums over states of position base + n.
-      lane::transposed_group_sum<S>(v_du, n);
-      lane::transposed_group_sum<S>(v_dd, n);
       if (n < length && seq_ok) {
         const int t = base + n;
         const float2 s = step[t];
@@ -390,9 +477,17 @@ __global__ void __launch_bounds__(kBwdMaxThreads<S::kGroup>, 1) scan_staged_bwd(
       const float* row_C = row_B + reduce_plane;
       const int slot_stride = G * l.reduce_row;
       float sum_B = 0.f, sum_C = 0.f;
-      for (int q = 0; q < w.block_channels; ++q) {
-        sum_B += row_B[q * slot_stride];
-        sum_C += row_C[q * slot_stride];
+      if constexpr (kLean) {
+        // Slot pair m: row 2m holds the pair's dB sum, row 2m + 1 its dC sum (an idle odd slot added zeros).
+        for (int q = 0; q < w.block_channels; q += 2) {
+          sum_B += row_B[q * slot_stride];
+          sum_C += row_B[(q + 1) * slot_stride];
+        }
+      } else {
+        for (int q = 0; q < w.block_channels; ++q) {
+          sum_B += row_B[q * slot_stride];
+          sum_C += row_C[q * slot_stride];
+        }
       }
       const int2 hw = sh.fwd.place[b.t0 - w.t0 + j];
       store_grad_bc<bc_t>(p, (bc_plane + n_e) * p.length + hw.x * p.width + hw.y, sum_B, sum_C);
@@ -412,23 +507,48 @@ __global__ void __launch_bounds__(kBwdMaxThreads<S::kGroup>, 1) scan_staged_bwd(
   }
 }
 
+template <typename bc_t, typename S>
+__global__ void __launch_bounds__(kBwdMaxThreads<S::kGroup>, 1) scan_staged_bwd(ScanParams p) {
+  staged_bwd_body<bc_t, S, kStagedBwdDefaultVariant>(p);
+}
+
+// The lean variants (16-lane groups only): blocks of at most kLeanMaxThreads threads, registers capped so
+// that the blocks shared memory allows also fit the register file.
+template <typename bc_t, int kVariant>
+__global__ void __maxnreg__(staged_bwd_variant_config(kVariant).max_registers)
+    scan_staged_bwd_lean(ScanParams p) {
+  static_assert(staged_bwd_variant_config(kVariant).lean, "a lean variant");
+  staged_bwd_body<bc_t, lane::LaneShape<kNarrowGroup, 1>, kVariant>(p);
+}
+
 }  // namespace staged
 
 #ifdef __CUDACC__
 template <typename bc_t, int kGroup>
 int launch_backward_staged(const ScanParams& p, const staged::StagedLayout& l, cudaStream_t stream) {
   const int64_t blocks = static_cast<int64_t>(p.batch) * p.num_directions * l.channel_blocks * l.num_tiles;
+  if constexpr (kGroup == staged::kNarrowGroup) {
+    static_assert(staged::kStagedBwdVariantCount == 3, "one case per lean variant");
+    if (l.bwd_variant == 1 || l.bwd_variant == 2) {
+      if (l.threads > staged::kLeanMaxThreads) return static_cast<int>(cudaErrorInvalidValue);
+      return launch_with_shared(l.bwd_variant == 1 ? staged::scan_staged_bwd_lean<bc_t, 1>
+                                                   : staged::scan_staged_bwd_lean<bc_t, 2>,
+                                dim3(static_cast<unsigned>(blocks)), dim3(l.threads), l.shared_bytes, stream, p);
+    }
+  }
+  if (l.bwd_variant != staged::kStagedBwdDefaultVariant) return static_cast<int>(cudaErrorInvalidValue);
   return launch_with_shared(staged::scan_staged_bwd<bc_t, lane::LaneShape<kGroup, 1>>,
                             dim3(static_cast<unsigned>(blocks)), dim3(l.threads), l.shared_bytes, stream, p);
 }
 
-// The staged multiaxial backward. The host sized its scratch from staged::staged_bwd_layout: the
-// tiles are p's splits, tile_ticket and tile_flags zeroed, split_decay / split_state / reverse_carry
-// allocated when there is more than one tile, and dB / dC set up for the layout's channel blocks.
+// The staged multiaxial backward. The host sized its scratch from staged::staged_bwd_layout_selected
+// (the variant DERMOMAMBA_STAGED_BWD_VARIANT names, read here again in the same call): the tiles are p's
+// splits, tile_ticket and tile_flags zeroed, split_decay / split_state / reverse_carry allocated when there
+// is more than one tile, and dB / dC set up for the layout's channel blocks.
 template <typename bc_t>
 int scan_backward_multiaxial_staged(const ScanParams& p, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
-  const staged::StagedLayout l = staged::staged_bwd_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
+  const staged::StagedLayout l = staged::staged_bwd_layout_selected(p.dim, p.dstate, p.chunk_size, p.num_chunks);
   if (!l.ok || p.num_splits != l.num_tiles || p.chunks_per_split != l.chunks_per_tile ||
       p.tile_ticket == nullptr || p.tile_flags == nullptr ||
       (l.num_tiles > 1 && (p.split_decay == nullptr || p.reverse_carry == nullptr)))

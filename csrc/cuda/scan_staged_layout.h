@@ -13,6 +13,9 @@
 //   enter float  [subs][slots][group]     the state entering each sub-chunk
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
+
 #ifdef __CUDACC__
 #define DERMOMAMBA_HOST_DEVICE __host__ __device__
 #else
@@ -61,6 +64,10 @@ struct StagedLayout {
   // positions at constant offsets, and the padding puts both the lanes' writes and the reducers' reads,
   // one position each, in different banks).
   int blocks_per_sub, dy_offset, checkpoint_offset, reduce_offset, reduce_row;
+  // The backward only: planes of dB / dC rows (2: one each, the v4 kernel; 1: the lean variants, whose
+  // even slot rows hold dB and odd slot rows dC, each summed over the warp's two channels), and which
+  // compile-time variant of the backward runs this layout (staged_bwd_variant_config; 0 in the forward).
+  int reduce_planes, bwd_variant;
 };
 
 DERMOMAMBA_HOST_DEVICE inline int staged_align16(int bytes) { return (bytes + 15) / 16 * 16; }
@@ -102,7 +109,7 @@ DERMOMAMBA_HOST_DEVICE inline void staged_bwd_offsets(StagedLayout& l, int chunk
   l.C_offset = l.B_offset + staged_align16(P * l.group * 4);
   l.checkpoint_offset = l.C_offset + staged_align16(P * l.group * 4);
   l.reduce_offset = l.checkpoint_offset + staged_align16(l.subs * l.blocks_per_sub * lanes * 4);
-  l.agg_offset = l.reduce_offset + staged_align16(2 * l.subs * lanes * l.reduce_row * 4);
+  l.agg_offset = l.reduce_offset + staged_align16(l.reduce_planes * l.subs * lanes * l.reduce_row * 4);
   l.enter_offset = l.agg_offset + staged_align16(l.subs * lanes * 8);
   l.shared_bytes = l.enter_offset + staged_align16(l.subs * lanes * 4);
 }
@@ -114,14 +121,20 @@ enum class StagedPass { kForward, kBackward };
 // The layout for a call: as many channels per block as the pass's thread limit allows, then as many
 // sub-chunks as threads and shared memory allow; if even one sub-chunk of one chunk does not fit,
 // fewer chunks per sub-chunk, then fewer channels. ok == false: N > kMaxStateDim or nothing fits.
+// The backward's variant (staged_bwd_variant_config) may lower the thread limit and cap the sub-chunks per
+// block (max_threads_cap, max_subs: 0 = no cap) and use one plane of dB / dC rows (reduce_planes); the
+// defaults are the forward's and the v4 backward's search.
 DERMOMAMBA_HOST_DEVICE inline StagedLayout search_staged_layout(int dim, int dstate, int chunk_size, int num_chunks,
-                                                                StagedPass pass) {
+                                                                StagedPass pass, int max_threads_cap = 0,
+                                                                int max_subs = 0, int reduce_planes = 2) {
   StagedLayout l{};
   l.ok = false;
   if (dstate < 1 || dstate > kMaxStateDim || dim < 1 || chunk_size < 1 || num_chunks < 1) return l;
   l.group = dstate <= kNarrowGroup ? kNarrowGroup : kWideGroup;
   l.seqs_per_warp = kLanesPerWarp / l.group;
-  const int max_threads = pass == StagedPass::kForward ? kMaxThreads : staged_bwd_max_threads(l.group);
+  l.reduce_planes = pass == StagedPass::kForward ? 0 : reduce_planes;
+  int max_threads = pass == StagedPass::kForward ? kMaxThreads : staged_bwd_max_threads(l.group);
+  if (max_threads_cap > 0 && max_threads_cap < max_threads) max_threads = max_threads_cap;
   int channels = dim < max_threads / l.group ? dim : max_threads / l.group;
   int chunks_per_sub = (kMinSubChunkPositions + chunk_size - 1) / chunk_size;
   if (chunks_per_sub > num_chunks) chunks_per_sub = num_chunks;
@@ -134,6 +147,7 @@ DERMOMAMBA_HOST_DEVICE inline StagedLayout search_staged_layout(int dim, int dst
     const int subs_needed = (num_chunks + chunks_per_sub - 1) / chunks_per_sub;
     int subs = max_threads / threads_per_sub;
     if (subs > subs_needed) subs = subs_needed;
+    if (max_subs > 0 && subs > max_subs) subs = max_subs;
     for (; subs >= 1; --subs) {
       l.subs = subs;
       l.chunks_per_tile = subs * chunks_per_sub;
@@ -167,6 +181,79 @@ DERMOMAMBA_HOST_DEVICE inline StagedLayout staged_layout(int dim, int dstate, in
 
 DERMOMAMBA_HOST_DEVICE inline StagedLayout staged_bwd_layout(int dim, int dstate, int chunk_size, int num_chunks) {
   return search_staged_layout(dim, dstate, chunk_size, num_chunks, StagedPass::kBackward);
+}
+
+// ---- compile-time variants of the staged backward (benchmarks/notes/scan.md, "v4.1") ----
+//
+// v4 (Nsight Compute, H200, 192x256 fp32): 128 registers with a spill, 103.7 KB of shared memory per block
+// of 256 threads: 2 blocks, 16 warps per SM, 0.66 eligible warps per scheduler: latency-bound. The lean
+// variants trade registers and shared memory for warps, with the same arithmetic:
+//   * dB / dC: the two channels of a warp are summed by one xor-16 shuffle per position before the rows
+//     (the even slot's lane keeps the dB sum, the odd slot's the dC sum), so one plane of rows instead of
+//     two (8.5 KB less per sub-chunk of 8 channels) and half the reducers' shared loads;
+//   * walk B: h_{t-1} of a block's first half parked in the lane's own reduce row (free until the lane's
+//     dB / dC value of that position overwrites it), and the transposed butterfly's first round done as
+//     the adjoint walks the lower half, so a lane holds arrays of 8 positions, not 16 (du and ddelta are
+//     bit-for-bit the v4 kernel's: the same operations in the same order);
+//   * one sub-chunk per block (128 threads at 8 channels, 44 KB: 5 blocks per SM by shared memory;
+//     256 threads at 16 channels, 70.6 KB: 3 blocks), under a register cap that lets that many in
+//     (lean: 96, so 20 warps per SM at 8 channels and 16 at 16; lean80: 80, 20 and 24).
+// 16-lane groups only (N <= 16, DermoMamba's 16): with 32-lane groups every variant runs the v4 kernel.
+// Chosen at run time by DERMOMAMBA_STAGED_BWD_VARIANT (a name below; unset or empty: v4), read on the host
+// by staged_bwd_layout_selected, i.e. by the host glue (its scratch sizes) and the launcher alike.
+struct StagedBwdVariant {
+  int max_threads;    // threads per block the layout may use (0: the v4 limit)
+  int max_subs;       // sub-chunks per block at most (0: as many as threads and shared memory allow)
+  int max_registers;  // register cap per thread of the lean kernel (0: the v4 kernel's launch bounds)
+  bool lean;          // pair-summed dB / dC rows and the half-block walk B (above)
+};
+constexpr int kStagedBwdVariantCount = 3;
+constexpr const char* kStagedBwdVariantNames[kStagedBwdVariantCount] = {"v4", "lean", "lean80"};
+constexpr const char* kStagedBwdVariantVariable = "DERMOMAMBA_STAGED_BWD_VARIANT";
+constexpr int kStagedBwdDefaultVariant = 0;
+constexpr int kLeanMaxThreads = 256;
+
+DERMOMAMBA_HOST_DEVICE constexpr StagedBwdVariant staged_bwd_variant_config(int variant) {
+  return variant == 1   ? StagedBwdVariant{kLeanMaxThreads, 1, 96, true}
+         : variant == 2 ? StagedBwdVariant{kLeanMaxThreads, 1, 80, true}
+                        : StagedBwdVariant{0, 0, 0, false};
+}
+
+// The layout of variant `variant`. A shape the lean kernels do not handle gets v4's layout (and kernel):
+// 32-lane groups (N > 16), and chunk sizes that are not a multiple of 16 (the lean walks have no masked
+// form for a chunk's short last block; DermoMamba's chunks, 128 or a whole sequence of a multiple of 16
+// positions, are all multiples of 16).
+DERMOMAMBA_HOST_DEVICE inline StagedLayout staged_bwd_layout_for(int variant, int dim, int dstate, int chunk_size,
+                                                                 int num_chunks) {
+  const StagedBwdVariant v = staged_bwd_variant_config(variant);
+  if (variant <= 0 || variant >= kStagedBwdVariantCount || dstate > kNarrowGroup || chunk_size % kNarrowGroup != 0)
+    return staged_bwd_layout(dim, dstate, chunk_size, num_chunks);
+  StagedLayout l = search_staged_layout(dim, dstate, chunk_size, num_chunks, StagedPass::kBackward, v.max_threads,
+                                        v.max_subs, v.lean ? 1 : 2);
+  l.bwd_variant = variant;
+  return l;
+}
+
+// The variant DERMOMAMBA_STAGED_BWD_VARIANT names (host only): kStagedBwdDefaultVariant when unset or empty,
+// -1 when it is none of kStagedBwdVariantNames (the host glue then refuses with an error naming the variable).
+inline int staged_bwd_variant() {
+  const char* text = std::getenv(kStagedBwdVariantVariable);
+  if (text == nullptr || text[0] == '\0') return kStagedBwdDefaultVariant;
+  for (int i = 0; i < kStagedBwdVariantCount; ++i)
+    if (std::strcmp(text, kStagedBwdVariantNames[i]) == 0) return i;
+  return -1;
+}
+
+// The host's layout for the variant the launcher will run (read anew on each call, so a benchmark may switch
+// variants between calls); not ok for an unknown variant name.
+inline StagedLayout staged_bwd_layout_selected(int dim, int dstate, int chunk_size, int num_chunks) {
+  const int variant = staged_bwd_variant();
+  if (variant < 0) {
+    StagedLayout l{};
+    l.ok = false;
+    return l;
+  }
+  return staged_bwd_layout_for(variant, dim, dstate, chunk_size, num_chunks);
 }
 
 }  // namespace staged

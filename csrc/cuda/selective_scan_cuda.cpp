@@ -555,12 +555,28 @@ constexpr int64_t kLaneBackwardWarpsWide = 2;
 
 enum class BackwardKernel { kWarp, kLane, kStaged, kRegs };
 
+// The staged backward's compile-time variants (scan_staged_layout.h), named by DERMOMAMBA_STAGED_BWD_VARIANT.
+std::string staged_bwd_variant_names() {
+  std::string names;
+  for (int i = 0; i < cuda::staged::kStagedBwdVariantCount; ++i) {
+    if (i) names += ", ";
+    names += "'" + std::string(cuda::staged::kStagedBwdVariantNames[i]) + "'";
+  }
+  return names;
+}
+
 BackwardKernel multiaxial_backward_kernel(const char* op, const ScanParams& p) {
+  // Checked whatever kernel runs: a misspelt variant must not silently time or test the default.
+  const char* variant = std::getenv(cuda::staged::kStagedBwdVariantVariable);
+  TORCH_CHECK(cuda::staged::staged_bwd_variant() >= 0, op, ": environment variable ",
+              cuda::staged::kStagedBwdVariantVariable, " must be one of ", staged_bwd_variant_names(),
+              " (the staged backward's variants), or unset, got '", variant == nullptr ? "" : variant, "'");
   const char* value = std::getenv(kBackwardKernelVariable);
   const std::string choice = value == nullptr ? "" : value;
   if (choice.empty()) {
-    const bool staged_fits = p.dstate <= cuda::staged::kMaxStateDim &&
-                             cuda::staged::staged_bwd_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks).ok;
+    const bool staged_fits =
+        p.dstate <= cuda::staged::kMaxStateDim &&
+        cuda::staged::staged_bwd_layout_selected(p.dim, p.dstate, p.chunk_size, p.num_chunks).ok;
     return staged_fits ? BackwardKernel::kStaged : BackwardKernel::kWarp;
   }
   if (choice == "warp") return BackwardKernel::kWarp;
@@ -728,7 +744,7 @@ multiaxial_scan_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
   cuda::staged::StagedLayout staged_layout{};
   if (staged || regs) {
     staged_layout = regs ? cuda::regs::regs_bwd_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks)
-                         : cuda::staged::staged_bwd_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
+                         : cuda::staged::staged_bwd_layout_selected(p.dim, p.dstate, p.chunk_size, p.num_chunks);
     TORCH_CHECK(staged_layout.ok, op, ": the ", tiled_name, " kernel (", kBackwardKernelVariable, "=", tiled_name,
                 ") cannot fit one chunk (",
                 p.chunk_size, " positions) of one channel with N = ", p.dstate, " in its ",

@@ -49,7 +49,7 @@ def emu_backward(inp, dy, states, softplus, chunk, deterministic, concurrent=3, 
     dD_partial = torch.full((batch, 4 * dim, nch), nan)
     dbias_partial = torch.full((batch, 4 * dim, nch), nan)
     states = states.contiguous()
-    stats = (ctypes.c_long * 8)()
+    stats = (ctypes.c_long * 9)()
     cfg = (ctypes.c_int * 15)(batch, dim, H, W, N, chunk, int(softplus), KIND[B.dtype], KIND[x.dtype],
                               KIND[delta.dtype], concurrent, seed, delay_permille, KIND[dy.dtype], mode)
     A, D, bias = A.contiguous(), D.contiguous(), bias.contiguous()
@@ -72,7 +72,7 @@ def emu_backward(inp, dy, states, softplus, chunk, deterministic, concurrent=3, 
     grads = (dx.to(x.dtype), ddelta, dA_partial.sum((0, 2)), dB_final.to(B_in.dtype), dC_final.to(C_in.dtype),
              dD_partial.sum((0, 2)), dbias_partial.sum((0, 2)))
     names = ("blocks", "spins", "fence_delays", "tiles", "threads", "shared_bytes", "channel_blocks",
-             "chunks_per_tile")
+             "chunks_per_tile", "variant")
     return grads, dict(zip(names, list(stats)))
 
 
@@ -147,7 +147,8 @@ def check_case(case, deterministic, seed=1, concurrent=16, delay_permille=50, li
     if verbose:
         print(f"{'PASS' if ok else 'FAIL'} {case[:6]} {str(dtype)[6:]} {layout} sp={int(softplus)} det={int(deterministic)} "
               f"| err/fp32 ref/cpu op: {'; '.join(worst)} | tiles {stats['tiles']} thr {stats['threads']} "
-              f"cb {stats['channel_blocks']} spins {stats['spins']} | {secs:.1f}s", flush=True)
+              f"cb {stats['channel_blocks']} var {stats['variant']} smem {stats['shared_bytes']} spins {stats['spins']} "
+              f"| {secs:.1f}s", flush=True)
     return ok, grads, stats
 
 

@@ -202,9 +202,11 @@ st::StagedLayout forward_layout(int dim, int dstate, int chunk, int chunks) {
   return use_regs("EMU_FWD_KERNEL") ? rg::regs_fwd_layout(dim, dstate, chunk, chunks)
                                     : st::staged_layout(dim, dstate, chunk, chunks);
 }
+// The staged backward's variant comes from DERMOMAMBA_STAGED_BWD_VARIANT, as in the host glue and the
+// launcher (staged_bwd_layout_selected; an unknown name: the layout is refused).
 st::StagedLayout backward_layout(int dim, int dstate, int chunk, int chunks) {
   return use_regs("EMU_BWD_KERNEL") ? rg::regs_bwd_layout(dim, dstate, chunk, chunks)
-                                    : st::staged_bwd_layout(dim, dstate, chunk, chunks);
+                                    : st::staged_bwd_layout_selected(dim, dstate, chunk, chunks);
 }
 
 // Runs the grid of g_kernel: `concurrent` OS threads take the blocks in a shuffled order, each after a
@@ -365,6 +367,16 @@ extern "C" int staged_backward(const int* cfg, const void* x, const int64_t* xs,
     default: g_kernel = l.group == 16 ? st::scan_staged_bwd<__nv_bfloat16, LaneShape<16, 1>>
                                       : st::scan_staged_bwd<__nv_bfloat16, LaneShape<32, 1>>;
   }
+  // The lean variants, as launch_backward_staged picks them (16-lane groups only).
+  if (l.bwd_variant == 1 || l.bwd_variant == 2) {
+    if (l.group != 16) return -2;
+    g_kernel = l.bwd_variant == 1 ? (cfg[7] == 0   ? st::scan_staged_bwd_lean<float, 1>
+                                     : cfg[7] == 1 ? st::scan_staged_bwd_lean<__half, 1>
+                                                   : st::scan_staged_bwd_lean<__nv_bfloat16, 1>)
+                                  : (cfg[7] == 0   ? st::scan_staged_bwd_lean<float, 2>
+                                     : cfg[7] == 1 ? st::scan_staged_bwd_lean<__half, 2>
+                                                   : st::scan_staged_bwd_lean<__nv_bfloat16, 2>);
+  }
   if (use_regs("EMU_BWD_KERNEL")) {
     g_kernel = cfg[7] == 0 ? rg::regs_bwd_kernel<float>(l)
              : cfg[7] == 1 ? rg::regs_bwd_kernel<__half>(l) : rg::regs_bwd_kernel<__nv_bfloat16>(l);
@@ -380,6 +392,7 @@ extern "C" int staged_backward(const int* cfg, const void* x, const int64_t* xs,
   stats[5] = l.shared_bytes;
   stats[6] = l.channel_blocks;
   stats[7] = l.chunks_per_tile;
+  stats[8] = l.bwd_variant;
   return 0;
 }
 

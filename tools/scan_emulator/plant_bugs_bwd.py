@@ -2,6 +2,8 @@
 library and runs the backward checks on them: each bug must make checks fail (or deadlock).
 
   python plant_bugs_bwd.py [case indices of cases.py]     (default: 0 2 3 5 6 10)
+  python plant_bugs_bwd.py --lean [case indices]           (bugs in the lean variants' code, run with
+                                                            DERMOMAMBA_STAGED_BWD_VARIANT=lean; default 0 3 5 9)
 """
 import os, shutil, subprocess, sys, tempfile
 import torch
@@ -36,6 +38,22 @@ BUGS = {
         BWD, "const float slope = p.delta_softplus ? -expm1f(-s.x) : 1.f;", "const float slope = 1.f;"),
 }
 
+# Bugs in the lean variants' own code (scan_staged_bwd_kernels.cuh, kLean paths), checked with
+# DERMOMAMBA_STAGED_BWD_VARIANT=lean on shapes where the lean kernel runs (N <= 16, chunk a multiple of 16).
+LEAN_BUGS = {
+    "lean: dB / dC pair sum drops the partner channel": (
+        BWD, "row[j] = odd_slot ? partner + term_C : term_B + partner;", "row[j] = odd_slot ? term_C : term_B;"),
+    "lean: parked h_{t-1} read from the neighbouring position": (
+        BWD, "const float h_prev = j < kHalf ? row[j] : h_hi[j - kHalf];",
+        "const float h_prev = j < kHalf ? row[j ^ 1] : h_hi[j - kHalf];"),
+    "lean: reducer skips the last channel pair": (
+        BWD, "for (int q = 0; q < w.block_channels; q += 2) {", "for (int q = 0; q + 2 < w.block_channels; q += 2) {"),
+    "lean: butterfly's first round keeps the wrong half": (
+        BWD, "v_du[j] = (upper ? du_hi[j] : du) + __shfl_xor_sync(kFullMask, upper ? du : du_hi[j], kHalf);",
+        "v_du[j] = (upper ? du : du_hi[j]) + __shfl_xor_sync(kFullMask, upper ? du_hi[j] : du, kHalf);"),
+}
+LEAN_VARIABLE = "DERMOMAMBA_STAGED_BWD_VARIANT"
+
 
 def build(name, file, old, new):
     work = tempfile.mkdtemp()
@@ -62,7 +80,10 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--one"]:
         task_file, lib, index, deterministic, seed = sys.argv[2:7]
         run_one(task_file, lib, int(index), deterministic == "1", int(seed))
-    which = [int(a) for a in sys.argv[1:]] or [0, 2, 3, 5, 6, 10]
+    lean = sys.argv[1:2] == ["--lean"]
+    if lean:
+        os.environ[LEAN_VARIABLE] = "lean"  # read by the emulated layout in this process and its children
+    which = [int(a) for a in sys.argv[1 + lean:]] or ([0, 3, 5, 9] if lean else [0, 2, 3, 5, 6, 10])
     prepared = []
     for i in which:
         inputs = EB.make_inputs(CASES[i])
@@ -71,7 +92,7 @@ if __name__ == "__main__":
     # thread pools, which can hang a forked child): the prepared inputs go through a file.
     task_file = os.path.join(tempfile.mkdtemp(), "tasks.pt")
     torch.save(prepared, task_file)
-    for name, (file, old, new) in BUGS.items():
+    for name, (file, old, new) in (LEAN_BUGS if lean else BUGS).items():
         lib = build(name, file, old, new)
         fails = runs = 0
         for index in range(len(prepared)):
