@@ -21,6 +21,8 @@ from ..layer_norm import gated_layer_norm, gated_layer_norm_backend
 from ..selective_scan import multiaxial_selective_scan
 from .layer_norm import LayerNorm
 
+# Device types whose autocast SS2D follows (others, e.g. "meta", run without).
+AUTOCAST_DEVICE_TYPES = ("cuda", "cpu")
 # The four scan directions of the core: row-major, column-major and both reversed.
 NUM_DIRECTIONS = 4
 # VMamba picks the low-rank width of the delta projection from the model width.
@@ -226,6 +228,7 @@ def _autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype out_proj casts its input to under autocast on t's device (None without autocast, or on a
     device with none, e.g. "meta" as the cost report runs the model)."""
     device_type = t.device.type
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    # (A fixed list, not torch.amp.is_autocast_available: dynamo cannot trace that call in torch 2.11.)
+    if device_type not in AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
