@@ -5,6 +5,8 @@ failing draw can be replayed with DERMOMAMBA_TEST_SEED=<seed>.
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -33,6 +35,24 @@ def skip_unless_interpreter_runs_our_kernels():
     if version < INTERPRETER_MIN_TRITON:
         pytest.skip(f"Triton {'.'.join(map(str, version))}'s interpreter cannot launch these kernels (needs "
                     f">= {'.'.join(map(str, INTERPRETER_MIN_TRITON))}); the compiled kernels are tested on the GPU")
+
+
+def run_interpreter_cases(test_file: str, cases_env: str, unset=(), keyword: str = "test_interp_", timeout: int = 900):
+    """Runs the ``keyword`` tests of ``test_file`` in a fresh process under ``TRITON_INTERPRET=1`` (the
+    interpreter is chosen when Triton is first imported, so it needs its own process), with ``cases_env=1``
+    telling that file it is the interpreter run, and the variables in ``unset`` removed; fails with the
+    output tail if any case fails, or if none ran."""
+    skip_unless_interpreter_runs_our_kernels()
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(test_file)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONDONTWRITEBYTECODE="1", **{cases_env: "1"})
+    for variable in unset:
+        env.pop(variable, None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", test_file,
+           "-k", keyword]
+    result = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"interpreter cases failed:\n{result.stdout[-20000:]}\n{result.stderr[-5000:]}"
+    assert " passed" in result.stdout and "skipped" not in result.stdout.split("\n")[-2], result.stdout[-3000:]
 
 
 def pytest_configure(config):

@@ -21,22 +21,19 @@ comparison judges the kernel's arithmetic, not the emulator's rounding.
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import skip_unless_interpreter_runs_our_kernels
+from conftest import run_interpreter_cases
 from dermomamba_kernels import BackendUnavailableError, last_backend
 from dermomamba_kernels.depthwise_conv import (DepthwiseConv2d, depthwise_conv2d, depthwise_conv2d_dispatcher,
                                                depthwise_conv2d_grad_weight_ref, depthwise_conv2d_module_forward,
                                                depthwise_conv2d_ref, same_padding)
 
 HERE = os.path.abspath(__file__)
-REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
 INTERPRETER_CASES_ENV = "DERMOMAMBA_DEPTHWISE_INTERPRETER_CASES"
 IN_INTERPRETER_RUN = os.environ.get(INTERPRETER_CASES_ENV) == "1"
 interpreter_only = pytest.mark.skipif(
@@ -251,15 +248,7 @@ def test_module_helper_refuses_what_it_does_not_compute(conv, message):
 
 @not_in_interpreter_run
 def test_triton_kernels_under_interpreter():
-    skip_unless_interpreter_runs_our_kernels()
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONDONTWRITEBYTECODE="1", **{INTERPRETER_CASES_ENV: "1"})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
-    env.pop("DERMOMAMBA_DEPTHWISE_BACKEND", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", HERE,
-           "-k", "test_interp_"]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"interpreter cases failed:\n{result.stdout[-20000:]}\n{result.stderr[-5000:]}"
-    assert " passed" in result.stdout and "skipped" not in result.stdout.split("\n")[-2], result.stdout[-3000:]
+    run_interpreter_cases(HERE, INTERPRETER_CASES_ENV, unset=("DERMOMAMBA_DEPTHWISE_BACKEND",))
 
 
 @pytest.fixture

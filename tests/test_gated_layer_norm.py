@@ -26,14 +26,12 @@ exactly) and at most 0.62 (dy) with fp16 / bf16 y.
 
 import importlib
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import skip_unless_interpreter_runs_our_kernels
+from conftest import run_interpreter_cases
 from dermomamba_kernels import BackendUnavailableError, last_backend
 from dermomamba_kernels.layer_norm import (GATED_BACKEND_ENV_VAR, gated_layer_norm, gated_layer_norm_backend,
                                            gated_layer_norm_dispatcher, gated_layer_norm_ref)
@@ -42,7 +40,6 @@ gated_module = importlib.import_module("dermomamba_kernels.layer_norm.gated")
 layer_norm_package = importlib.import_module("dermomamba_kernels.layer_norm")
 
 HERE = os.path.abspath(__file__)
-REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
 # Set (with TRITON_INTERPRET=1) in the subprocess that runs the test_interp_* cases.
 INTERPRETER_CASES_ENV = "DERMOMAMBA_GATED_NORM_INTERPRETER_CASES"
 IN_INTERPRETER_RUN = os.environ.get(INTERPRETER_CASES_ENV) == "1"
@@ -247,15 +244,7 @@ def test_bad_input_names_the_argument(change, error, message):
 
 @not_in_interpreter_run
 def test_triton_kernels_under_interpreter():
-    skip_unless_interpreter_runs_our_kernels()
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONDONTWRITEBYTECODE="1", **{INTERPRETER_CASES_ENV: "1"})
-    env.pop(GATED_BACKEND_ENV_VAR, None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", HERE,
-           "-k", "test_interp_"]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"interpreter cases failed:\n{result.stdout[-20000:]}\n{result.stderr[-5000:]}"
-    assert " passed" in result.stdout and "skipped" not in result.stdout.split("\n")[-2], result.stdout[-3000:]
+    run_interpreter_cases(HERE, INTERPRETER_CASES_ENV, unset=(GATED_BACKEND_ENV_VAR,))
 
 
 @pytest.fixture

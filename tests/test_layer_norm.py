@@ -20,15 +20,13 @@ The GPU tests compare with native CUDA in the same precision, rounding to neares
 
 import importlib
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import skip_unless_interpreter_runs_our_kernels
+from conftest import run_interpreter_cases
 from dermomamba_kernels import BackendUnavailableError, last_backend
 from dermomamba_kernels.layer_norm import layer_norm, layer_norm_dispatcher, layer_norm_ref
 from dermomamba_kernels.layers import SS2D, LayerNorm, VSSBlock
@@ -37,7 +35,6 @@ from dermomamba_kernels.layers import SS2D, LayerNorm, VSSBlock
 layer_norm_module = importlib.import_module("dermomamba_kernels.layer_norm")
 
 HERE = os.path.abspath(__file__)
-REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
 # Set (with TRITON_INTERPRET=1) in the subprocess that runs the test_interp_* cases.
 INTERPRETER_CASES_ENV = "DERMOMAMBA_LAYER_NORM_INTERPRETER_CASES"
 IN_INTERPRETER_RUN = os.environ.get(INTERPRETER_CASES_ENV) == "1"
@@ -243,14 +240,7 @@ def test_model_layers_use_it():
 
 @not_in_interpreter_run
 def test_triton_kernels_under_interpreter():
-    skip_unless_interpreter_runs_our_kernels()
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONDONTWRITEBYTECODE="1", **{INTERPRETER_CASES_ENV: "1"})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", HERE,
-           "-k", "test_interp_"]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"interpreter cases failed:\n{result.stdout[-20000:]}\n{result.stderr[-5000:]}"
-    assert " passed" in result.stdout and "skipped" not in result.stdout.split("\n")[-2], result.stdout[-3000:]
+    run_interpreter_cases(HERE, INTERPRETER_CASES_ENV)
 
 
 @pytest.fixture
