@@ -143,17 +143,17 @@ UNCAPPED_PROGRAMS = 2 ** 31 - 1
 def backward_kernel_ms(y, z, w, b, dout, reps, programs_cap=None):
     """The registered backward op alone (no autograd), from the statistics of one forward; ``programs_cap``
     replaces the kernels' BACKWARD_PROGRAMS for the measurement."""
-    from dermomamba_kernels.layer_norm import gated_triton_kernels
+    from dermomamba_kernels.layer_norm import triton_kernels  # its BACKWARD_PROGRAMS caps the gated grid too
     from dermomamba_kernels.layer_norm.gated_triton_ops import gated_backward_op, gated_forward_op
 
-    default_cap = gated_triton_kernels.BACKWARD_PROGRAMS
-    gated_triton_kernels.BACKWARD_PROGRAMS = programs_cap or default_cap
+    default_cap = triton_kernels.BACKWARD_PROGRAMS
+    triton_kernels.BACKWARD_PROGRAMS = programs_cap or default_cap
     try:
         with torch.no_grad():
             _, mean, rstd = gated_forward_op(y, z, w, b, EPS, torch.float32, dout.dtype)
             return median_ms(lambda: gated_backward_op(dout, y, z, w, b, mean, rstd, torch.float32), reps)
     finally:
-        gated_triton_kernels.BACKWARD_PROGRAMS = default_cap
+        triton_kernels.BACKWARD_PROGRAMS = default_cap
 
 
 def _ms(value):

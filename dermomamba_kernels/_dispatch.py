@@ -108,6 +108,11 @@ class OpDispatcher:
             return f"{self.op_name} has no {backend!r} implementation"
         return self._impls[backend][1](device)
 
+    def prefers_while_recording(self, backend: str, device: torch.device) -> bool:
+        """Whether "auto" should take ``backend`` (a kernel that wins only where launches are free) for a call
+        on ``device`` now: inside :func:`graph_recording`, on a CUDA device, where ``backend`` can run."""
+        return device.type == "cuda" and in_graph_recording() and self.unavailable_reason(backend, device) is None
+
     def available(self, device: torch.device):
         return [b for b in BACKENDS if self.unavailable_reason(b, device) is None]
 

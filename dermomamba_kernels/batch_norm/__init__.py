@@ -84,9 +84,9 @@ def _auto_prefers_triton(device: torch.device) -> bool:
         raise ValueError(f"{AUTO_ENV_VAR}={choice!r}: expected one of {', '.join(AUTO_ENV_CHOICES)}")
     # Unset: the Triton kernels while a CUDA graph is recorded (their launches are free there), PyTorch's
     # in eager steps (see _dispatch.graph_recording).
-    wanted = choice == "triton" or (not choice and _dispatch.in_graph_recording())
-    return (wanted and device.type == "cuda"
-            and batch_norm_dispatcher.unavailable_reason("triton", device) is None)
+    if choice == "triton":
+        return device.type == "cuda" and batch_norm_dispatcher.unavailable_reason("triton", device) is None
+    return not choice and batch_norm_dispatcher.prefers_while_recording("triton", device)
 
 
 def _triton_takes(x, running_mean, running_var, weight, bias) -> bool:

@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_rounding import round_to as _round_to
+
 # Elements a program loads per tensor and tile: 16 KB of fp32 in flight per program.
 TILE_ELEMENTS = 4096
 # Pixel-major tiles (positions contiguous, NCHW): rows of up to 1024 positions (2 KB of fp16), so
@@ -183,19 +185,6 @@ def _tile(tile, cb, n_ptiles, positions, C, BLOCK_C: tl.constexpr, BLOCK_P: tl.c
     c_ok = c < C
     p_ok = p < positions
     return n, c, p, c_ok, p_ok
-
-
-@triton.jit
-def _round_to(v, dtype: tl.constexpr):
-    """fp32 -> dtype, rounding to nearest even. bf16 on the bits: the Triton interpreter truncates
-    fp32 -> bf16 conversions (the GPU's does not), and a running statistic off by a whole bf16 ulp in
-    the CPU tests would hide the kernels' own error."""
-    if dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------

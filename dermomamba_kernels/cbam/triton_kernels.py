@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ._op_common import empty_like_pixels
+from ..triton_rounding import round_to as _round_to
 
 # Elements one program loads per step of its loop: 16 KB of fp32, enough bytes in flight per SM.
 TILE_ELEMENTS = 4096
@@ -560,19 +561,6 @@ def _bwd_apply_kernel(g_ptr, x_ptr, dx_ptr, cs_ptr, chan_ptr, dchan_ptr, pix_ptr
     dx = d_gated * cs[:, None] + d_avg[:, None] + tl.where(v == x_max[:, None], d_xmax[:, None], 0.0)
     tl.store(dx_ptr + b * sdb + offs_c[:, None] * sdc + offs_p[None, :] * sdp, dx.to(dx_ptr.dtype.element_ty),
              mask=mask)
-
-
-@triton.jit
-def _round_to(v, dtype: tl.constexpr):
-    """fp32 -> dtype rounding to nearest even. For bf16 done on the bits: the Triton interpreter
-    truncates fp32 -> bf16 conversions (the GPU's cvt.rn does not), and a one-element result such
-    as a running statistic would then be a whole ulp off in the CPU tests."""
-    if dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(dtype)
 
 
 @triton.jit

@@ -147,18 +147,12 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     requested = backend if backend is not None else (_env_backend() or _dispatch.default_backend())
     if requested == "auto" and not _auto_takes_triton(x):
         backend = "reference"  # "auto" chooses among kernels that can run the call; a named one must
-    elif requested == "auto" and _recording_prefers_triton(x):
+    elif requested == "auto" and depthwise_conv2d_dispatcher.prefers_while_recording("triton", x.device):
+        # Its two launches cost nothing in a recorded graph; eager steps keep PyTorch's kernel.
         backend = "triton"
     else:
         backend = requested
     return depthwise_conv2d_dispatcher(backend, x.device, x, weight, bias, dilation, padding, padding4)
-
-
-def _recording_prefers_triton(x: torch.Tensor) -> bool:
-    """Inside a CUDA graph's warm-up and capture "auto" takes the Triton weight gradient (its two launches
-    cost nothing there); in eager steps PyTorch's kernel (see _dispatch.graph_recording)."""
-    return (x.is_cuda and _dispatch.in_graph_recording()
-            and depthwise_conv2d_dispatcher.unavailable_reason("triton", x.device) is None)
 
 
 def _auto_takes_triton(x: torch.Tensor) -> bool:

@@ -117,27 +117,38 @@ def _check_triton_inputs(x, normalized_shape, weight, bias, eps, autocast_fp32):
     if x.dtype not in TRITON_DTYPES:
         raise TypeError(f"x: dtype {x.dtype} is not supported by the triton backend "
                         f"({', '.join(map(str, TRITON_DTYPES))}); use backend='reference'")
-    if channels == 0:
-        raise ValueError(f"x: the normalized dimension is empty (shape {tuple(x.shape)})")
-    if channels > TRITON_MAX_COLUMNS:
-        raise ValueError(f"x: a last dim of {channels} exceeds the triton backend's {TRITON_MAX_COLUMNS} (a row is held "
-                         "in one program's registers); use backend='reference'")
+    check_triton_row_width("x", x)
     for name, param in (("weight", weight), ("bias", bias)):
         if not isinstance(param, torch.Tensor) or tuple(param.shape) != (channels,):
             shape = tuple(param.shape) if isinstance(param, torch.Tensor) else type(param).__name__
             raise ValueError(f"{name}: expected shape ({channels},), got {shape}")
         if param.device != x.device:
             raise ValueError(f"{name}: on {param.device}, but x is on {x.device}")
+    check_triton_parameters("x", x, weight, bias, eps, autocast_fp32)
+
+
+def check_triton_row_width(name: str, x: torch.Tensor):
+    """The normalized (last) dim of ``x`` fits the Triton kernels, which hold a row in one program's registers."""
+    channels = x.shape[-1]
+    if channels == 0:
+        raise ValueError(f"{name}: the normalized dimension is empty (shape {tuple(x.shape)})")
+    if channels > TRITON_MAX_COLUMNS:
+        raise ValueError(f"{name}: a last dim of {channels} exceeds the triton backend's {TRITON_MAX_COLUMNS} (a row "
+                         "is held in one program's registers); use backend='reference'")
+
+
+def check_triton_parameters(name: str, x: torch.Tensor, weight, bias, eps, autocast_fp32: bool):
+    """weight, bias and eps as F.layer_norm takes them with the input ``x`` (called ``name`` in the errors)."""
     if bias.dtype != weight.dtype:
         raise TypeError(f"bias: dtype {bias.dtype} differs from weight's {weight.dtype}")
     # PyTorch's kernels take parameters in x's dtype, or fp32 ones with a half/bf16 x; autocast casts
-    # them all to fp32 first (the kernel reads any of these dtypes as fp32).
+    # them all to fp32 first (the kernels read any of these dtypes as fp32).
     if autocast_fp32:
         allowed = TRITON_DTYPES
     else:
         allowed = (x.dtype,) if x.dtype == torch.float32 else (x.dtype, torch.float32)
     if weight.dtype not in allowed:
-        raise TypeError(f"weight: dtype {weight.dtype} does not go with x's {x.dtype} on the triton backend "
+        raise TypeError(f"weight: dtype {weight.dtype} does not go with {name}'s {x.dtype} on the triton backend "
                         f"(expected one of {', '.join(map(str, allowed))})")
     if not isinstance(eps, numbers.Real) or eps < 0:
         raise ValueError(f"eps: expected a non-negative number, got {eps!r}")

@@ -8,7 +8,6 @@ every rounding spelled out, is :func:`gated_layer_norm_ref` (naive.py).
 
 from __future__ import annotations
 
-import numbers
 import os
 from typing import Optional
 
@@ -82,14 +81,14 @@ def _preselect(y, z, weight, bias, out_dtype, backend) -> Optional[str]:
 
 
 @torch.compiler.assume_constant_result
-def triton_opted_in() -> bool:
-    """Whether "auto" may take the Triton kernel: ``DERMOMAMBA_GATED_NORM_BACKEND=triton``, or the variable
-    unset while a CUDA graph is recorded (its launches cost nothing there; see _dispatch.graph_recording);
-    ``=reference`` never."""
+def _env_choice() -> str:
+    """``DERMOMAMBA_GATED_NORM_BACKEND``, checked: "triton" (always the Triton kernel), "reference" (never), or
+    unset / "auto" (the Triton kernel while a CUDA graph is recorded: its launches cost nothing there; see
+    _dispatch.graph_recording). A constant under torch.compile."""
     choice = os.environ.get(GATED_BACKEND_ENV_VAR, "").strip().lower()
     if choice not in ("", "auto", "triton", "reference"):
         raise ValueError(f"{GATED_BACKEND_ENV_VAR}={choice!r}: expected triton, reference or auto")
-    return choice == "triton" or (choice in ("", "auto") and _dispatch.in_graph_recording())
+    return choice
 
 
 def _auto_takes_triton(device: torch.device, y, z, weight, bias, out_dtype) -> bool:
@@ -97,7 +96,10 @@ def _auto_takes_triton(device: torch.device, y, z, weight, bias, out_dtype) -> b
     the kernel takes at a width where the LayerNorm kernel alone was measured faster than PyTorch's."""
     from . import TRITON_AUTO_MAX_CHANNELS, TRITON_DTYPES
 
-    return (triton_opted_in() and device.type == "cuda" and 0 < y.shape[-1] <= TRITON_AUTO_MAX_CHANNELS
+    choice = _env_choice()
+    wanted = ((choice == "triton" and device.type == "cuda")
+              or (choice in ("", "auto") and gated_layer_norm_dispatcher.prefers_while_recording("triton", device)))
+    return (wanted and 0 < y.shape[-1] <= TRITON_AUTO_MAX_CHANNELS
             and y.dtype in TRITON_DTYPES and z.dtype in TRITON_DTYPES
             and (out_dtype is None or out_dtype in TRITON_DTYPES)
             and weight is not None and bias is not None and weight.dtype in TRITON_DTYPES
@@ -141,9 +143,8 @@ def _reference(y, z, weight, bias, eps, out_dtype):
 
 
 def _check_triton_inputs(y, z, weight, bias, eps, out_dtype, autocast_fp32):
-    from . import TRITON_DTYPES, TRITON_MAX_COLUMNS
+    from . import TRITON_DTYPES, check_triton_parameters, check_triton_row_width
 
-    channels = y.shape[-1]
     if weight is None or bias is None:
         raise BackendUnavailableError("gated_layer_norm: the triton backend needs both weight and bias; "
                                       "use backend='reference'")
@@ -153,24 +154,8 @@ def _check_triton_inputs(y, z, weight, bias, eps, out_dtype, autocast_fp32):
             what = dtype if name == "out_dtype" else f"dtype {dtype}"
             raise TypeError(f"{name}: {what} is not supported by the triton backend ({supported}); "
                             "use backend='reference'")
-    if channels == 0:
-        raise ValueError(f"y: the normalized dimension is empty (shape {tuple(y.shape)})")
-    if channels > TRITON_MAX_COLUMNS:
-        raise ValueError(f"y: a last dim of {channels} exceeds the triton backend's {TRITON_MAX_COLUMNS} (a row "
-                         "is held in one program's registers); use backend='reference'")
-    if bias.dtype != weight.dtype:
-        raise TypeError(f"bias: dtype {bias.dtype} differs from weight's {weight.dtype}")
-    # As F.layer_norm: parameters in y's dtype, or fp32 ones with a half/bf16 y; autocast casts them all
-    # to fp32 first (the kernels read any of these dtypes as fp32).
-    if autocast_fp32:
-        allowed = TRITON_DTYPES
-    else:
-        allowed = (y.dtype,) if y.dtype == torch.float32 else (y.dtype, torch.float32)
-    if weight.dtype not in allowed:
-        raise TypeError(f"weight: dtype {weight.dtype} does not go with y's {y.dtype} on the triton backend "
-                        f"(expected one of {', '.join(map(str, allowed))})")
-    if not isinstance(eps, numbers.Real) or eps < 0:
-        raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
+    check_triton_row_width("y", y)
+    check_triton_parameters("y", y, weight, bias, eps, autocast_fp32)
 
 
 # (_dispatch.triton_kernels is called by its module path: the kernels are importable once written)

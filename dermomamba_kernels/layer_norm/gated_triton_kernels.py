@@ -32,15 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import BACKWARD_TILE_ELEMENTS, FORWARD_TILE_ELEMENTS, _device_guard, _tile
+from .triton_kernels import BACKWARD_TILE_ELEMENTS, FORWARD_TILE_ELEMENTS, _backward_grid, _device_guard, _tile
 
 # Each holds about twice the live tiles of the LayerNorm kernels (z and the gate's terms besides y and
 # its derivatives): half their tiles keeps them in registers (4 warps: 16 fp32 values per thread per tile
 # in the forward, 8 in the backward). Untuned: the GPU benchmark decides.
 GATED_FORWARD_TILE_ELEMENTS = FORWARD_TILE_ELEMENTS // 2
 GATED_BACKWARD_TILE_ELEMENTS = BACKWARD_TILE_ELEMENTS // 2
-# As in triton_kernels: a constant grid cap keeps the summation order of d weight / d bias machine-independent.
-BACKWARD_PROGRAMS = 2048
 
 ROUND_NONE = tl.constexpr(0)
 ROUND_FP16 = tl.constexpr(1)
@@ -211,10 +209,8 @@ def gated_backward(dout2: torch.Tensor, y2: torch.Tensor, z2: torch.Tensor, weig
     rows, channels = y2.shape
     dy = torch.empty((rows, channels), dtype=y2.dtype, device=y2.device)
     dz = torch.empty((rows, channels), dtype=z2.dtype, device=y2.device)
-    block_rows, block_c, warps = _tile(rows, channels, GATED_BACKWARD_TILE_ELEMENTS)
-    tiles = triton.cdiv(rows, block_rows)
-    tiles_per_program = max(1, triton.cdiv(tiles, BACKWARD_PROGRAMS))
-    programs = triton.cdiv(tiles, tiles_per_program)
+    block_rows, block_c, warps, tiles_per_program, programs = _backward_grid(rows, channels,
+                                                                             GATED_BACKWARD_TILE_ELEMENTS)
     partial = torch.empty((2, programs, channels), dtype=torch.float32, device=y2.device)
     if poison:
         for t in (dy, dz, partial):

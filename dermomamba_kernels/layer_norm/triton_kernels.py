@@ -60,6 +60,15 @@ def _tile(rows: int, channels: int, tile_elements: int):
     return block_rows, block_c, warps
 
 
+def _backward_grid(rows: int, channels: int, tile_elements: int):
+    """Tiles and grid of a backward whose programs each walk consecutive tiles and keep per-program column sums:
+    (block_rows, block_c, warps, tiles_per_program, programs), at most BACKWARD_PROGRAMS programs."""
+    block_rows, block_c, warps = _tile(rows, channels, tile_elements)
+    tiles = triton.cdiv(rows, block_rows)
+    tiles_per_program = max(1, triton.cdiv(tiles, BACKWARD_PROGRAMS))
+    return block_rows, block_c, warps, tiles_per_program, triton.cdiv(tiles, tiles_per_program)
+
+
 def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -163,10 +172,7 @@ def backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, mean: to
     """dx (rows, C) in x's dtype and d weight, d bias (C,) in fp32 from the forward's mean and rstd."""
     rows, channels = x2.shape
     dx = torch.empty((rows, channels), dtype=x2.dtype, device=x2.device)
-    block_rows, block_c, warps = _tile(rows, channels, BACKWARD_TILE_ELEMENTS)
-    tiles = triton.cdiv(rows, block_rows)
-    tiles_per_program = max(1, triton.cdiv(tiles, BACKWARD_PROGRAMS))
-    programs = triton.cdiv(tiles, tiles_per_program)
+    block_rows, block_c, warps, tiles_per_program, programs = _backward_grid(rows, channels, BACKWARD_TILE_ELEMENTS)
     partial = torch.empty((2, programs, channels), dtype=torch.float32, device=x2.device)
     if poison:
         dx.fill_(float("nan"))

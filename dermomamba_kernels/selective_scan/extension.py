@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import NamedTuple
 
 import torch
 
@@ -275,16 +276,28 @@ def selective_scan_extension(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 PROJECTION_ROW_MULTIPLE = 8
 
 
-def _projection_weight(x_proj_weight, dt_rank, dstate, dtype):
-    """x_proj_weight (4, R + 2N, D) with its rows reordered to [B, C, dt] and zero rows appended up to a multiple
-    of PROJECTION_ROW_MULTIPLE, in ``dtype``: B and C then start at aligned offsets of each position's row."""
+def _padded_rows(rows):
+    return -(-rows // PROJECTION_ROW_MULTIPLE) * PROJECTION_ROW_MULTIPLE
+
+
+class _ProjectionWeights(NamedTuple):
+    """The projections' weights as the products use them, in the projections' dtype: w_x (4, padded rows, D) is
+    x_proj_weight with its rows reordered to [B, C, dt] and zero rows appended up to a multiple of
+    PROJECTION_ROW_MULTIPLE (B and C then start at aligned offsets of each position's row); w_dt (4, D, R)."""
+    w_x: torch.Tensor
+    w_dt: torch.Tensor
+    dt_rank: int
+    dstate: int
+
+
+def _projection_weights(x_proj_weight, dt_projs_weight, dtype) -> _ProjectionWeights:
+    dt_rank = dt_projs_weight.shape[2]
+    rows = x_proj_weight.shape[1]
     w = x_proj_weight.to(dtype)
-    rows = dt_rank + 2 * dstate
-    padded = -(-rows // PROJECTION_ROW_MULTIPLE) * PROJECTION_ROW_MULTIPLE
     parts = [w[:, dt_rank:], w[:, :dt_rank]]
-    if padded > rows:
-        parts.append(w.new_zeros(w.shape[0], padded - rows, w.shape[2]))
-    return torch.cat(parts, dim=1)
+    if _padded_rows(rows) > rows:
+        parts.append(w.new_zeros(w.shape[0], _padded_rows(rows) - rows, w.shape[2]))
+    return _ProjectionWeights(torch.cat(parts, dim=1), dt_projs_weight.to(dtype), dt_rank, (rows - dt_rank) // 2)
 
 
 def _dt_projection(dts, dt_projs_weight):
@@ -318,16 +331,15 @@ def _projection_dtype(x):
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
-def _projections(x, x_proj_weight, dt_projs_weight, dtype):
-    """delta (batch, 4, D, H, W) and B, C ((batch, 4, N, H, W) views of one channel-last projection), in
-    ``dtype``, plus that projection x_dbl (batch, H, W, 4, rows): per direction B (N), C (N), dt (R), zeros."""
-    dt_rank = dt_projs_weight.shape[2]
-    dstate = (x_proj_weight.shape[1] - dt_rank) // 2
+def _projections(x, weights: _ProjectionWeights):
+    """delta (batch, 4, D, H, W) and B, C ((batch, 4, N, H, W) views of one channel-last projection), in the
+    weights' dtype, plus that projection x_dbl (batch, H, W, 4, rows): per direction B (N), C (N), dt (R), zeros."""
+    dstate, dt_rank = weights.dstate, weights.dt_rank
     # Position-major, channel-last result: each position's B and C rows are contiguous, which is what the
     # kernels read per step.
-    x_dbl = torch.einsum("bdhw,kcd->bhwkc", x.to(dtype), _projection_weight(x_proj_weight, dt_rank, dstate, dtype))
+    x_dbl = torch.einsum("bdhw,kcd->bhwkc", x.to(weights.w_x.dtype), weights.w_x)
     B, C, dts = x_dbl[..., :dstate], x_dbl[..., dstate:2 * dstate], x_dbl[..., 2 * dstate:2 * dstate + dt_rank]
-    delta = _dt_projection(dts, dt_projs_weight.to(dtype))
+    delta = _dt_projection(dts, weights.w_dt)
     return x_dbl, delta, B.permute(0, 3, 4, 1, 2), C.permute(0, 3, 4, 1, 2)
 
 
@@ -345,7 +357,7 @@ class _ProjectedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, deterministic, chunk_size):
         dtype = _projection_dtype(x)
-        _, delta, B, C = _projections(x, x_proj_weight, dt_projs_weight, dtype)
+        _, delta, B, C = _projections(x, _projection_weights(x_proj_weight, dt_projs_weight, dtype))
         A = -torch.exp(A_logs.float())
         y, chunk_states = _ops.multiaxial_scan_fwd(x, delta, A, B, C, Ds.float(), dt_projs_bias.float().reshape(-1),
                                                    True, chunk_size)
@@ -357,12 +369,14 @@ class _ProjectedScan(torch.autograd.Function):
     def backward(ctx, dy):
         x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, chunk_states = ctx.saved_tensors
         A = -torch.exp(A_logs.float())
+        # Prepared once for all slices.
+        weights = _projection_weights(x_proj_weight, dt_projs_weight, ctx.dtype)
+        scan_params = (A, Ds.float(), dt_projs_bias.float().reshape(-1))
         images_per_slice = _backward_images_per_slice(x, x_proj_weight)
         dx_parts, param_grads = [], None
         for start in range(0, x.shape[0], images_per_slice):
             batch = slice(start, start + images_per_slice)
-            dx, *grads = _projected_scan_backward(ctx, dy[batch], x[batch], chunk_states[batch], A, x_proj_weight,
-                                                  dt_projs_weight, dt_projs_bias, Ds)
+            dx, *grads = _projected_scan_backward(ctx, dy[batch], x[batch], chunk_states[batch], weights, scan_params)
             dx_parts.append(dx)
             # Fixed order over the slices: the deterministic mode stays bit-reproducible.
             param_grads = grads if param_grads is None else [acc + g for acc, g in zip(param_grads, grads)]
@@ -385,28 +399,26 @@ BACKWARD_SLICE_PROJECTION_ELEMENTS = 1 << 27
 def _backward_images_per_slice(x, x_proj_weight):
     """Images per slice of _ProjectedScan's backward: x (batch, D, H, W), x_proj_weight (4, R + 2N, D)."""
     directions, rows = x_proj_weight.shape[0], x_proj_weight.shape[1]
-    padded_rows = -(-rows // PROJECTION_ROW_MULTIPLE) * PROJECTION_ROW_MULTIPLE
-    per_image = x.shape[2] * x.shape[3] * directions * padded_rows
+    per_image = x.shape[2] * x.shape[3] * directions * _padded_rows(rows)
     return max(1, BACKWARD_SLICE_PROJECTION_ELEMENTS // max(1, per_image))
 
 
-def _projected_scan_backward(ctx, dy, x, chunk_states, A, x_proj_weight, dt_projs_weight, dt_projs_bias, Ds):
+def _projected_scan_backward(ctx, dy, x, chunk_states, weights: _ProjectionWeights, scan_params):
     """_ProjectedScan's backward on a slice of the batch: dx (in x's dtype) and the parameters' gradients
-    (x_proj_weight, dt_projs_weight, delta bias, A, D) as sums over the slice, fp32 where the kernel's are."""
-    dtype = ctx.dtype
-    x_dbl, delta, B, C = _projections(x, x_proj_weight, dt_projs_weight, dtype)
+    (x_proj_weight, dt_projs_weight, delta bias, A, D) as sums over the slice, fp32 where the kernel's are.
+    scan_params: the kernel's A, D and delta bias, in fp32."""
+    dtype = weights.w_x.dtype
+    A, D, delta_bias = scan_params
+    x_dbl, delta, B, C = _projections(x, weights)
     dx_scan, ddelta, dA, dB, dC, dD, dbias = _ops.multiaxial_scan_bwd(
-        dy.contiguous(), x, delta, A, B, C, Ds.float(), dt_projs_bias.float().reshape(-1), True, chunk_states,
-        ctx.chunk_size, ctx.deterministic)
+        dy.contiguous(), x, delta, A, B, C, D, delta_bias, True, chunk_states, ctx.chunk_size, ctx.deterministic)
     del delta, B, C
-    dt_rank = dt_projs_weight.shape[2]
-    dstate = (x_proj_weight.shape[1] - dt_rank) // 2
+    dt_rank, dstate, w_x = weights.dt_rank, weights.dstate, weights.w_x
     dts = x_dbl[..., 2 * dstate:2 * dstate + dt_rank]
     ddelta = ddelta.to(dtype)
-    ddts, dw_dt = _dt_projection_grads(ddelta, dts, dt_projs_weight.to(dtype))
+    ddts, dw_dt = _dt_projection_grads(ddelta, dts, weights.w_dt)
     del ddelta, dts, x_dbl
     # x_dbl = x against the padded weight: the gradient of x_dbl is (dB, dC, ddts, 0) in its layout.
-    w_x = _projection_weight(x_proj_weight, dt_rank, dstate, dtype)
     pad = w_x.shape[1] - 2 * dstate - dt_rank
     parts = [dB.to(dtype).permute(0, 3, 4, 1, 2), dC.to(dtype).permute(0, 3, 4, 1, 2), ddts]
     del dB, dC
@@ -466,7 +478,7 @@ def multiaxial_extension(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_log
         deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
         return _ProjectedScan.apply(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, deterministic,
                                     chunk_size)
-    _, delta, B, C = _projections(x, x_proj_weight, dt_projs_weight, _projection_dtype(x))
+    _, delta, B, C = _projections(x, _projection_weights(x_proj_weight, dt_projs_weight, _projection_dtype(x)))
     A = -torch.exp(A_logs.float())
     request = bool(deterministic) and not torch.compiler.is_compiling()
     if request:
