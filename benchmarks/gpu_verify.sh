@@ -25,6 +25,8 @@
 #   sanitize compute-sanitizer memcheck and racecheck on benchmarks/sanitize_cases.py (every CUDA kernel, small)
 #   layernorm benchmarks/bench_small_layernorm.py: Triton LayerNorm for few channels vs PyTorch's native (issue 9)
 #   profile  benchmarks/profile_step.py: where our training step's GPU time goes (PROFILE_ARGS)
+#   profileinf the same for the eval-mode forward, with the graph-recorded kernels (PROFILEINF_ARGS)
+#   ratios   benchmarks/compiled_error_ratios.py: reduce-overhead gradients' error against eager's, many draws
 #   policies benchmarks/bench_step_policies.py: the step under each memory policy / opt-in kernel (POLICIES_ARGS)
 #   dwconv, batchnorm, gatednorm, stagedbwd: bench_depthwise_conv.py, bench_batch_norm.py,
 #            bench_gated_layer_norm.py, bench_staged_bwd_variants.py (<STEP>_ARGS)
@@ -178,6 +180,9 @@ has batchnorm && bench batchnorm 200 python3 benchmarks/bench_batch_norm.py ${BA
 has gatednorm && bench gatednorm 150 python3 benchmarks/bench_gated_layer_norm.py ${GATEDNORM_ARGS:-}
 has stagedbwd && bench stagedbwd 300 python3 benchmarks/bench_staged_bwd_variants.py ${STAGEDBWD_ARGS:-}
 has profile && bench profile 150 python3 benchmarks/profile_step.py ${PROFILE_ARGS:---batches 16 --precision fp16}
+has profileinf && bench profileinf 120 python3 benchmarks/profile_step.py --inference --graph-kernels \
+  ${PROFILEINF_ARGS:---batches 64 --precision fp16}
+has ratios && bench ratios 240 python3 benchmarks/compiled_error_ratios.py ${RATIOS_ARGS:-}
 has quick && bench quick 120 python3 -m dermomamba.cli benchmark
 has layers && bench layers 420 python3 benchmarks/bench_layers.py --baseline mamba --json "$OUT/bench_layers.json" \
   --markdown "$OUT/bench_layers.md" ${BENCH_LAYERS_ARGS:-}

@@ -3,16 +3,19 @@
 Runs our network's training step (forward under autocast, Guide Fusion Loss, backward, Adam with a
 GradScaler under fp16) at each batch size given, and prints the operators and kernels sorted by their
 total GPU time, plus the step's wall time and the GPU-busy time of the profiled steps. Comparing two
-batch sizes shows which part grows faster than the batch.
+batch sizes shows which part grows faster than the batch. `--inference` profiles the eval-mode forward
+(no autograd) instead; `--graph-kernels` runs under `dermomamba_kernels.graph_recording()`, so "auto" picks
+the kernels a CUDA-graphed step records (what the graphed figures of bench_model.py run).
 
 Usage:
   python benchmarks/profile_step.py --batches 4 16 --precision fp16 [--loss gfl|bce_dice] [--top 40]
-      [--trace-dir DIR]   # also write a Chrome trace per batch size
+      [--inference] [--graph-kernels] [--trace-dir DIR]   # also write a Chrome trace per batch size
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -23,17 +26,34 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.append(REPO_ROOT)
 
-from dermomamba.benchmark import bce_dice_loss, make_train_step, random_batch, synchronize  # noqa: E402
+from dermomamba.benchmark import (  # noqa: E402
+    bce_dice_loss, make_forward, make_train_step, random_batch, synchronize)
+from dermomamba_kernels import graph_recording  # noqa: E402
 from dermomamba.loss import GuideFusionLoss  # noqa: E402
 from dermomamba.models import create_model  # noqa: E402
 
 
-def profile_batch(model_name, img_size, batch, precision, loss, steps, top, trace_dir, device):
+def profile_batch(model_name, img_size, batch, precision, loss, steps, top, trace_dir, device,
+                  inference=False, graph_kernels=False):
+    with graph_recording() if graph_kernels else contextlib.nullcontext():
+        _profile_batch(model_name, img_size, batch, precision, loss, steps, top, trace_dir, device, inference)
+
+
+def _profile_batch(model_name, img_size, batch, precision, loss, steps, top, trace_dir, device, inference):
     torch.manual_seed(0)
     model = create_model(model_name, img_size=img_size).to(device)
     images, masks = random_batch(batch, img_size, device)
-    criterion = GuideFusionLoss("published") if loss == "gfl" else bce_dice_loss
-    step = make_train_step(model, images, masks, criterion, precision=precision)
+    if inference:
+        model.eval()
+        forward = make_forward(model, images, precision=precision)
+        loss = "none (inference)"
+
+        def step():
+            with torch.no_grad():
+                forward()
+    else:
+        criterion = GuideFusionLoss("published") if loss == "gfl" else bce_dice_loss
+        step = make_train_step(model, images, masks, criterion, precision=precision)
     for _ in range(3):
         step()
     synchronize(device)
@@ -61,7 +81,8 @@ def profile_batch(model_name, img_size, batch, precision, loss, steps, top, trac
           flush=True)
     if trace_dir:
         os.makedirs(trace_dir, exist_ok=True)
-        prof.export_chrome_trace(os.path.join(trace_dir, f"step_b{batch}_{precision}_{loss}.json"))
+        prof.export_chrome_trace(os.path.join(
+            trace_dir, f"step_b{batch}_{precision}_{'inference' if inference else loss}.json"))
     del model, step
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -78,11 +99,14 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--trace-dir", default=None)
+    parser.add_argument("--inference", action="store_true", help="profile the eval-mode forward, no autograd")
+    parser.add_argument("--graph-kernels", action="store_true",
+                        help="pick the kernels a recorded CUDA graph uses (dermomamba_kernels.graph_recording)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     for batch in args.batches:
         profile_batch(args.model, tuple(args.img_size), batch, args.precision, args.loss, args.steps, args.top,
-                      args.trace_dir, device)
+                      args.trace_dir, device, inference=args.inference, graph_kernels=args.graph_kernels)
     return 0
 
 
