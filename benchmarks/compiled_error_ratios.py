@@ -8,6 +8,7 @@ and flags those above the test's bound; with `--gate both` the SS2D output gate 
 (torch.utils.checkpoint, the default) and once kept, to see whether the checkpoint region changes the error.
 
   python benchmarks/compiled_error_ratios.py --draws 8 --gate both
+  python benchmarks/compiled_error_ratios.py --draws 8 --gate recomputed --inductor-reference   # the test's rule
 """
 
 import argparse
@@ -33,9 +34,11 @@ def module_errors(grads, truth_grads):
     return {group: math.sqrt(v) for group, v in squares.items()}
 
 
-def one_config(recompute_gate, draws):
+def one_config(recompute_gate, draws, inductor_reference):
     torch._dynamo.reset()
     model = tc._tiny(tc.GPU_SIZE).cuda().train()
+    reference_model = tc._tiny(tc.GPU_SIZE).cuda().train()
+    compiled_reference = torch.compile(reference_model, fullgraph=True) if inductor_reference else None
     for module in model.modules():
         if hasattr(module, "recompute_gate"):
             module.recompute_gate = recompute_gate
@@ -55,6 +58,9 @@ def one_config(recompute_gate, draws):
             grads = {name: p.grad.clone() for name, p in model.named_parameters()}
         truth_loss, truth_grads = tc._float64_truth(before, images, masks)
         references = tc._float32_references(before, images, masks)
+        if compiled_reference is not None:
+            reference_model.load_state_dict(before)
+            references.append(tc._loss_and_grads(compiled_reference, images, masks))
         candidate = module_errors(grads, truth_grads)
         reference = {g: max(module_errors(r, truth_grads)[g] for _, r in references) for g in candidate}
         norms = module_errors({n: torch.zeros_like(g) for n, g in truth_grads.items()}, truth_grads)
@@ -75,11 +81,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--gate", choices=("recomputed", "kept", "both"), default="both")
+    parser.add_argument("--inductor-reference", action="store_true",
+                        help="add torch.compile's default mode (inductor without CUDA graphs) to the references, "
+                             "as the test does")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     for recompute in {"recomputed": [True], "kept": [False], "both": [True, False]}[args.gate]:
-        one_config(recompute, args.draws)
+        one_config(recompute, args.draws, args.inductor_reference)
 
 
 if __name__ == "__main__":

@@ -315,8 +315,17 @@ def test_tiny_model_compiled_with_cuda_graphs_reduce_overhead(seed):
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
 
     truth = _float64_truth(before, images, masks)
-    _assert_within_float32_error(replayed, _float32_references(before, images, masks), truth, "reduce-overhead",
-                                 per="module")
+    # Among the references: inductor's own arithmetic without CUDA graphs (the same weights and batch through
+    # torch.compile's default mode). What this test judges is the graphs' recording and replay (a stale input, a
+    # race or a skipped kernel errs at 1e-2 and more); inductor's fused kernels round independently of eager's,
+    # and over many draws their per-module error ranged 0.4x-2.9x eager's, once 4.1x, with or without SS2D's
+    # recomputed gate (benchmarks/compiled_error_ratios.py, H100, 2026-11-28): a 2x bound against eager alone
+    # judged inductor, not the graphs, and failed about one draw in five.
+    inductor = _tiny(GPU_SIZE).cuda()
+    inductor.load_state_dict(before)
+    references = _float32_references(before, images, masks) + [
+        _loss_and_grads(torch.compile(inductor, fullgraph=True), images, masks)]
+    _assert_within_float32_error(replayed, references, truth, "reduce-overhead", per="module")
 
 
 @pytest.mark.gpu
