@@ -3,7 +3,7 @@
 staged in shared memory once, one launch with a decoupled look-back) and mamba-ssm's
 selective_scan_fn, at DermoMamba's eight SS2D shapes, on one GPU.
 
-The forward kernel is chosen per call by DERMOMAMBA_SCAN_FWD_KERNEL=warp|lane|lane4|staged|regs (read by
+The forward kernel is chosen per call by DERMOMAMBA_SCAN_FWD_KERNEL=warp|lane|lane4|staged|regs|flat (read by
 csrc/cuda/selective_scan_cuda.cpp on every call). Inputs are the wrapper's: x (B, d, H, W), delta
 (B, 4, d, H, W) contiguous, B and C channel-last views of one (B, H, W, 4, R + 2N) projection;
 mamba-ssm runs on its own materialised (B, 4 d, L) / (B, 4, N, L) fp32 inputs (the scan alone, no
@@ -49,7 +49,7 @@ from common import BATCH, DSTATE, NUM_DIRECTIONS, SHAPES, copy_bandwidth_gbs, gi
 from dermomamba_kernels.selective_scan import extension  # noqa: E402,F401  (fakes + autograd of the ops)
 
 KERNEL_VARIABLE = "DERMOMAMBA_SCAN_FWD_KERNEL"
-ALL_KERNELS = ("warp", "lane", "lane4", "staged", "regs")
+ALL_KERNELS = ("warp", "lane", "lane4", "staged", "regs", "flat")
 BWD_KERNEL_VARIABLE = "DERMOMAMBA_SCAN_BWD_KERNEL"
 ALL_BWD_KERNELS = ("warp", "lane", "staged", "regs")
 # Set by main() from --kernels / --pairs: the forward kernels timed (warp first: the others are compared with
@@ -171,7 +171,8 @@ def small_case():
         op_args = (x, delta, A, B, C, D, bias, True, chunk)
         dy = torch.randn(x.shape, device="cuda")
         # lane4 holds 4 states per lane in 4 lanes: N <= 16 only (it raises otherwise, by design).
-        for fwd_kernel in ("lane", "lane4", "staged", "warp") if dstate <= 16 else ("lane", "staged", "warp"):
+        # lane4 and flat (v6) hold all N <= 16 states of a sequence per lane group / thread.
+        for fwd_kernel in ("lane", "lane4", "staged", "warp", "flat") if dstate <= 16 else ("lane", "staged", "warp"):
             states = forward_with(fwd_kernel, op_args)[1]
             for deterministic in (False, True):
                 os.environ[BWD_KERNEL_VARIABLE] = "lane"

@@ -7,7 +7,8 @@ What is switched (one row each, same process, same inputs):
   * opt-in kernels chosen by environment variables (read at call time; a CUDA graph records the choice at
     capture): the depthwise convs' Triton weight gradient, Triton BatchNorm, the fused gated LayerNorm.
 Each row runs the eager training step (forward under autocast, Guide Fusion Loss, backward, Adam) and, on
-CUDA, the step recorded as a CUDA graph; medians and torch.cuda.max_memory_allocated.
+CUDA, the step recorded as a CUDA graph; medians and torch.cuda.max_memory_allocated. With --inference-batch N,
+also the eval-mode forward at batch N (eager and as a CUDA graph).
 
 Example (GPU):
     python benchmarks/bench_step_policies.py --batch 16 --precision fp16
@@ -34,7 +35,7 @@ UNSLICED = 1 << 62
 # The kernels whose "auto" differs between eager steps (PyTorch's) and CUDA graphs (Triton's; see
 # dermomamba_kernels.graph_recording), by the environment variable that forces one or the other.
 KERNEL_VARIABLES = {"dw": "DERMOMAMBA_DEPTHWISE_BACKEND", "bn": "DERMOMAMBA_BATCHNORM_BACKEND",
-                    "gate": "DERMOMAMBA_GATED_NORM_BACKEND"}
+                    "gate": "DERMOMAMBA_GATED_NORM_BACKEND", "fwd": "DERMOMAMBA_SCAN_FWD_KERNEL"}
 PYTORCH = {"dw": "reference", "bn": "native", "gate": "reference"}
 TRITON = {"dw": "triton", "bn": "triton", "gate": "triton"}
 # (id, label, recompute_gate, sliced backward, forced kernels {key: value}; unset = auto)
@@ -47,6 +48,7 @@ CONFIGS = [
     ("no-gate", "defaults but the unfused gate", True, True, {"gate": "reference"}),
     ("keep-gate", "defaults, unfused gate kept (no checkpoint)", False, True, {"gate": "reference"}),
     ("unsliced", "defaults, scan backward unsliced", True, False, {}),
+    ("flat-fwd", "defaults, the flat (v6) scan forward", True, True, {"fwd": "flat"}),
 ]
 
 
@@ -57,8 +59,13 @@ def run(args):
     default_slice = extension.BACKWARD_SLICE_PROJECTION_ELEMENTS
     print(f"{bench.device_description(device)}; batch {args.batch}, {args.img_size[0]}x{args.img_size[1]}, "
           f"{args.precision}, Guide Fusion Loss; median of {args.repeats}")
-    print("| configuration | gate recomputed | backward sliced | eager ms | eager peak GiB | graph ms | graph peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+    inference_images = (bench.random_batch(args.inference_batch, tuple(args.img_size), device)[0]
+                        if args.inference_batch else None)
+    inference_head = (f" inference b{args.inference_batch} eager ms | inference b{args.inference_batch} graph ms |"
+                      if args.inference_batch else "")
+    print("| configuration | gate recomputed | backward sliced | eager ms | eager peak GiB | graph ms | graph peak GiB |"
+          + inference_head)
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if args.inference_batch else ""))
     if not args.no_global_warmup:
         # One untimed model first: allocator growth, cuDNN's algorithm choices and lazy initialisation would
         # otherwise land in the first row's eager column.
@@ -96,10 +103,21 @@ def run(args):
             torch.cuda.synchronize(device)
             graph_peak = torch.cuda.max_memory_allocated(device)
             graph_ms = bench.median(bench.time_ms(graphed, device, warmup=args.warmup, repeats=args.repeats))
+        inference = ""
+        if inference_images is not None:
+            forward = bench.make_forward(model, inference_images, args.precision)
+            inference_eager = bench.median(bench.time_ms(forward, device, warmup=args.warmup, repeats=args.repeats))
+            inference_graph = None
+            if device.type == "cuda" and not args.no_graphs:
+                graphed_forward = bench.make_graphed_forward(model, inference_images, args.precision)
+                inference_graph = bench.median(bench.time_ms(graphed_forward, device, warmup=args.warmup,
+                                                             repeats=args.repeats))
+            inference = f" {inference_eager:.2f} | {'-' if inference_graph is None else f'{inference_graph:.2f}'} |"
+            model.train()
         gib = lambda b: "-" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
         ms = lambda t: "-" if t is None else f"{t:.2f}"  # noqa: E731
-        print(f"| {label} | {recompute_gate} | {sliced} | {eager:.2f} | {gib(eager_peak)} | {ms(graph_ms)} | {gib(graph_peak)} |",
-              flush=True)
+        print(f"| {label} | {recompute_gate} | {sliced} | {eager:.2f} | {gib(eager_peak)} | {ms(graph_ms)} | {gib(graph_peak)} |"
+              + inference, flush=True)
         del model, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -117,6 +135,8 @@ def main(argv=None):
     parser.add_argument("--no-graphs", action="store_true")
     parser.add_argument("--no-global-warmup", action="store_true", help="skip the untimed model before the rows")
     parser.add_argument("--configs", nargs="*", default=None, help="ids of CONFIGS to run (default: all)")
+    parser.add_argument("--inference-batch", type=int, default=0,
+                        help="also time the eval-mode forward at this batch (0: not)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run(parser.parse_args(argv))
 

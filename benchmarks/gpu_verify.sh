@@ -20,7 +20,7 @@
 #   model    benchmarks/bench_model.py, whole network vs the published path (issue 9; BENCH_MODEL_ARGS; MODEL_ENV:
 #            VAR=value pairs for its process only, e.g. the opt-in kernels' variables)
 #   scan     benchmarks/bench_scan.py and bench_triton_scan.py (issues 3 and 4)
-#   scanv3   benchmarks/bench_scan_v3.py: the scan forward, warp vs lane vs lane4 kernels vs mamba-ssm
+#   scanv3   benchmarks/bench_scan_v3.py: the scan forward kernels vs mamba-ssm (SCANV3_ARGS)
 #   ncu      Nsight Compute on each scan kernel form at 192x256 (benchmarks/ncu_scan_case.py; $OUT/ncu.log)
 #   sanitize compute-sanitizer memcheck and racecheck on benchmarks/sanitize_cases.py (every CUDA kernel, small)
 #   layernorm benchmarks/bench_small_layernorm.py: Triton LayerNorm for few channels vs PyTorch's native (issue 9)
@@ -188,7 +188,7 @@ has layers && bench layers 420 python3 benchmarks/bench_layers.py --baseline mam
   --markdown "$OUT/bench_layers.md" ${BENCH_LAYERS_ARGS:-}
 has model && [ -z "${MODEL_ALONE:-}" ] && model_bench
 has scan && bench scan 240 bash -c "python3 benchmarks/bench_scan.py && python3 benchmarks/bench_triton_scan.py"
-has scanv3 && bench scanv3 400 python3 benchmarks/bench_scan_v3.py --out "$OUT"
+has scanv3 && bench scanv3 400 python3 benchmarks/bench_scan_v3.py --out "$OUT" ${SCANV3_ARGS:-}
 if has sanitize; then
   SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   # --kernel-name limits the (slow) checking to our kernels; torch's own still run, unchecked.

@@ -350,12 +350,16 @@ def check_multiaxial(inp, softplus, tag, chunk=CHUNK, deterministic=False):
 # state), "lane4" (v3 with 4 lanes x 4 states per sequence, N <= 16) and "staged" (scan v4: tiles
 # staged in shared memory, one launch with a decoupled look-back, N <= 32; the default where it
 # applies, else warp: test_multiaxial_default_forward_kernel) and "regs" (scan v5: the staged skeleton with
-# several states of one channel in each thread's registers, N <= 32). All must write the same y
+# several states of one channel in each thread's registers, N <= 32) and "flat" (scan v6: all N <= 16 states of
+# one sequence in one thread, a line segment per thread, three launches). All must write the same y
 # and chunk_states, and the one backward must give the reference's gradients from any one's
 # chunk_states, so the multiaxial parity tests run once per forward kernel.
 FWD_KERNEL_VARIABLE = "DERMOMAMBA_SCAN_FWD_KERNEL"
-FWD_KERNELS = ["warp", "lane", "lane4", "staged", "regs"]
+FWD_KERNELS = ["warp", "lane", "lane4", "staged", "regs", "flat"]
 LANE4_MAX_STATES = 16
+FLAT_MAX_STATES = 16
+# Forward kernels limited to N <= 16, with the name their error message uses.
+SIXTEEN_STATE_KERNELS = {"lane4": LANE4_MAX_STATES, "flat": FLAT_MAX_STATES}
 
 
 @pytest.fixture(params=FWD_KERNELS)
@@ -456,17 +460,34 @@ def chunk_states_ref(inp, softplus, chunk, dtype):
     return torch.stack(entering, 2).view(batch, NUM_DIRECTIONS, dim, len(entering), A.shape[1])
 
 
-def wrapper_layout(inp, rank=1):
+# The wrapper's projection rows per direction: [B (N), C (N), dt (R), zeros] padded to a multiple of 8
+# (dermomamba_kernels/selective_scan/extension.py, PROJECTION_ROW_MULTIPLE), so B and C start on 16-byte
+# boundaries: the flat forward's vector loads.
+ALIGNED_ROW_MULTIPLE = 8
+
+
+def wrapper_layout(inp, rank=1, aligned=False):
     """B, C as the wrapper passes them: (batch, 4, N, H, W) views of one channel-last
-    (batch, H, W, 4, R + 2N) projection (state stride 1, position strides 4 (R + 2N))."""
+    (batch, H, W, 4, rows) projection (state stride 1, position strides 4 * rows). rows = R + 2N with B after
+    the R dt values (an older layout, B and C unaligned), or with ``aligned`` as the wrapper lays it out now:
+    B, C, dt, zeros up to a multiple of ALIGNED_ROW_MULTIPLE."""
     batch, _, dstate, height, width = inp["B"].shape
-    x_dbl = torch.randn(batch, height, width, NUM_DIRECTIONS, rank + 2 * dstate, device=DEVICE).to(inp["B"].dtype)
-    x_dbl[..., rank:rank + dstate] = inp["B"].permute(0, 3, 4, 1, 2)
-    x_dbl[..., rank + dstate:] = inp["C"].permute(0, 3, 4, 1, 2)
+    rows = rank + 2 * dstate
+    if aligned:
+        rows = -(-rows // ALIGNED_ROW_MULTIPLE) * ALIGNED_ROW_MULTIPLE
+    first = 0 if aligned else rank
+    x_dbl = torch.randn(batch, height, width, NUM_DIRECTIONS, rows, device=DEVICE).to(inp["B"].dtype)
+    x_dbl[..., first:first + dstate] = inp["B"].permute(0, 3, 4, 1, 2)
+    x_dbl[..., first + dstate:first + 2 * dstate] = inp["C"].permute(0, 3, 4, 1, 2)
     out = dict(inp)
-    out["B"] = x_dbl[..., rank:rank + dstate].permute(0, 3, 4, 1, 2)
-    out["C"] = x_dbl[..., rank + dstate:].permute(0, 3, 4, 1, 2)
+    out["B"] = x_dbl[..., first:first + dstate].permute(0, 3, 4, 1, 2)
+    out["C"] = x_dbl[..., first + dstate:first + 2 * dstate].permute(0, 3, 4, 1, 2)
     return out
+
+
+def apply_bc_layout(inp, wrapper_bc):
+    """wrapper_bc: False (the inputs' own layout), True (the unaligned channel-last layout) or "aligned"."""
+    return wrapper_layout(inp, aligned=wrapper_bc == "aligned") if wrapper_bc else inp
 
 
 # (batch, dim, H, W, N, chunk, wrapper's B / C layout): shapes the lane kernel treats specially:
@@ -474,9 +495,12 @@ def wrapper_layout(inp, rank=1):
 # a chunk shorter than a position block, chunk_size >= L, and a long L cut into many splits.
 def lane_case_id(case):
     batch, dim, height, width, dstate, chunk, wrapper_bc = case
-    return f"b{batch}d{dim}_{height}x{width}_N{dstate}_chunk{chunk}" + ("_wrapperBC" if wrapper_bc else "")
+    suffix = {False: "", True: "_wrapperBC", "aligned": "_alignedBC"}[wrapper_bc]
+    return f"b{batch}d{dim}_{height}x{width}_N{dstate}_chunk{chunk}" + suffix
 
 
+# The last two: lines longer than the flat kernel's 64-position segments and more than one warp of lines (H and
+# W above 32), a chunk that is not a multiple of the segment, and the wrapper's aligned rows (its vector loads).
 LANE_CASES = [
     (1, 3, 8, 5, 5, 8, False),
     (2, 5, 7, 9, 20, 16, False),
@@ -484,6 +508,8 @@ LANE_CASES = [
     (2, 8, 9, 11, 16, 5, True),
     (1, 8, 24, 40, 16, 64, True),
     (1, 4, 30, 20, 16, 128, True),
+    (1, 5, 33, 67, 16, 50, "aligned"),
+    (2, 4, 70, 41, 16, 128, "aligned"),
 ]
 
 
@@ -494,11 +520,9 @@ def test_multiaxial_forward_y_and_chunk_states(seed, case, dtype, fwd_kernel, bw
     """y and every chunk state against float64, each forward kernel, then the gradients through the
     backward reading that kernel's chunk_states."""
     batch, dim, height, width, dstate, chunk, wrapper_bc = case
-    inp = make_multiaxial(batch, dim, height, width, dstate, dtype)
-    if wrapper_bc:
-        inp = wrapper_layout(inp)
-    if fwd_kernel == "lane4" and dstate > LANE4_MAX_STATES:
-        with pytest.raises(RuntimeError, match=r"lane4\) supports a state size N up to 16"):
+    inp = apply_bc_layout(make_multiaxial(batch, dim, height, width, dstate, dtype), wrapper_bc)
+    if dstate > SIXTEEN_STATE_KERNELS.get(fwd_kernel, dstate):
+        with pytest.raises(RuntimeError, match=rf"{fwd_kernel}\) supports a state size N up to 16"):
             run_multiaxial_op(inp, True, chunk=chunk)
         return
     # Outputs land in a caching allocator just filled with NaN: an unwritten element would surface.
@@ -538,6 +562,10 @@ def test_multiaxial_forward_kernel_choice_errors(seed, monkeypatch):
         with pytest.raises(RuntimeError, match=rf"={tiled}\) supports a state size N up to 32"):
             ops().multiaxial_scan_fwd(big["x"], big["delta"], big["A"], big["B"], big["C"], big["D"],
                                       big["delta_bias"], True, 16)
+    monkeypatch.setenv(FWD_KERNEL_VARIABLE, "flat")
+    with pytest.raises(RuntimeError, match=rf"=flat\) supports a state size N up to {FLAT_MAX_STATES}"):
+        ops().multiaxial_scan_fwd(wide["x"], wide["delta"], wide["A"], wide["B"], wide["C"], wide["D"],
+                                  wide["delta_bias"], True, 16)
     monkeypatch.setenv(FWD_KERNEL_VARIABLE, "warp")
     ops().multiaxial_scan_fwd(big["x"], big["delta"], big["A"], big["B"], big["C"], big["D"], big["delta_bias"],
                               True, 16)
@@ -603,9 +631,7 @@ def check_backward_kernel_shape(kernel, case, dtype, deterministic, monkeypatch)
     batch, dim, height, width, dstate, chunk, wrapper_bc = case
     monkeypatch.setenv(FWD_KERNEL_VARIABLE, kernel)
     monkeypatch.setenv(BWD_KERNEL_VARIABLE, kernel)
-    inp = make_multiaxial(batch, dim, height, width, dstate, dtype)
-    if wrapper_bc:
-        inp = wrapper_layout(inp)
+    inp = apply_bc_layout(make_multiaxial(batch, dim, height, width, dstate, dtype), wrapper_bc)
     # Outputs land in a caching allocator just filled with NaN: an unwritten element would surface.
     poison = torch.full((64 << 20,), float("nan"), device=DEVICE)
     del poison

@@ -6,6 +6,7 @@
 #include "scan_staged_bwd_kernels.cuh"
 #include "scan_regs_fwd_kernels.cuh"
 #include "scan_regs_bwd_kernels.cuh"
+#include "scan_flat_kernels.cuh"
 
 namespace dermomamba {
 namespace cuda {
@@ -50,6 +51,12 @@ int scan_forward_multiaxial_regs_bfloat16(const ScanParams& params, void* stream
 
 int scan_backward_multiaxial_regs_bfloat16(const ScanParams& params, void* stream) {
   return scan_backward_multiaxial_regs<__nv_bfloat16>(params, stream);
+}
+
+// The "flat" multiaxial forward (scan v6, scan_flat_kernels.cuh; selected by DERMOMAMBA_SCAN_FWD_KERNEL=flat in
+// selective_scan_cuda.cpp).
+int scan_forward_multiaxial_flat_bfloat16(const ScanParams& params, void* stream) {
+  return scan_forward_multiaxial_flat<__nv_bfloat16>(params, stream);
 }
 
 }  // namespace cuda

@@ -6,6 +6,7 @@
 #include "scan_staged_bwd_kernels.cuh"
 #include "scan_regs_fwd_kernels.cuh"
 #include "scan_regs_bwd_kernels.cuh"
+#include "scan_flat_kernels.cuh"
 
 namespace dermomamba {
 namespace cuda {
@@ -65,6 +66,12 @@ int device_multiprocessor_count(int device) {
 }
 
 const char* cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+// The "flat" multiaxial forward (scan v6, scan_flat_kernels.cuh; selected by DERMOMAMBA_SCAN_FWD_KERNEL=flat in
+// selective_scan_cuda.cpp).
+int scan_forward_multiaxial_flat_float(const ScanParams& params, void* stream) {
+  return scan_forward_multiaxial_flat<float>(params, stream);
+}
 
 }  // namespace cuda
 }  // namespace dermomamba

@@ -17,6 +17,7 @@
 #include "cuda/scan_staged_layout.h"
 #include "cuda/scan_regs_fwd_layout.h"
 #include "cuda/scan_regs_bwd_layout.h"
+#include "cuda/scan_flat_layout.h"
 
 namespace dermomamba {
 namespace cuda {
@@ -34,6 +35,10 @@ int scan_backward_multiaxial_lane_bfloat16(const ScanParams& params, void* strea
 int scan_forward_multiaxial_staged_float(const ScanParams& params, void* stream);
 int scan_forward_multiaxial_staged_half(const ScanParams& params, void* stream);
 int scan_forward_multiaxial_staged_bfloat16(const ScanParams& params, void* stream);
+// The flat form of the multiaxial forward (scan v6, csrc/cuda/scan_flat_kernels.cuh), same convention.
+int scan_forward_multiaxial_flat_float(const ScanParams& params, void* stream);
+int scan_forward_multiaxial_flat_half(const ScanParams& params, void* stream);
+int scan_forward_multiaxial_flat_bfloat16(const ScanParams& params, void* stream);
 // The staged form of the multiaxial backward (scan v4, csrc/cuda/scan_staged_bwd_kernels.cuh), same convention.
 int scan_backward_multiaxial_staged_float(const ScanParams& params, void* stream);
 int scan_backward_multiaxial_staged_half(const ScanParams& params, void* stream);
@@ -448,7 +453,7 @@ constexpr int64_t kNarrowLaneGroup = 16;  // N <= 16: two sequences per warp
 constexpr int64_t kWideLaneGroup = 4;
 constexpr int64_t kWideStatesPerLane = 4;
 
-enum class ForwardKernel { kWarp, kLane, kLaneWide, kStaged, kRegs };
+enum class ForwardKernel { kWarp, kLane, kLaneWide, kStaged, kRegs, kFlat };
 
 ForwardKernel multiaxial_forward_kernel(const char* op, const ScanParams& p) {
   const char* value = std::getenv(kForwardKernelVariable);
@@ -463,8 +468,10 @@ ForwardKernel multiaxial_forward_kernel(const char* op, const ScanParams& p) {
   if (choice == "lane4") return ForwardKernel::kLaneWide;
   if (choice == "staged") return ForwardKernel::kStaged;
   if (choice == "regs") return ForwardKernel::kRegs;
+  if (choice == "flat") return ForwardKernel::kFlat;
   TORCH_CHECK(false, op, ": environment variable ", kForwardKernelVariable,
-              " must be 'warp', 'lane' or 'lane4' (v3), 'staged' (v4) or 'regs' (v5), or unset, got '", choice, "'");
+              " must be 'warp', 'lane' or 'lane4' (v3), 'staged' (v4), 'regs' (v5) or 'flat' (v6), or unset, got '",
+              choice, "'");
 }
 
 // Lanes per sequence in the lane forms (the kernels' lane::group_size_for and lane::LaneShape;
@@ -501,6 +508,14 @@ at::Tensor set_staged_tiles(ScanParams& p, const at::Tensor& x, const cuda::stag
   p.tile_ticket = lookback.data_ptr<int>();
   p.tile_flags = p.tile_ticket + 1;
   return lookback;
+}
+
+int run_forward_flat(const ScanParams& p, at::ScalarType bc_dtype, cudaStream_t stream) {
+  switch (bc_dtype) {
+    case at::kFloat: return cuda::scan_forward_multiaxial_flat_float(p, stream);
+    case at::kHalf: return cuda::scan_forward_multiaxial_flat_half(p, stream);
+    default: return cuda::scan_forward_multiaxial_flat_bfloat16(p, stream);
+  }
 }
 
 int run_forward_regs(const ScanParams& p, at::ScalarType bc_dtype, cudaStream_t stream) {
@@ -681,6 +696,10 @@ std::tuple<at::Tensor, at::Tensor> multiaxial_scan_fwd_cuda(const at::Tensor& x,
   const bool lanes = kernel == ForwardKernel::kLane || kernel == ForwardKernel::kLaneWide;
   const bool staged = kernel == ForwardKernel::kStaged;
   const bool regs = kernel == ForwardKernel::kRegs;
+  const bool flat = kernel == ForwardKernel::kFlat;
+  TORCH_CHECK(!flat || p.dstate <= cuda::flat::kStates, op, ": the flat kernel (", kForwardKernelVariable,
+              "=flat) supports a state size N up to ", cuda::flat::kStates, " (A.shape[1]), got ", p.dstate, "; unset ",
+              kForwardKernelVariable, " or set it to 'staged' or 'warp' for larger N");
   TORCH_CHECK(!(staged || regs) || p.dstate <= cuda::staged::kMaxStateDim, op, ": the ", regs ? "regs" : "staged",
               " kernel (", kForwardKernelVariable, "=", regs ? "regs" : "staged", ") supports a state size N up to ", cuda::staged::kMaxStateDim, " (A.shape[1]), got ", p.dstate,
               "; unset ", kForwardKernelVariable, " or set it to 'warp' for larger N");
@@ -701,8 +720,17 @@ std::tuple<at::Tensor, at::Tensor> multiaxial_scan_fwd_cuda(const at::Tensor& x,
   auto chunk_states = at::empty({p.batch, kMultiaxialDirections, p.dim, p.num_chunks, p.dstate}, fp32);
   p.out = y.data_ptr();
   p.chunk_states = chunk_states.data_ptr<float>();
-  at::Tensor lookback;
-  if (staged || regs) {
+  at::Tensor lookback, flat_states, flat_sums;
+  if (flat) {
+    // One row of segments per (batch, sequence): each segment's end state, then its entering state (in place),
+    // and its delta sum (flat::max_segments: the larger of the row and column orientations).
+    const int64_t slots = cuda::flat::max_segments(p.height, p.width);
+    flat_states = at::empty({p.batch, p.num_seqs, slots, cuda::flat::kStates}, fp32);
+    flat_sums = at::empty({p.batch, p.num_seqs, slots}, fp32);
+    p.split_state = flat_states.data_ptr<float>();
+    p.split_decay = flat_sums.data_ptr<float>();
+    p.num_splits = 1;
+  } else if (staged || regs) {
     lookback = setup_tiled_forward(p, x, op, kernel);
   } else if (lanes) {
     choose_splits_lane(p, x.get_device(), kernel);
@@ -712,7 +740,8 @@ std::tuple<at::Tensor, at::Tensor> multiaxial_scan_fwd_cuda(const at::Tensor& x,
   SplitScratch scratch;
   allocate_split_scratch(p, fp32, scratch, /*backward=*/false);
   const auto stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
-  check_launch(staged  ? run_forward_staged(p, B.scalar_type(), stream)
+  check_launch(flat    ? run_forward_flat(p, B.scalar_type(), stream)
+               : staged  ? run_forward_staged(p, B.scalar_type(), stream)
                : regs  ? run_forward_regs(p, B.scalar_type(), stream)
                : lanes ? run_forward_lane(p, B.scalar_type(), kernel, stream)
                        : run_forward(p, B.scalar_type(), /*multiaxial=*/true, stream),
