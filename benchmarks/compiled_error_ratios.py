@@ -60,7 +60,7 @@ def one_config(recompute_gate, draws, inductor_reference):
         references = tc._float32_references(before, images, masks)
         if compiled_reference is not None:
             reference_model.load_state_dict(before)
-            references.append(tc._loss_and_grads(compiled_reference, images, masks))
+            references.append(tc._loss_and_grads(reference_model, images, masks, forward=compiled_reference))
         candidate = module_errors(grads, truth_grads)
         reference = {g: max(module_errors(r, truth_grads)[g] for _, r in references) for g in candidate}
         norms = module_errors({n: torch.zeros_like(g) for n, g in truth_grads.items()}, truth_grads)

@@ -90,11 +90,13 @@ def _bce_dice(logits, target):
     return F.binary_cross_entropy_with_logits(logits, target) + dice
 
 
-def _loss_and_grads(model, images, masks):
-    """Loss and parameter gradients of one forward and backward in train mode (no optimizer step)."""
+def _loss_and_grads(model, images, masks, forward=None):
+    """Loss and parameter gradients of one forward and backward in train mode (no optimizer step).
+    ``forward``: what runs the model (e.g. torch.compile of it), default the model itself; the gradients are
+    read from ``model``'s parameters under their own names either way."""
     model.train()
     model.zero_grad(set_to_none=True)
-    loss = _bce_dice(model(images), masks)
+    loss = _bce_dice((model if forward is None else forward)(images), masks)
     loss.backward()
     return loss.detach(), {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
@@ -324,7 +326,7 @@ def test_tiny_model_compiled_with_cuda_graphs_reduce_overhead(seed):
     inductor = _tiny(GPU_SIZE).cuda()
     inductor.load_state_dict(before)
     references = _float32_references(before, images, masks) + [
-        _loss_and_grads(torch.compile(inductor, fullgraph=True), images, masks)]
+        _loss_and_grads(inductor, images, masks, forward=torch.compile(inductor, fullgraph=True))]
     _assert_within_float32_error(replayed, references, truth, "reduce-overhead", per="module")
 
 
