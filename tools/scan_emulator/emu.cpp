@@ -1,5 +1,6 @@
 // Block/warp emulator driving csrc/cuda/scan_staged_kernels.cuh's and scan_staged_bwd_kernels.cuh's kernel
-// source unmodified, as host C++.
+// source unmodified, as host C++; also the flat forward (scan_flat_kernels.cuh) with its own launchers, whose
+// <<<>>> launches run here (emu::Launch; make_host_copy.py --launchers).
 //  * every GPU thread is a fiber (ucontext) of its block's OS thread; __syncthreads, __syncwarp and the
 //    shuffles are real exchanges (all 32 lanes / all threads must arrive);
 //  * several blocks run at once on separate OS threads, started in a shuffled order with random delays,
@@ -8,18 +9,27 @@
 //    blocks only when the storing thread executes __threadfence (or when the grid ends), so a missing
 //    fence leaves the reader with the NaN-poisoned scratch;
 //  * a look-back that waits too long (a block waiting for a tile no running block will publish) is
-//    reported as a deadlock (exit code 3).
+//    reported as a deadlock (exit code 3);
+//  * a 16-byte access (float4 / uint4 __ldg, __ldcg, __stcg) off a 16-byte boundary, which faults on the
+//    GPU, stops the run (exit code 4).
+// EMU_FLAT_ONLY (build.sh with EMU_CXXFLAGS=-DEMU_FLAT_ONLY): the flat forward alone, built in seconds rather than
+// minutes (plant_bugs_flat.py builds one library per planted bug).
+#ifndef EMU_FLAT_ONLY
 #include "scan_staged_bwd_kernels.cuh"
 #include "scan_regs_fwd_kernels.cuh"
 #include "scan_regs_bwd_kernels.cuh"
+#endif
+#include "scan_flat_kernels.cuh"
 
 #include <ucontext.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -56,6 +66,7 @@ struct BlockRun {
   std::vector<Barrier> warp_barriers;
   std::vector<float> warp_buf;
   std::vector<unsigned char> shared;
+  std::vector<unsigned char> static_shared;  // static __shared__ arrays (emu::static_shared)
   std::mt19937 rng;
   long spins = 0;
   std::chrono::steady_clock::time_point first_spin;
@@ -68,8 +79,14 @@ std::vector<std::pair<float*, float>> g_leftover;  // flushed at grid end
 std::atomic<long> g_spins{0};
 std::atomic<long> g_fence_delays{0};
 double g_delay_probability = 0.0;
+// Probability that a float atomicAdd first yields to the block's other fibers (the flat forward's checks set
+// it): lanes otherwise switch only at barriers, so a missing __syncwarp between reading and rewriting shared
+// memory (a lane running ahead into the next window while another still reads this one) would go unseen.
+double g_atomic_yield_probability = 0.0;
 ScanParams g_params;
 void (*g_kernel)(ScanParams) = nullptr;
+// What every fiber runs: the staged kernels' g_kernel(g_params), or an emu::Launch's kernel call.
+std::function<void()> g_body;
 
 void yield_fiber() {
   BlockRun* r = tl_run;
@@ -87,15 +104,15 @@ void wait_barrier(Barrier& b, int count) {
 }
 
 void fiber_entry() {
-  g_kernel(g_params);
+  g_body();
   tl_run->fibers[tl_run->current].done = true;
 }
 
-void run_block(unsigned block_index, unsigned threads, size_t shared_bytes, unsigned seed) {
+void run_block(uint3 block_index, unsigned threads, size_t shared_bytes, unsigned seed) {
   BlockRun run;
   run.rng.seed(seed);
   tl_run = &run;
-  blockIdx = {block_index, 0, 0};
+  blockIdx = block_index;
   blockDim = dim3(threads);
   run.fibers.resize(threads);
   run.warp_barriers.resize((threads + 31) / 32);
@@ -133,7 +150,22 @@ void run_block(unsigned block_index, unsigned threads, size_t shared_bytes, unsi
 
 }  // namespace
 
+#ifndef EMU_FLAT_ONLY
 unsigned char* dermomamba::cuda::staged::staged_shared_memory() { return tl_run->shared.data(); }
+#endif
+
+// One static shared array per kernel, at offset 0 of the block's static shared memory, NaN until written.
+unsigned char* emu::block_static_shared(size_t bytes) {
+  auto& memory = tl_run->static_shared;
+  if (memory.empty()) memory.assign(bytes, 0xff);
+  if (memory.size() != bytes) {
+    std::fprintf(stderr, "emulator: more than one static __shared__ array in a kernel (%zu and %zu bytes)\n",
+                 memory.size(), bytes);
+    std::fflush(stderr);
+    _exit(5);
+  }
+  return memory.data();
+}
 
 float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
   if (mask != 0xffffffffu) std::abort();
@@ -151,6 +183,10 @@ float __shfl_sync(unsigned, float, int) { std::abort(); }
 void __syncwarp(unsigned) { wait_barrier(tl_run->warp_barriers[tl_run->current / 32], 32); }
 void __syncthreads() { wait_barrier(tl_run->block_barrier, static_cast<int>(blockDim.x)); }
 float atomicAdd(float* a, float v) {
+  BlockRun* r = tl_run;
+  if (r != nullptr && g_atomic_yield_probability > 0 &&
+      std::uniform_real_distribution<double>(0, 1)(r->rng) < g_atomic_yield_probability)
+    yield_fiber();
   std::lock_guard<std::mutex> g(g_atomic_mutex);
   const float old = *a;
   *a = old + v;
@@ -189,6 +225,45 @@ float __ldcg(const float* a) {
 }
 void __stcg(float* a, float v) { tl_run->fibers[tl_run->current].pending.emplace_back(a, v); }
 
+namespace {
+void check_vector_alignment(const void* a, const char* what) {
+  if (reinterpret_cast<uintptr_t>(a) % 16 != 0) {
+    std::fprintf(stderr, "emulator: misaligned 16-byte %s at %p (block %u,%u,%u thread %u)\n", what, a, blockIdx.x,
+                 blockIdx.y, blockIdx.z, threadIdx.x);
+    std::fflush(stderr);
+    _exit(4);
+  }
+}
+}  // namespace
+
+float4 __ldcg(const float4* a) {
+  check_vector_alignment(a, "__ldcg");
+  const float* f = reinterpret_cast<const float*>(a);
+  return make_float4(__ldcg(f), __ldcg(f + 1), __ldcg(f + 2), __ldcg(f + 3));
+}
+void __stcg(float4* a, float4 v) {
+  check_vector_alignment(a, "__stcg");
+  float* f = reinterpret_cast<float*>(a);
+  __stcg(f, v.x);
+  __stcg(f + 1, v.y);
+  __stcg(f + 2, v.z);
+  __stcg(f + 3, v.w);
+}
+float __ldg(const float* a) { return *a; }
+float4 __ldg(const float4* a) {
+  check_vector_alignment(a, "__ldg");
+  float4 v;
+  std::memcpy(&v, a, sizeof v);
+  return v;
+}
+uint4 __ldg(const uint4* a) {
+  check_vector_alignment(a, "__ldg");
+  uint4 v;
+  std::memcpy(&v, a, sizeof v);
+  return v;
+}
+
+#ifndef EMU_FLAT_ONLY
 namespace st = dermomamba::cuda::staged;
 namespace rg = dermomamba::cuda::regs;
 
@@ -209,16 +284,14 @@ st::StagedLayout backward_layout(int dim, int dstate, int chunk, int chunks) {
                                     : st::staged_bwd_layout_selected(dim, dstate, chunk, chunks);
 }
 
-// Runs the grid of g_kernel: `concurrent` OS threads take the blocks in a shuffled order, each after a
-// random delay; stores still pending at the end are flushed (the end of a launch).
-void run_grid(const ScanParams& p, unsigned blocks, const st::StagedLayout& l, int concurrent_in, int seed,
-              int delay_permille) {
-  g_params = p;
-  g_spins = 0;
-  g_fence_delays = 0;
+#endif  // EMU_FLAT_ONLY
+
+// A grid of (x, y, z) blocks of `threads` threads running g_body: `concurrent` OS threads take the blocks in a
+// shuffled order, each after a random delay; stores still pending at the end are flushed (the end of a launch).
+void run_blocks(dim3 grid, unsigned threads, size_t shared_bytes, int concurrent_in, int seed, int delay_permille) {
   g_delay_probability = delay_permille / 1000.0;
   g_leftover.clear();
-  gridDim = dim3(blocks);
+  const unsigned blocks = grid.x * grid.y * grid.z;
   std::mt19937 rng(seed);
   std::vector<unsigned> order(blocks);
   for (unsigned b = 0; b < blocks; ++b) order[b] = b;
@@ -228,17 +301,29 @@ void run_grid(const ScanParams& p, unsigned blocks, const st::StagedLayout& l, i
   std::vector<std::thread> runners;
   for (int c = 0; c < concurrent; ++c)
     runners.emplace_back([&, c] {
-      gridDim = dim3(blocks);
+      gridDim = grid;
       std::mt19937 local(seed * 7919u + c);
       for (;;) {
         const unsigned i = next++;
         if (i >= blocks) break;
         std::this_thread::sleep_for(std::chrono::microseconds(local() % 300));
-        run_block(order[i], l.threads, l.shared_bytes, local());
+        const unsigned b = order[i];
+        run_block({b % grid.x, b / grid.x % grid.y, b / (grid.x * grid.y)}, threads, shared_bytes, local());
       }
     });
   for (auto& t : runners) t.join();
   for (auto& [address, value] : g_leftover) *address = value;
+}
+
+#ifndef EMU_FLAT_ONLY
+// Runs the grid of g_kernel (the staged and regs kernels, launched by transcribed host logic).
+void run_grid(const ScanParams& p, unsigned blocks, const st::StagedLayout& l, int concurrent_in, int seed,
+              int delay_permille) {
+  g_params = p;
+  g_spins = 0;
+  g_fence_delays = 0;
+  g_body = [] { g_kernel(g_params); };
+  run_blocks(dim3(blocks), l.threads, l.shared_bytes, concurrent_in, seed, delay_permille);
 }
 
 // selective_scan_cuda.cpp's setup_staged and scan_forward_multiaxial_staged, transcribed, with the
@@ -399,4 +484,125 @@ extern "C" int staged_backward(const int* cfg, const void* x, const int64_t* xs,
 extern "C" int staged_bwd_channel_blocks(int dim, int dstate, int chunk_size, int num_chunks) {
   const st::StagedLayout l = backward_layout(dim, dstate, chunk_size, num_chunks);
   return l.ok ? l.channel_blocks : -1;
+}
+
+#endif  // EMU_FLAT_ONLY
+
+// ---- Launches from the kernels' own launchers (make_host_copy.py --launchers) ----
+
+namespace {
+// Schedule of the next emu::Launch (set by the entry point that calls a launcher); each launch takes the next
+// seed, so the launches of one forward run in different block orders.
+int g_launch_concurrent = 8, g_launch_seed = 1, g_launch_delay_permille = 0;
+cudaError_t g_last_error = cudaSuccess;
+// (grid.x, grid.y, grid.z, block.x) of each launch since the entry point started, for the caller's stats.
+std::vector<std::array<unsigned, 4>> g_launches;
+constexpr unsigned kMaxThreadsPerBlock = 1024;
+constexpr unsigned kMaxGridYZ = 65535;
+}  // namespace
+
+emu::Launch::Launch(dim3 g, dim3 b, size_t dynamic_shared, cudaStream_t) : grid(g), block(b) {
+  // Dynamic shared memory: only the staged kernels use it, through their own path (run_grid).
+  if (dynamic_shared != 0) g_last_error = cudaErrorInvalidConfiguration;
+}
+
+void emu::Launch::run(const std::function<void()>& body) const {
+  // The GPU refuses these configurations at launch (cudaGetLastError); one-dimensional blocks only here.
+  if (block.x == 0 || block.x > kMaxThreadsPerBlock || block.y != 1 || block.z != 1 || grid.x == 0 || grid.y == 0 ||
+      grid.z == 0 || grid.y > kMaxGridYZ || grid.z > kMaxGridYZ) {
+    g_last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  g_launches.push_back({grid.x, grid.y, grid.z, block.x});
+  g_body = body;
+  run_blocks(grid, block.x, 0, g_launch_concurrent, g_launch_seed++, g_launch_delay_permille);
+  g_body = nullptr;
+}
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t e = g_last_error;
+  g_last_error = cudaSuccess;
+  return e;
+}
+
+// selective_scan_cuda.cpp's multiaxial_scan_fwd_cuda (flat branch) up to the launch, transcribed (set_common,
+// set_bc, set_fp32_params: D and delta_bias may be null, as the kernel allows); then the real
+// scan_forward_multiaxial_flat<bc_t> (its checks, vector-path choice and three launches) on emulated grids.
+// The caller allocates y (zeroed, as the host does) and chunk_states; the segment scratch is allocated here
+// NaN-poisoned (the host's at::empty) inside guard zones that must stay untouched.
+extern "C" int flat_forward(const int* cfg, const void* x, const int64_t* xs, const void* delta, const int64_t* ds,
+                            const void* B, const int64_t* bs, const void* C, const int64_t* cs, const float* A,
+                            const float* D, const float* bias, float* y, float* chunk_states, long* stats) {
+  // cfg: batch, dim, H, W, N, chunk, softplus, bc_kind, u_kind, delta_kind, concurrent, seed, delay_permille,
+  //      atomic_yield_permille
+  ScanParams p{};
+  p.batch = cfg[0]; p.dim = cfg[1]; p.height = cfg[2]; p.width = cfg[3]; p.dstate = cfg[4];
+  p.num_directions = 4; p.num_seqs = 4 * p.dim; p.length = p.height * p.width;
+  p.channels_per_group = p.dim; p.num_bc_groups = 4;
+  const int chunk = cfg[5];
+  p.chunk_size = std::min(chunk, p.length);
+  p.num_chunks = (p.length + chunk - 1) / chunk;
+  p.delta_softplus = cfg[6] != 0;
+  p.u = x; p.u_kind = cfg[8];
+  p.u_batch_stride = xs[0]; p.u_dim_stride = xs[1]; p.u_h_stride = xs[2]; p.u_w_stride = xs[3];
+  p.delta = delta; p.delta_kind = cfg[9];
+  p.delta_batch_stride = ds[0]; p.delta_dir_stride = ds[1]; p.delta_dim_stride = ds[2];
+  p.delta_h_stride = ds[3]; p.delta_w_stride = ds[4];
+  p.B = B; p.B_batch_stride = bs[0]; p.B_group_stride = bs[1]; p.B_state_stride = bs[2];
+  p.B_h_stride = bs[3]; p.B_w_stride = bs[4];
+  p.C = C; p.C_batch_stride = cs[0]; p.C_group_stride = cs[1]; p.C_state_stride = cs[2];
+  p.C_h_stride = cs[3]; p.C_w_stride = cs[4];
+  p.A = A; p.D = D; p.delta_bias = bias;
+  p.out = y; p.chunk_states = chunk_states;
+  p.num_splits = 1;
+  g_atomic_yield_probability = cfg[13] / 1000.0;
+  namespace flat = dermomamba::cuda::flat;
+  const int64_t slots = flat::max_segments(p.height, p.width);
+  const size_t state_count = size_t(p.batch) * p.num_seqs * slots * flat::kStates;
+  const size_t sum_count = size_t(p.batch) * p.num_seqs * slots;
+  // Guard zones of a sentinel around each scratch buffer (16-byte multiples: the rows stay aligned).
+  constexpr size_t kGuard = 64;
+  constexpr float kSentinel = 1234.5f;
+  std::vector<float> state_buf(state_count + 2 * kGuard, kSentinel), sum_buf(sum_count + 2 * kGuard, kSentinel);
+  std::fill(state_buf.begin() + kGuard, state_buf.end() - kGuard, NAN);
+  std::fill(sum_buf.begin() + kGuard, sum_buf.end() - kGuard, NAN);
+  // std::vector<float> storage is 16-byte aligned with glibc's allocator (malloc aligns to 16).
+  p.split_state = state_buf.data() + kGuard;
+  p.split_decay = sum_buf.data() + kGuard;
+  g_launch_concurrent = cfg[10];
+  g_launch_seed = cfg[11];
+  g_launch_delay_permille = cfg[12];
+  g_launches.clear();
+  g_last_error = cudaSuccess;
+  g_spins = 0;
+  g_fence_delays = 0;
+  int rc = 0;
+  bool vector = false;
+  switch (cfg[7]) {
+    case 0:
+      vector = dermomamba::cuda::flat_vector_bc<float>(p);
+      rc = dermomamba::cuda::scan_forward_multiaxial_flat<float>(p, nullptr);
+      break;
+    case 1:
+      vector = dermomamba::cuda::flat_vector_bc<__half>(p);
+      rc = dermomamba::cuda::scan_forward_multiaxial_flat<__half>(p, nullptr);
+      break;
+    default:
+      vector = dermomamba::cuda::flat_vector_bc<__nv_bfloat16>(p);
+      rc = dermomamba::cuda::scan_forward_multiaxial_flat<__nv_bfloat16>(p, nullptr);
+  }
+  bool guards_intact = true;
+  for (size_t i = 0; i < kGuard; ++i)
+    guards_intact &= state_buf[i] == kSentinel && state_buf[state_buf.size() - 1 - i] == kSentinel &&
+                     sum_buf[i] == kSentinel && sum_buf[sum_buf.size() - 1 - i] == kSentinel;
+  // stats: kVector, launches, then (grid.x, grid.y, grid.z, block.x) of up to three launches, scratch guards
+  // intact, segment slots
+  stats[0] = vector;
+  stats[1] = static_cast<long>(g_launches.size());
+  for (size_t i = 0; i < 3; ++i)
+    for (int j = 0; j < 4; ++j) stats[2 + 4 * i + j] = i < g_launches.size() ? g_launches[i][j] : 0;
+  stats[14] = guards_intact;
+  stats[15] = slots;
+  g_atomic_yield_probability = 0;
+  return rc;
 }

@@ -1,9 +1,14 @@
 """tests/test_selective_scan_cuda.py's multiaxial checks on CPU with the forward op replaced by the staged
 kernel in the emulator (the backward: the CPU op, reading the emulated kernel's chunk_states), measured
-tolerances as on the GPU."""
+tolerances as on the GPU. EMU_FWD_KERNEL=flat: the flat forward (scan v6, check_flat.py) instead, its cases
+with N > 16 (which it refuses) skipped and counted; =regs: the v5 forward (emu.cpp)."""
 import os, sys, types, torch
 import check as E
+import check_flat
 import test_selective_scan_cuda as T
+
+FLAT = os.environ.get("EMU_FWD_KERNEL") == "flat"
+FLAT_MAX_STATES = 16
 
 real = torch.ops.dermomamba
 N_RUNS = [0]
@@ -11,14 +16,17 @@ N_RUNS = [0]
 
 def fwd(x, delta, A, B, C, D, bias, softplus, chunk):
     inp = dict(x=x, delta=delta, A=A, B=B, C=C, D=D, delta_bias=bias)
-    y, states, _ = E.emu_forward(inp, softplus, chunk, concurrent=8, seed=N_RUNS[0], delay_permille=20)
+    if FLAT:
+        y, states, _ = check_flat.emu_flat_forward(inp, softplus, chunk, concurrent=8, seed=N_RUNS[0] + 1)
+    else:
+        y, states, _ = E.emu_forward(inp, softplus, chunk, concurrent=8, seed=N_RUNS[0], delay_permille=20)
     N_RUNS[0] += 1
     return y, states
 
 
 T.ops = lambda: types.SimpleNamespace(multiaxial_scan_fwd=fwd, multiaxial_scan_bwd=real.multiaxial_scan_bwd)
 torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
-done = 0
+done = skipped = 0
 for dtype in T.DTYPES:
     for hw in [(5, 7), (9, 4), (1, 13), (12, 11)]:
         T.check_multiaxial(T.make_multiaxial(2, 8, hw[0], hw[1], 16, dtype), softplus=True, tag=f"parity/{dtype}/{hw}",
@@ -39,6 +47,9 @@ T.check_multiaxial(T.make_multiaxial(1, 3, 8, 5, 5, torch.float32, softplus=Fals
 # test_multiaxial_forward_y_and_chunk_states's body, every LANE_CASE x dtype
 for case in T.LANE_CASES:
     batch, dim, height, width, dstate, chunk, wrapper_bc = case
+    if FLAT and dstate > FLAT_MAX_STATES:
+        skipped += len(T.DTYPES)
+        continue
     for dtype in T.DTYPES:
         inp = T.make_multiaxial(batch, dim, height, width, dstate, dtype)
         if wrapper_bc:
@@ -48,8 +59,9 @@ for case in T.LANE_CASES:
         assert states.shape == (batch, 4, dim, -(-length // min(chunk, length)), dstate)
         assert torch.isfinite(y).all() and torch.isfinite(states).all()
         assert torch.equal(states[:, :, :, 0], torch.zeros_like(states[:, :, :, 0]))
-        tag = f"ma-staged/{dtype}/{case}"
+        tag = f"ma-{'flat' if FLAT else 'staged'}/{dtype}/{case}"
         T.assert_close_measured(f"{tag}/chunk_states", states, T.chunk_states_ref(inp, True, min(chunk, length), torch.float32),
                                 T.chunk_states_ref(inp, True, min(chunk, length), torch.float64))
         T.check_multiaxial(inp, softplus=True, tag=tag, chunk=chunk); done += 1
-print(f"all {done} checks passed ({N_RUNS[0]} emulated forwards)")
+print(f"all {done} checks passed ({N_RUNS[0]} emulated {'flat' if FLAT else 'staged'} forwards"
+      + (f"; {skipped} with N > {FLAT_MAX_STATES} skipped: the flat forward refuses them)" if FLAT else ")"))

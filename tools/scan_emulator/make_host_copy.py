@@ -1,13 +1,25 @@
-"""Writes a host-C++ copy of csrc/cuda/scan_kernels.cuh for the emulator: the kernels unchanged, the dynamic
-shared-memory declarations turned into pointers the emulator sets, and the launchers (<<<>>>) cut.
+"""Host-C++ copies of kernel headers for the emulator.
 
   python make_host_copy.py <csrc/cuda/scan_kernels.cuh> <output>
+      the kernels unchanged, the dynamic shared-memory declarations turned into pointers the emulator sets,
+      and the launchers (<<<>>>) cut.
+  python make_host_copy.py --launchers <csrc/cuda/scan_flat_kernels.cuh> <output>
+      the kernels AND their launchers kept: the `#ifdef __CUDACC__` guard around the launchers opened, every
+      `kernel<<<config>>>(args);` turned into `emu::Launch(config).run([&] { kernel(args); });` (the launch runs
+      on the emulated grid, fake/cuda_runtime.h) and every static `__shared__ T name[...];` into a reference to
+      the emulated block's NaN-filled static shared memory, so the host logic (grid sizes, the vector-path
+      choice, argument checks) is the real source, not a transcription.
 """
 
+import re
 import sys
 
 LAUNCHER_MARKER = "// Launchers."
 SHARED_DECLARATION = "extern __shared__ float shared[];"
+CUDACC_GUARD = "#ifdef __CUDACC__"
+# kernel<<<config>>>(args);  (config and args may span lines; kernel may carry template arguments)
+LAUNCH = re.compile(r"([\w:]+(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\((.*?)\);", re.DOTALL)
+STATIC_SHARED = re.compile(r"(?<!extern )__shared__\s+([\w:<>, ]+?)\s+(\w+)((?:\[[^\]]+\])+)\s*;")
 
 
 def host_copy(text: str) -> str:
@@ -20,9 +32,28 @@ def host_copy(text: str) -> str:
     return body + "\n\n}  // namespace cuda\n}  // namespace dermomamba\n"
 
 
+def host_copy_with_launchers(text: str) -> str:
+    if text.count(CUDACC_GUARD) != 1:
+        raise SystemExit(f"expected exactly one '{CUDACC_GUARD}' (the launchers' guard)")
+    text = text.replace(CUDACC_GUARD, "#if 1  // emulator: the launchers run on emulated grids")
+    text, launches = LAUNCH.subn(lambda m: f"emu::Launch({m.group(2)}).run([&] {{ {m.group(1)}({m.group(3)}); }});",
+                                 text)
+    if launches == 0:
+        raise SystemExit("no <<<>>> launch found")
+    text = STATIC_SHARED.sub(lambda m: f"auto& {m.group(2)} = emu::static_shared<{m.group(1)}{m.group(3)}>();", text)
+    if "__shared__" in text or "<<<" in text:
+        raise SystemExit("a shared-memory declaration or launch the emulator cannot translate is left")
+    return text
+
+
 if __name__ == "__main__":
-    source, target = sys.argv[1:3]
+    args = sys.argv[1:]
+    convert = host_copy
+    if args and args[0] == "--launchers":
+        convert = host_copy_with_launchers
+        args = args[1:]
+    source, target = args[:2]
     with open(source) as handle:
         text = handle.read()
     with open(target, "w") as handle:
-        handle.write(host_copy(text))
+        handle.write(convert(text))

@@ -19,7 +19,10 @@ inline float2 make_float2(float a, float b) { return {a, b}; }
 inline int2 make_int2(int a, int b) { return {a, b}; }
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 struct uint3 { unsigned x, y, z; };
+struct uint4 { unsigned x, y, z, w; };
 struct dim3 { unsigned x, y, z; dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {} };
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
+typedef void* cudaStream_t;
 extern thread_local uint3 threadIdx;
 extern thread_local uint3 blockIdx;
 extern thread_local dim3 blockDim;
@@ -42,6 +45,28 @@ void __threadfence();
 void __nanosleep(unsigned ns);
 float __ldcg(const float* address);
 void __stcg(float* address, float value);
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
-typedef void* cudaStream_t;
+// 16-byte accesses (the flat forward's vector loads and scratch rows): a misaligned one faults on the GPU, so
+// the emulator stops with exit code 4 (emu.cpp).
+float4 __ldcg(const float4* address);
+void __stcg(float4* address, float4 value);
+float __ldg(const float* address);
+float4 __ldg(const float4* address);
+uint4 __ldg(const uint4* address);
+using ::exp2f;
+using ::log1pf;
+// Launchers run on the emulated grid: make_host_copy.py --launchers turns `kernel<<<config>>>(args);` into
+// `emu::Launch(config).run([&] { kernel(args); });` and each static `__shared__ T name[...];` into a reference
+// to the block's NaN-filled static shared memory (one such array per kernel).
+#include <functional>
+namespace emu {
+struct Launch {
+  dim3 grid, block;
+  Launch(dim3 g, dim3 b, size_t dynamic_shared = 0, cudaStream_t stream = nullptr);
+  void run(const std::function<void()>& body) const;
+};
+unsigned char* block_static_shared(size_t bytes);
+template <typename T>
+T& static_shared() { return *reinterpret_cast<T*>(block_static_shared(sizeof(T))); }
+}  // namespace emu
+cudaError_t cudaGetLastError();
 #define __maxnreg__(...)
