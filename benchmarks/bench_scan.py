@@ -114,14 +114,14 @@ def scan_only_ours(x, delta, A, B, C, D, bias, chunk):
 
 
 def projections_native(x, params):
-    """The wrapper's native-layout projections (what extension.multiaxial_extension feeds the op)."""
+    """The wrapper's native-layout projections, by the wrapper's own code (extension._projections): delta
+    (B, 4, d, H, W) and B, C as views of one channel-last (B, H, W, 4, rows) projection whose rows are
+    [B, C, dt, zeros] padded to a multiple of 8 (16-byte aligned B and C, what the model's scan reads)."""
+    from dermomamba_kernels.selective_scan import extension
     x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds = params
-    rank = dt_projs_weight.shape[2]
-    x_dbl = torch.einsum("bdhw,kcd->bhwkc", x, x_proj_weight.to(x.dtype))
-    dts, B, C = torch.split(x_dbl, [rank, DSTATE, DSTATE], dim=-1)
-    delta = torch.einsum("bhwkr,kdr->bkdhw", dts, dt_projs_weight.to(x.dtype))
-    return (delta, B.permute(0, 3, 4, 1, 2), C.permute(0, 3, 4, 1, 2), -torch.exp(A_logs.float()), Ds.float(),
-            dt_projs_bias.float().reshape(-1))
+    weights = extension._projection_weights(x_proj_weight, dt_projs_weight, x.dtype)
+    _, delta, B, C = extension._projections(x, weights)
+    return delta, B, C, -torch.exp(A_logs.float()), Ds.float(), dt_projs_bias.float().reshape(-1)
 
 
 def fmt(v, digits=3):
