@@ -165,12 +165,134 @@ __device__ __forceinline__ void load_A2(const ScanParams& p, int seq, float (&A2
   for (int n = 0; n < kStates; ++n) A2[n] = n < p.dstate ? p.A[static_cast<int64_t>(seq) * p.dstate + n] * kLog2e : 0.f;
 }
 
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// B / C rows gathered by a warp (v6.1): one position's kStates states in 16-byte pieces, and the shared row
+// stride. 16 bytes of padding make the stride an odd number of 16-byte units, so the 8 lanes of a shared
+// 128-byte wavefront read 8 different bank groups.
+template <typename T>
+struct Gathered {
+  static constexpr int kBytes = kStates * static_cast<int>(sizeof(T));
+  static constexpr int kPieces = kBytes / 16;
+  static constexpr int kRowsPerPass = kLanes / kPieces;
+  static constexpr int kStride = kBytes + 16;
+};
+
+// Why gathered: each lane needs its own position's B (and C) row, and 32 positions are 32 different cache
+// lines, so a load instruction in which every lane reads its own row costs 32 L1 wavefronts (v6 as first
+// measured: ~34 such loads per step, 4.7 ms at 192x256 fp32 against the staged kernel's 1.23). Here, per pass,
+// the lanes read 16-byte pieces of kRowsPerPass rows (each lane gets a row's address from its owner by a
+// shuffle): one instruction touches kRowsPerPass lines, and the pieces go through shared memory to their
+// owners.
+template <typename T>
+__device__ __forceinline__ void load_pieces(const T* mine, int lane, uint4 (&piece)[Gathered<T>::kPieces]) {
+  using G = Gathered<T>;
+  const unsigned long long address = reinterpret_cast<unsigned long long>(mine);
+#pragma unroll
+  for (int pass = 0; pass < G::kPieces; ++pass) {
+    const int row = pass * G::kRowsPerPass + lane / G::kPieces;
+    const unsigned long long src = __shfl_sync(kFullMask, address, row);
+    piece[pass] = __ldg(reinterpret_cast<const uint4*>(src) + lane % G::kPieces);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pieces(unsigned char* rows, int lane, const uint4 (&piece)[Gathered<T>::kPieces]) {
+  using G = Gathered<T>;
+#pragma unroll
+  for (int pass = 0; pass < G::kPieces; ++pass) {
+    const int row = pass * G::kRowsPerPass + lane / G::kPieces;
+    *reinterpret_cast<uint4*>(rows + row * G::kStride + (lane % G::kPieces) * 16) = piece[pass];
+  }
+}
+
+__device__ __forceinline__ void unpack(const uint4& raw, float* v) {
+  const float* f = reinterpret_cast<const float*>(&raw);
+  v[0] = f[0];
+  v[1] = f[1];
+  v[2] = f[2];
+  v[3] = f[3];
+}
+
+template <typename T>
+__device__ __forceinline__ void unpack_pairs(const uint4& raw, float* v) {
+  using T2 = typename PairOf<T>::type;
+  const T2* pairs = reinterpret_cast<const T2*>(&raw);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = pair_to_float2<T2, T>(pairs[j]);
+    v[2 * j] = f.x;
+    v[2 * j + 1] = f.y;
+  }
+}
+
+// This lane's gathered row as fp32.
+template <typename T>
+__device__ __forceinline__ void read_row(const unsigned char* rows, int lane, float (&v)[kStates]) {
+  using G = Gathered<T>;
+  const uint4* row = reinterpret_cast<const uint4*>(rows + lane * G::kStride);
+#pragma unroll
+  for (int i = 0; i < G::kPieces; ++i) {
+    const uint4 raw = row[i];
+    if constexpr (sizeof(T) == sizeof(float)) {
+      unpack(raw, v + 4 * i);
+    } else {
+      unpack_pairs<T>(raw, v + 8 * i);
+    }
+  }
+}
+
+// Along the row directions a lane walks its own row, so a warp's per-step loads of x and delta would touch
+// 32 lines each. Instead, at the start of every window of kWindow steps the warp loads the window's
+// (x, raw delta) for its 32 rows row by row (the lanes along the row: one or two lines per instruction) into
+// a shared tile, and each lane reads its own row from it. The same tile slot then takes the lane's y for the
+// transposed atomics (x is consumed by then).
+struct RowTile {
+  float2 (*cell)[kWindow + 1];  // [lane / row][step in window]
+};
+
+__device__ __forceinline__ void fill_row_tile(const ScanParams& p, const Walk& k, int64_t u, int64_t delta, int first,
+                                              int lane, RowTile tile) {
+  const int count = min(kWindow, k.steps - first);
+#pragma unroll 4
+  for (int r = 0; r < kLanes; ++r) {
+    const long long u_row = __shfl_sync(kFullMask, static_cast<long long>(u), r);
+    const long long delta_row = __shfl_sync(kFullMask, static_cast<long long>(delta), r);
+    float x = 0.f, raw = 0.f;
+    if (lane < count) {
+      x = load_kind(p.u, u_row + lane * k.u_inc, p.u_kind);
+      raw = load_kind(p.delta, delta_row + lane * k.delta_inc, p.delta_kind);
+    }
+    tile.cell[r][lane] = make_float2(x, raw);
+  }
+  // Each lane next reads its own row, cell[lane][...], which the other lanes wrote: the kVector path's
+  // __syncwarp after store_pieces happened to order that, the scalar path had nothing (a shuffle orders no
+  // memory), so its row directions read unwritten (NaN) or the previous window's cells (found by the emulator).
+  __syncwarp();
+}
+
+// Shared memory of one warp: the row tile (row directions), then the gathered B rows, then the gathered C rows
+// (output launch only).
+template <typename T, bool kWithC>
+struct WarpShared {
+  static constexpr int kTileBytes = kLanes * (kWindow + 1) * static_cast<int>(sizeof(float2));
+  static constexpr int kRowsBytes = kLanes * Gathered<T>::kStride;
+  static constexpr int kBytes = kTileBytes + (kWithC ? 2 : 1) * kRowsBytes;
+};
+
 // Launch 1: each segment's end state from a zero state, and its delta sum. Scratch: split_state
 // (batch, num_seqs, segment_slots, kStates) and split_decay (batch, num_seqs, segment_slots).
 template <typename bc_t, bool kVector>
 __global__ void __launch_bounds__(kThreads) scan_flat_aggregate(ScanParams p, int segment_slots) {
+  using S = WarpShared<bc_t, false>;
+  __shared__ __align__(16) unsigned char shared[kWarps][S::kBytes];
   const Walk k = walk_of(p, segment_slots);
-  if (!k.active) return;
+  const int warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
+  // A warp past dim has nothing to do (all its lanes alike); idle lines of a real channel stay for the
+  // warp's gathers and tiles.
+  if (k.channel >= p.dim) return;
+  const RowTile tile{reinterpret_cast<float2 (*)[kWindow + 1]>(shared[warp])};
+  unsigned char* B_rows = shared[warp] + S::kTileBytes;
   float A2[kStates], h[kStates], Bv[kStates];
   load_A2(p, k.seq, A2);
 #pragma unroll
@@ -179,10 +301,32 @@ __global__ void __launch_bounds__(kThreads) scan_flat_aggregate(ScanParams p, in
   const bc_t* B = static_cast<const bc_t*>(p.B);
   int64_t u = k.u, delta = k.delta, b_at = k.B;
   float delta_sum = 0.f;
+  uint4 B_next[Gathered<bc_t>::kPieces];
+  if (kVector && k.steps > 0) load_pieces(B + b_at, lane, B_next);
   for (int s = 0; s < k.steps; ++s) {
-    const float x = load_kind(p.u, u, p.u_kind);
-    const float raw = load_kind(p.delta, delta, p.delta_kind);
-    StateRow<bc_t, kVector>::load(B + b_at, p.B_state_stride, p.dstate, Bv);
+    const int slot = s % kWindow;
+    if (k.rows && slot == 0) {
+      __syncwarp();  // the previous window's reads of the tile are done
+      fill_row_tile(p, k, u, delta, s, lane, tile);
+    }
+    if (kVector) {
+      store_pieces<bc_t>(B_rows, lane, B_next);
+      if (s + 1 < k.steps) load_pieces(B + b_at + k.B_inc, lane, B_next);  // in flight during this step
+      __syncwarp();
+      read_row<bc_t>(B_rows, lane, Bv);
+      __syncwarp();  // every lane has its row before the next step overwrites them
+    } else {
+      StateRow<bc_t, false>::load(B + b_at, p.B_state_stride, p.dstate, Bv);
+    }
+    float x, raw;
+    if (k.rows) {
+      const float2 cell = tile.cell[lane][slot];
+      x = cell.x;
+      raw = cell.y;
+    } else {
+      x = k.active ? load_kind(p.u, u, p.u_kind) : 0.f;
+      raw = k.active ? load_kind(p.delta, delta, p.delta_kind) : 0.f;
+    }
     const float dt = flat_delta(p, raw, bias);
     delta_sum += dt;
     const float dtx = dt * x;
@@ -192,6 +336,7 @@ __global__ void __launch_bounds__(kThreads) scan_flat_aggregate(ScanParams p, in
     delta += k.delta_inc;
     b_at += k.B_inc;
   }
+  if (!k.active) return;
   float* out = p.split_state + (k.scratch + k.segment_index) * kStates;
 #pragma unroll
   for (int n = 0; n < kStates; n += 4) __stcg(reinterpret_cast<float4*>(out + n), make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]));
@@ -226,12 +371,16 @@ static __global__ void __launch_bounds__(kCarryThreads) scan_flat_carry(ScanPara
 // Launch 3: y and chunk_states from each segment's entering state.
 template <typename bc_t, bool kVector>
 __global__ void __launch_bounds__(kThreads) scan_flat_output(ScanParams p, int segment_slots) {
-  __shared__ float transpose[kWarps][kLanes][kWindow + 1];
+  using S = WarpShared<bc_t, true>;
+  __shared__ __align__(16) unsigned char shared[kWarps][S::kBytes];
   const Walk k = walk_of(p, segment_slots);
   const int warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
   // A warp whose channel is past dim has nothing to do (all its lanes alike: no warp-wide step is skipped by
-  // part of a warp); idle lines of a real channel stay for the transposes.
+  // part of a warp); idle lines of a real channel stay for the gathers and transposes.
   if (k.channel >= p.dim) return;
+  const RowTile tile{reinterpret_cast<float2 (*)[kWindow + 1]>(shared[warp])};
+  unsigned char* B_rows = shared[warp] + S::kTileBytes;
+  unsigned char* C_rows = B_rows + S::kRowsBytes;
   float A2[kStates], h[kStates], Bv[kStates], Cv[kStates];
   load_A2(p, k.seq, A2);
   const float* entering = p.split_state + (k.scratch + k.segment_index) * kStates;
@@ -253,6 +402,11 @@ __global__ void __launch_bounds__(kThreads) scan_flat_output(ScanParams p, int s
   int64_t u = k.u, delta = k.delta, b_at = k.B, c_at = k.C;
   // The warp's first line: the rows the transposed y rows belong to.
   const int line0 = k.line - lane;
+  uint4 B_next[Gathered<bc_t>::kPieces], C_next[Gathered<bc_t>::kPieces];
+  if (kVector && k.steps > 0) {
+    load_pieces(B + b_at, lane, B_next);
+    load_pieces(C + c_at, lane, C_next);
+  }
   for (int s = 0; s < k.steps; ++s) {
     const int t = k.t_first + s;
     if (k.active && t == next_chunk * p.chunk_size) {
@@ -261,12 +415,37 @@ __global__ void __launch_bounds__(kThreads) scan_flat_output(ScanParams p, int s
         if (n < p.dstate) states[static_cast<int64_t>(next_chunk) * p.dstate + n] = h[n];
     }
     if (t == next_chunk * p.chunk_size) ++next_chunk;
+    const int slot = s % kWindow;
+    if (k.rows && slot == 0) {
+      __syncwarp();  // the previous window's flush has read the tile
+      fill_row_tile(p, k, u, delta, s, lane, tile);
+    }
+    if (kVector) {
+      store_pieces<bc_t>(B_rows, lane, B_next);
+      store_pieces<bc_t>(C_rows, lane, C_next);
+      if (s + 1 < k.steps) {  // the next step's rows are in flight during this step
+        load_pieces(B + b_at + k.B_inc, lane, B_next);
+        load_pieces(C + c_at + k.C_inc, lane, C_next);
+      }
+      __syncwarp();
+      read_row<bc_t>(B_rows, lane, Bv);
+      read_row<bc_t>(C_rows, lane, Cv);
+      __syncwarp();  // every lane has its rows before the next step overwrites them
+    } else if (k.active) {
+      StateRow<bc_t, false>::load(B + b_at, p.B_state_stride, p.dstate, Bv);
+      StateRow<bc_t, false>::load(C + c_at, p.C_state_stride, p.dstate, Cv);
+    }
+    float x = 0.f, raw = 0.f;
+    if (k.rows) {
+      const float2 cell = tile.cell[lane][slot];
+      x = cell.x;
+      raw = cell.y;
+    } else if (k.active) {
+      x = load_kind(p.u, u, p.u_kind);
+      raw = load_kind(p.delta, delta, p.delta_kind);
+    }
     float out = 0.f;
     if (k.active) {
-      const float x = load_kind(p.u, u, p.u_kind);
-      const float raw = load_kind(p.delta, delta, p.delta_kind);
-      StateRow<bc_t, kVector>::load(B + b_at, p.B_state_stride, p.dstate, Bv);
-      StateRow<bc_t, kVector>::load(C + c_at, p.C_state_stride, p.dstate, Cv);
       const float dt = flat_delta(p, raw, bias);
       const float dtx = dt * x;
 #pragma unroll
@@ -285,10 +464,9 @@ __global__ void __launch_bounds__(kThreads) scan_flat_output(ScanParams p, int s
       if (k.active) atomicAdd(y + q * p.width + k.line, out);
       continue;
     }
-    // Row directions: lane = row, so this step's places are a column: buffer a window of steps and add it
-    // row by row, each row's steps at adjacent places.
-    const int slot = s % kWindow;
-    transpose[warp][lane][slot] = out;
+    // Row directions: lane = row, so this step's places are a column: y waits in the tile (x's slot, consumed)
+    // until the window ends, then goes out row by row, each row's steps at adjacent places.
+    tile.cell[lane][slot].x = out;
     if (slot == kWindow - 1 || s == k.steps - 1) {
       __syncwarp();
       const int window = slot + 1;
@@ -297,10 +475,9 @@ __global__ void __launch_bounds__(kThreads) scan_flat_output(ScanParams p, int s
         const int place = k.q_first + (first + lane) * k.q_step;
         for (int r = 0; r < kLanes; ++r) {
           const int row = line0 + r;
-          if (row < p.height) atomicAdd(y + static_cast<int64_t>(row) * p.width + place, transpose[warp][r][lane]);
+          if (row < p.height) atomicAdd(y + static_cast<int64_t>(row) * p.width + place, tile.cell[r][lane].x);
         }
       }
-      __syncwarp();
     }
   }
 }

@@ -16,8 +16,9 @@ namespace flat {
 constexpr int kStates = 16;
 // Lines (rows or columns) per warp, one per lane.
 constexpr int kLanes = 32;
-// Warps (channels) per block.
-constexpr int kWarps = 4;
+// Warps (channels) per block. Each warp has ~11-14 KB of static shared memory (its row tile and gathered B / C
+// rows, scan_flat_kernels.cuh): two warps keep a block under the 48 KB static limit in every dtype.
+constexpr int kWarps = 2;
 constexpr int kThreads = kWarps * kLanes;
 // Positions per segment of a line. Shorter segments: more threads and a longer carry; 64 gives a
 // DermoMamba first stage (batch 48, 192x256, 8 channels) ~1.2 M threads and a carry of 768 segments per

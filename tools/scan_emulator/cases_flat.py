@@ -30,6 +30,11 @@ CASES = [
     (1, 8, 192, 256, 16, 128, bf16, "xdbl", True),          # DermoMamba's first stage, one image (~20 s)
     (2, 4, 37, 70, 16, 64, f16, "xdbl_dt4", True),          # strides k x 16 bytes, B / C 8 bytes off: scalar path
     (1, 4, 37, 70, 16, 64, f32, "xdbl_dt4", True),          # the same in fp32: 16 bytes in, the vector path
+    # v6.1 (warp-gathered B / C rows, the row directions' x / delta tile, idle lanes kept for the gathers):
+    (1, 3, 45, 100, 16, 32, f16, "permuted", True),         # fp16 vector, idle warp, rows 64 + 36 (window inside
+                                                            # the 2nd segment), columns 45 (32 + 13), idle lanes
+    (2, 5, 70, 20, 16, 24, bf16, "contiguous", True),       # scalar path, rows of 20 (< a window), 3 row groups
+    (1, 7, 100, 45, 16, 50, f32, "permuted", False, NO_BIAS),  # fp32 vector, transposed shape of the f16 case
 ]
 
 

@@ -87,8 +87,8 @@ def emu_flat_forward(inp, softplus, chunk, concurrent=8, seed=1, delay_permille=
                      atomic_yield_permille=100):
     """multiaxial_scan_fwd_cuda's flat branch: y zeroed, chunk_states NaN-poisoned (both in sentinel guards),
     the real scan_forward_multiaxial_flat launcher; returns (y, chunk_states, stats). atomic_yield_permille: how
-    often a lane yields to its block's other lanes before an atomicAdd (emu.cpp), so lanes interleave between
-    barriers."""
+    often a lane yields to its block's other lanes before an atomicAdd or a global __ldg and after a __shfl_sync
+    (emu.cpp), so lanes interleave between barriers."""
     x, delta, A, B, C, D, bias = (inp[k] for k in ("x", "delta", "A", "B", "C", "D", "delta_bias"))
     if B.dtype != C.dtype:  # common_bc
         B, C = guarded(B.float()), guarded(C.float())

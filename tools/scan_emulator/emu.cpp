@@ -56,6 +56,20 @@ struct Fiber {
 struct Barrier {
   int arrived = 0;
   unsigned generation = 0;
+  int kind = 0;  // what the lanes of this generation arrived at (warp barriers: __syncwarp or __shfl_xor_sync)
+};
+
+// __shfl_sync (emu::shfl_bits): each lane posts its value of its n-th shuffle into its ring and waits only for
+// its source lane's n-th post, so lanes are not held together by a shuffle (CUDA gives a shuffle no barrier or
+// memory-ordering meaning; only __syncwarp orders shared memory between lanes).
+constexpr int kShuffleRing = 64;
+struct ShufflePost {
+  unsigned long long bits;
+  int tag;
+};
+struct WarpShuffles {
+  std::array<long, 32> posted{}, consumed{};
+  std::array<std::array<ShufflePost, kShuffleRing>, 32> ring{};
 };
 
 struct BlockRun {
@@ -64,9 +78,15 @@ struct BlockRun {
   int current = 0;
   Barrier block_barrier;
   std::vector<Barrier> warp_barriers;
+  std::vector<WarpShuffles> warp_shuffles;
   std::vector<float> warp_buf;
   std::vector<unsigned char> shared;
-  std::vector<unsigned char> static_shared;  // static __shared__ arrays (emu::static_shared)
+  std::vector<unsigned char> static_shared;  // static __shared__ arrays (emu::static_shared), + alignment slack
+  size_t static_shared_bytes = 0, static_shared_offset = 0;
+  // Deadlock detection inside a block: `events` counts arrivals, posts and finished fibers; a fiber that yields
+  // from a wait sets `waiting`. A whole round of waits with no event: the block can never finish.
+  long events = 0;
+  bool waiting = false;
   std::mt19937 rng;
   long spins = 0;
   std::chrono::steady_clock::time_point first_spin;
@@ -84,6 +104,19 @@ double g_delay_probability = 0.0;
 // memory (a lane running ahead into the next window while another still reads this one) would go unseen.
 double g_atomic_yield_probability = 0.0;
 ScanParams g_params;
+
+void yield_fiber();
+
+// A lane yields to its block's other lanes (g_atomic_yield_probability) before a float atomicAdd, a global
+// __ldg or after a __shfl_sync, so that lanes interleave between __syncwarp.
+void maybe_yield() {
+  BlockRun* r = tl_run;
+  if (r != nullptr && g_atomic_yield_probability > 0 &&
+      std::uniform_real_distribution<double>(0, 1)(r->rng) < g_atomic_yield_probability) {
+    ++r->events;
+    yield_fiber();
+  }
+}
 void (*g_kernel)(ScanParams) = nullptr;
 // What every fiber runs: the staged kernels' g_kernel(g_params), or an emu::Launch's kernel call.
 std::function<void()> g_body;
@@ -93,19 +126,43 @@ void yield_fiber() {
   swapcontext(&r->fibers[r->current].ctx, &r->main);
 }
 
-void wait_barrier(Barrier& b, int count) {
+// A yield from a wait that found its condition unmet (see BlockRun::events).
+void wait_yield() {
+  tl_run->waiting = true;
+  yield_fiber();
+}
+
+[[noreturn]] void warp_fault(const char* what) {
+  std::fprintf(stderr, "emulator: %s (block %u,%u,%u thread %u)\n", what, blockIdx.x, blockIdx.y, blockIdx.z,
+               threadIdx.x);
+  std::fflush(stderr);
+  _exit(6);
+}
+
+// Warp barriers (kind: kSyncwarp, kShuffleXor) also check that every lane arrived at the same operation after
+// the same number of __shfl_sync (a lane that skipped or repeated a warp-wide operation: exit code 6).
+constexpr int kBlockBarrier = 0, kSyncwarp = 1, kShuffleXor = 2;
+void wait_barrier(Barrier& b, int count, int kind = kBlockBarrier, const WarpShuffles* shuffles = nullptr) {
   const unsigned g = b.generation;
+  ++tl_run->events;
+  if (b.arrived == 0) b.kind = kind;
+  if (b.kind != kind) warp_fault("lanes of a warp at different warp-wide operations (__syncwarp / shuffle)");
   if (++b.arrived == count) {
+    if (shuffles != nullptr)
+      for (int lane = 1; lane < 32; ++lane)
+        if (shuffles->posted[lane] != shuffles->posted[0])
+          warp_fault("lanes of a warp reached a __syncwarp after different numbers of __shfl_sync");
     b.arrived = 0;
     ++b.generation;
     return;
   }
-  while (b.generation == g) yield_fiber();
+  while (b.generation == g) wait_yield();
 }
 
 void fiber_entry() {
   g_body();
   tl_run->fibers[tl_run->current].done = true;
+  ++tl_run->events;
 }
 
 void run_block(uint3 block_index, unsigned threads, size_t shared_bytes, unsigned seed) {
@@ -116,6 +173,7 @@ void run_block(uint3 block_index, unsigned threads, size_t shared_bytes, unsigne
   blockDim = dim3(threads);
   run.fibers.resize(threads);
   run.warp_barriers.resize((threads + 31) / 32);
+  run.warp_shuffles.resize((threads + 31) / 32);
   run.warp_buf.assign(threads, 0.f);
   // Unwritten shared memory reads as NaN.
   run.shared.assign(shared_bytes, 0xff);
@@ -132,16 +190,26 @@ void run_block(uint3 block_index, unsigned threads, size_t shared_bytes, unsigne
   std::vector<unsigned> order(threads);
   for (unsigned t = 0; t < threads; ++t) order[t] = t;
   for (;;) {
-    bool any = false;
+    bool any = false, all_waiting = true;
+    const long events = run.events;
     std::shuffle(order.begin(), order.end(), run.rng);
     for (unsigned t : order) {
       if (run.fibers[t].done) continue;
       any = true;
       run.current = static_cast<int>(t);
       threadIdx = {t, 0, 0};
+      run.waiting = false;
       swapcontext(&run.main, &run.fibers[t].ctx);
+      all_waiting &= run.waiting;
     }
     if (!any) break;
+    if (all_waiting && run.events == events) {
+      // Every live thread waits for a lane that exited or sits at another warp-wide operation.
+      std::fprintf(stderr, "emulator: block %u,%u,%u can never finish: its threads wait at a __syncwarp / shuffle "
+                   "for lanes that exited or wait elsewhere\n", block_index.x, block_index.y, block_index.z);
+      std::fflush(stderr);
+      _exit(6);
+    }
   }
   std::lock_guard<std::mutex> g(g_pending_mutex);
   for (auto& f : run.fibers) g_leftover.insert(g_leftover.end(), f.pending.begin(), f.pending.end());
@@ -155,16 +223,22 @@ unsigned char* dermomamba::cuda::staged::staged_shared_memory() { return tl_run-
 #endif
 
 // One static shared array per kernel, at offset 0 of the block's static shared memory, NaN until written.
-unsigned char* emu::block_static_shared(size_t bytes) {
-  auto& memory = tl_run->static_shared;
-  if (memory.empty()) memory.assign(bytes, 0xff);
-  if (memory.size() != bytes) {
+unsigned char* emu::block_static_shared(size_t bytes, size_t alignment) {
+  BlockRun* r = tl_run;
+  auto& memory = r->static_shared;
+  if (memory.empty()) {
+    memory.assign(bytes + alignment, 0xff);
+    const auto base = reinterpret_cast<uintptr_t>(memory.data());
+    r->static_shared_offset = (alignment - base % alignment) % alignment;
+    r->static_shared_bytes = bytes;
+  }
+  if (r->static_shared_bytes != bytes) {
     std::fprintf(stderr, "emulator: more than one static __shared__ array in a kernel (%zu and %zu bytes)\n",
-                 memory.size(), bytes);
+                 r->static_shared_bytes, bytes);
     std::fflush(stderr);
     _exit(5);
   }
-  return memory.data();
+  return memory.data() + r->static_shared_offset;
 }
 
 float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
@@ -172,21 +246,47 @@ float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
   BlockRun* r = tl_run;
   const int t = r->current, warp = t / 32, lane = t % 32;
   r->warp_buf[t] = v;
-  wait_barrier(r->warp_barriers[warp], 32);
+  wait_barrier(r->warp_barriers[warp], 32, kShuffleXor);
   const float out = r->warp_buf[warp * 32 + (lane ^ lane_mask)];
-  wait_barrier(r->warp_barriers[warp], 32);
+  wait_barrier(r->warp_barriers[warp], 32, kShuffleXor);
   return out;
 }
 float __shfl_up_sync(unsigned, float, unsigned) { std::abort(); }
 float __shfl_down_sync(unsigned, float, unsigned) { std::abort(); }
-float __shfl_sync(unsigned, float, int) { std::abort(); }
-void __syncwarp(unsigned) { wait_barrier(tl_run->warp_barriers[tl_run->current / 32], 32); }
+unsigned long long emu::shfl_bits(unsigned mask, unsigned long long bits, int src, int tag) {
+  if (mask != 0xffffffffu) warp_fault("__shfl_sync with a partial mask (the emulator takes full warps only)");
+  if (src < 0 || src >= 32) warp_fault("__shfl_sync source lane out of 0..31");
+  BlockRun* r = tl_run;
+  const int t = r->current, lane = t % 32;
+  WarpShuffles& w = r->warp_shuffles[t / 32];
+  const long n = w.posted[lane];
+  // The ring slot of post n - kShuffleRing is free once every lane has read that post.
+  for (;;) {
+    bool free = true;
+    for (int m = 0; m < 32; ++m) free &= w.consumed[m] > n - kShuffleRing;
+    if (free) break;
+    wait_yield();
+  }
+  w.ring[lane][n % kShuffleRing] = {bits, tag};
+  w.posted[lane] = n + 1;
+  ++r->events;
+  while (w.posted[src] <= n) wait_yield();
+  const ShufflePost post = w.ring[src][n % kShuffleRing];
+  if (post.tag != tag) warp_fault("lanes of a warp at different __shfl_sync (value types differ)");
+  w.consumed[lane] = n + 1;
+  ++r->events;
+  // Sometimes let the other lanes run first: a shuffle does not hold the warp together.
+  maybe_yield();
+  return post.bits;
+}
+void __syncwarp(unsigned mask) {
+  if (mask != 0xffffffffu) warp_fault("__syncwarp with a partial mask (the emulator takes full warps only)");
+  BlockRun* r = tl_run;
+  wait_barrier(r->warp_barriers[r->current / 32], 32, kSyncwarp, &r->warp_shuffles[r->current / 32]);
+}
 void __syncthreads() { wait_barrier(tl_run->block_barrier, static_cast<int>(blockDim.x)); }
 float atomicAdd(float* a, float v) {
-  BlockRun* r = tl_run;
-  if (r != nullptr && g_atomic_yield_probability > 0 &&
-      std::uniform_real_distribution<double>(0, 1)(r->rng) < g_atomic_yield_probability)
-    yield_fiber();
+  maybe_yield();
   std::lock_guard<std::mutex> g(g_atomic_mutex);
   const float old = *a;
   *a = old + v;
@@ -249,14 +349,19 @@ void __stcg(float4* a, float4 v) {
   __stcg(f + 2, v.z);
   __stcg(f + 3, v.w);
 }
-float __ldg(const float* a) { return *a; }
+float __ldg(const float* a) {
+  maybe_yield();
+  return *a;
+}
 float4 __ldg(const float4* a) {
+  maybe_yield();
   check_vector_alignment(a, "__ldg");
   float4 v;
   std::memcpy(&v, a, sizeof v);
   return v;
 }
 uint4 __ldg(const uint4* a) {
+  maybe_yield();
   check_vector_alignment(a, "__ldg");
   uint4 v;
   std::memcpy(&v, a, sizeof v);

@@ -6,8 +6,8 @@
   python make_host_copy.py --launchers <csrc/cuda/scan_flat_kernels.cuh> <output>
       the kernels AND their launchers kept: the `#ifdef __CUDACC__` guard around the launchers opened, every
       `kernel<<<config>>>(args);` turned into `emu::Launch(config).run([&] { kernel(args); });` (the launch runs
-      on the emulated grid, fake/cuda_runtime.h) and every static `__shared__ T name[...];` into a reference to
-      the emulated block's NaN-filled static shared memory, so the host logic (grid sizes, the vector-path
+      on the emulated grid, fake/cuda_runtime.h) and every static `__shared__ [__align__(n)] T name[...];` into a reference
+      to the emulated block's NaN-filled static shared memory (n-byte aligned), so the host logic (grid sizes, the vector-path
       choice, argument checks) is the real source, not a transcription.
 """
 
@@ -19,7 +19,9 @@ SHARED_DECLARATION = "extern __shared__ float shared[];"
 CUDACC_GUARD = "#ifdef __CUDACC__"
 # kernel<<<config>>>(args);  (config and args may span lines; kernel may carry template arguments)
 LAUNCH = re.compile(r"([\w:]+(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\((.*?)\);", re.DOTALL)
-STATIC_SHARED = re.compile(r"(?<!extern )__shared__\s+([\w:<>, ]+?)\s+(\w+)((?:\[[^\]]+\])+)\s*;")
+# __shared__ [__align__(n)] T name[...]...;  (the alignment is kept: emu::static_shared aligns the block's memory)
+STATIC_SHARED = re.compile(
+    r"(?<!extern )__shared__\s+(?:__align__\((\d+)\)\s+)?([\w:<>, ]+?)\s+(\w+)((?:\[[^\]]+\])+)\s*;")
 
 
 def host_copy(text: str) -> str:
@@ -40,7 +42,8 @@ def host_copy_with_launchers(text: str) -> str:
                                  text)
     if launches == 0:
         raise SystemExit("no <<<>>> launch found")
-    text = STATIC_SHARED.sub(lambda m: f"auto& {m.group(2)} = emu::static_shared<{m.group(1)}{m.group(3)}>();", text)
+    text = STATIC_SHARED.sub(
+        lambda m: f"auto& {m.group(3)} = emu::static_shared<{m.group(2)}{m.group(4)}, {m.group(1) or 16}>();", text)
     if "__shared__" in text or "<<<" in text:
         raise SystemExit("a shared-memory declaration or launch the emulator cannot translate is left")
     return text

@@ -12,14 +12,16 @@
 #define __shared__ static thread_local
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-struct float2 { float x, y; };
-struct float4 { float x, y, z, w; };
+// Aligned as CUDA declares them (8 / 16 bytes): built with -fsanitize=alignment (build.sh), a float2 / float4 /
+// uint4 access off its boundary, in shared or global memory, stops the run as it faults on the GPU.
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
 struct int2 { int x, y; };
 inline float2 make_float2(float a, float b) { return {a, b}; }
 inline int2 make_int2(int a, int b) { return {a, b}; }
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 struct uint3 { unsigned x, y, z; };
-struct uint4 { unsigned x, y, z, w; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
 struct dim3 { unsigned x, y, z; dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {} };
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
 typedef void* cudaStream_t;
@@ -35,7 +37,23 @@ inline float __expf(float x) { return std::exp(x); }
 float __shfl_xor_sync(unsigned mask, float v, int lane_mask);
 float __shfl_up_sync(unsigned mask, float v, unsigned delta);
 float __shfl_down_sync(unsigned mask, float v, unsigned delta);
-float __shfl_sync(unsigned mask, float v, int src);
+// __shfl_sync of any 4- or 8-byte value (float, int, unsigned, long long, unsigned long long): a value
+// exchange WITHOUT barrier or memory-ordering semantics (emu.cpp: each lane waits only for its source lane to
+// reach the same shuffle), as CUDA promises; a warp relying on a shuffle to order its shared memory shows.
+namespace emu {
+unsigned long long shfl_bits(unsigned mask, unsigned long long bits, int src, int type_tag);
+}
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "4- or 8-byte shuffles only");
+  unsigned long long bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  // The tag (size, integral, signed) lets the emulator check that every lane is at the same shuffle.
+  bits = emu::shfl_bits(mask, bits, src, static_cast<int>(sizeof(T)) * 4 + (T(-1) < T(0)) * 2 + (T(1) / T(2) == T(0)));
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
 void __syncwarp(unsigned mask = 0xffffffffu);
 void __syncthreads();
 float atomicAdd(float* address, float value);
@@ -64,9 +82,9 @@ struct Launch {
   Launch(dim3 g, dim3 b, size_t dynamic_shared = 0, cudaStream_t stream = nullptr);
   void run(const std::function<void()>& body) const;
 };
-unsigned char* block_static_shared(size_t bytes);
-template <typename T>
-T& static_shared() { return *reinterpret_cast<T*>(block_static_shared(sizeof(T))); }
+unsigned char* block_static_shared(size_t bytes, size_t alignment);
+template <typename T, size_t kAlign = alignof(T)>
+T& static_shared() { return *reinterpret_cast<T*>(block_static_shared(sizeof(T), kAlign)); }
 }  // namespace emu
 cudaError_t cudaGetLastError();
 #define __maxnreg__(...)
