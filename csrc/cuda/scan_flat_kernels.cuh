@@ -37,31 +37,6 @@ namespace dermomamba {
 namespace cuda {
 namespace flat {
 
-// A position's N states of B or C as fp32. kVector: the states are adjacent and the row starts on a 16-byte
-// boundary (checked by the host), so 16 states are 64 (fp32) or 32 (fp16 / bf16) bytes of vector loads.
-template <typename T, bool kVector>
-struct StateRow;
-
-template <bool kVector>
-struct StateRow<float, kVector> {
-  __device__ __forceinline__ static void load(const float* row, int64_t state_stride, int N, float (&v)[kStates]) {
-    if (kVector) {
-      const float4* q = reinterpret_cast<const float4*>(row);
-#pragma unroll
-      for (int i = 0; i < kStates / 4; ++i) {
-        const float4 f = __ldg(q + i);
-        v[4 * i] = f.x;
-        v[4 * i + 1] = f.y;
-        v[4 * i + 2] = f.z;
-        v[4 * i + 3] = f.w;
-      }
-    } else {
-#pragma unroll
-      for (int n = 0; n < kStates; ++n) v[n] = n < N ? __ldg(row + n * state_stride) : 0.f;
-    }
-  }
-};
-
 template <typename T2, typename T>
 __device__ __forceinline__ float2 pair_to_float2(T2 v);
 template <>
@@ -78,29 +53,19 @@ struct PairOf<__half> { using type = __half2; };
 template <>
 struct PairOf<__nv_bfloat16> { using type = __nv_bfloat162; };
 
-template <typename T, bool kVector>
-struct StateRow {
-  __device__ __forceinline__ static void load(const T* row, int64_t state_stride, int N, float (&v)[kStates]) {
-    if (kVector) {
-      using T2 = typename PairOf<T>::type;
-      const uint4* q = reinterpret_cast<const uint4*>(row);
+// A position's N states of B or C as fp32, one load per state: rows that are not 16-byte aligned with adjacent
+// states (any layout; the wrapper's aligned rows take the warp gathers below).
+template <typename T>
+__device__ __forceinline__ void load_state_row(const T* row, int64_t state_stride, int N, float (&v)[kStates]) {
 #pragma unroll
-      for (int i = 0; i < kStates / 8; ++i) {
-        const uint4 raw = __ldg(q + i);
-        const T2* pairs = reinterpret_cast<const T2*>(&raw);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float2 f = pair_to_float2<T2, T>(pairs[j]);
-          v[8 * i + 2 * j] = f.x;
-          v[8 * i + 2 * j + 1] = f.y;
-        }
-      }
+  for (int n = 0; n < kStates; ++n) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      v[n] = n < N ? __ldg(row + n * state_stride) : 0.f;
     } else {
-#pragma unroll
-      for (int n = 0; n < kStates; ++n) v[n] = n < N ? to_float(row[n * state_stride]) : 0.f;
+      v[n] = n < N ? to_float(row[n * state_stride]) : 0.f;
     }
   }
-};
+}
 
 // One thread's share of the work: (batch, direction, channel) and a segment of a line, with the element
 // offsets of its first position and the per-step offset increments (one step along the line, in scan order).
@@ -316,7 +281,7 @@ __global__ void __launch_bounds__(kThreads) scan_flat_aggregate(ScanParams p, in
       read_row<bc_t>(B_rows, lane, Bv);
       __syncwarp();  // every lane has its row before the next step overwrites them
     } else {
-      StateRow<bc_t, false>::load(B + b_at, p.B_state_stride, p.dstate, Bv);
+      load_state_row(B + b_at, p.B_state_stride, p.dstate, Bv);
     }
     float x, raw;
     if (k.rows) {
@@ -432,8 +397,8 @@ __global__ void __launch_bounds__(kThreads) scan_flat_output(ScanParams p, int s
       read_row<bc_t>(C_rows, lane, Cv);
       __syncwarp();  // every lane has its rows before the next step overwrites them
     } else if (k.active) {
-      StateRow<bc_t, false>::load(B + b_at, p.B_state_stride, p.dstate, Bv);
-      StateRow<bc_t, false>::load(C + c_at, p.C_state_stride, p.dstate, Cv);
+      load_state_row(B + b_at, p.B_state_stride, p.dstate, Bv);
+      load_state_row(C + c_at, p.C_state_stride, p.dstate, Cv);
     }
     float x = 0.f, raw = 0.f;
     if (k.rows) {
