@@ -77,6 +77,19 @@ def run(args):
     if unknown:
         raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {[c[0] for c in CONFIGS]}")
     chosen = [c for c in CONFIGS if not args.configs or c[0] in args.configs]
+    saved_environment = {variable: os.environ.get(variable) for variable in KERNEL_VARIABLES.values()}
+    try:
+        run_rows(args, chosen, device, images, masks, criterion, inference_images, default_slice)
+    finally:
+        for variable, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
+        extension.BACKWARD_SLICE_PROJECTION_ELEMENTS = default_slice
+
+
+def run_rows(args, chosen, device, images, masks, criterion, inference_images, default_slice):
     for _, label, recompute_gate, sliced, forced in chosen:
         for key, variable in KERNEL_VARIABLES.items():
             if key in forced:
@@ -121,7 +134,6 @@ def run(args):
         del model, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    extension.BACKWARD_SLICE_PROJECTION_ELEMENTS = default_slice
 
 
 def main(argv=None):
