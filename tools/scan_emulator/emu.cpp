@@ -432,11 +432,12 @@ void run_grid(const ScanParams& p, unsigned blocks, const st::StagedLayout& l, i
 }
 
 // selective_scan_cuda.cpp's setup_staged and scan_forward_multiaxial_staged, transcribed, with the
-// launch replaced by `concurrent` OS threads running the blocks in a shuffled order.
-extern "C" int staged_forward(const int* cfg, const void* x, const int64_t* xs, const void* delta, const int64_t* ds,
-                              const void* B, const int64_t* bs, const void* C, const int64_t* cs, const float* A,
-                              const float* D, const float* bias, float* y, float* chunk_states, long* stats) {
-  // cfg: batch, dim, H, W, N, chunk, softplus, bc_kind, u_kind, delta_kind, concurrent, seed, delay_permille
+// The multiaxial forward's ScanParams as the host's multiaxial_params / set_bc / set_fp32_params fill them, from
+// the Python side's cfg (batch, dim, H, W, N, chunk, softplus, bc_kind, u_kind, delta_kind, ...) and strides.
+static ScanParams forward_params(const int* cfg, const void* x, const int64_t* xs, const void* delta,
+                                 const int64_t* ds, const void* B, const int64_t* bs, const void* C,
+                                 const int64_t* cs, const float* A, const float* D, const float* bias, float* y,
+                                 float* chunk_states) {
   ScanParams p{};
   p.batch = cfg[0]; p.dim = cfg[1]; p.height = cfg[2]; p.width = cfg[3]; p.dstate = cfg[4];
   p.num_directions = 4; p.num_seqs = 4 * p.dim; p.length = p.height * p.width;
@@ -456,6 +457,15 @@ extern "C" int staged_forward(const int* cfg, const void* x, const int64_t* xs, 
   p.C_h_stride = cs[3]; p.C_w_stride = cs[4];
   p.A = A; p.D = D; p.delta_bias = bias;
   p.out = y; p.chunk_states = chunk_states;
+  return p;
+}
+
+// launch replaced by `concurrent` OS threads running the blocks in a shuffled order.
+extern "C" int staged_forward(const int* cfg, const void* x, const int64_t* xs, const void* delta, const int64_t* ds,
+                              const void* B, const int64_t* bs, const void* C, const int64_t* cs, const float* A,
+                              const float* D, const float* bias, float* y, float* chunk_states, long* stats) {
+  // cfg: batch, dim, H, W, N, chunk, softplus, bc_kind, u_kind, delta_kind, concurrent, seed, delay_permille
+  ScanParams p = forward_params(cfg, x, xs, delta, ds, B, bs, C, cs, A, D, bias, y, chunk_states);
   const st::StagedLayout l = forward_layout(p.dim, p.dstate, p.chunk_size, p.num_chunks);
   if (!l.ok) return -1;
   p.chunks_per_split = l.chunks_per_tile;
@@ -640,25 +650,7 @@ extern "C" int flat_forward(const int* cfg, const void* x, const int64_t* xs, co
                             const float* D, const float* bias, float* y, float* chunk_states, long* stats) {
   // cfg: batch, dim, H, W, N, chunk, softplus, bc_kind, u_kind, delta_kind, concurrent, seed, delay_permille,
   //      atomic_yield_permille
-  ScanParams p{};
-  p.batch = cfg[0]; p.dim = cfg[1]; p.height = cfg[2]; p.width = cfg[3]; p.dstate = cfg[4];
-  p.num_directions = 4; p.num_seqs = 4 * p.dim; p.length = p.height * p.width;
-  p.channels_per_group = p.dim; p.num_bc_groups = 4;
-  const int chunk = cfg[5];
-  p.chunk_size = std::min(chunk, p.length);
-  p.num_chunks = (p.length + chunk - 1) / chunk;
-  p.delta_softplus = cfg[6] != 0;
-  p.u = x; p.u_kind = cfg[8];
-  p.u_batch_stride = xs[0]; p.u_dim_stride = xs[1]; p.u_h_stride = xs[2]; p.u_w_stride = xs[3];
-  p.delta = delta; p.delta_kind = cfg[9];
-  p.delta_batch_stride = ds[0]; p.delta_dir_stride = ds[1]; p.delta_dim_stride = ds[2];
-  p.delta_h_stride = ds[3]; p.delta_w_stride = ds[4];
-  p.B = B; p.B_batch_stride = bs[0]; p.B_group_stride = bs[1]; p.B_state_stride = bs[2];
-  p.B_h_stride = bs[3]; p.B_w_stride = bs[4];
-  p.C = C; p.C_batch_stride = cs[0]; p.C_group_stride = cs[1]; p.C_state_stride = cs[2];
-  p.C_h_stride = cs[3]; p.C_w_stride = cs[4];
-  p.A = A; p.D = D; p.delta_bias = bias;
-  p.out = y; p.chunk_states = chunk_states;
+  ScanParams p = forward_params(cfg, x, xs, delta, ds, B, bs, C, cs, A, D, bias, y, chunk_states);
   p.num_splits = 1;
   g_atomic_yield_probability = cfg[13] / 1000.0;
   namespace flat = dermomamba::cuda::flat;
