@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dermomamba_kernels.batch_norm import batch_norm  # noqa: E402
+from bench_stamp import commit, parse_shapes  # noqa: E402
 
 BATCH = 16
 EPS = 1e-5
@@ -134,18 +135,6 @@ def max_differences(x, w, b, dy):
         (dx,) = torch.autograd.grad(y, leaf, dy)
         outs[name] = (y.float(), dx.float())
     return tuple((outs["triton"][i] - outs["native"][i]).abs().max().item() for i in range(2))
-
-
-def parse_shapes(text):
-    return tuple(tuple(int(v) for v in item.split("x")) for item in text.split(","))
-
-
-def commit():
-    try:
-        from common import git_commit
-        return git_commit()
-    except Exception as exc:  # the stamp must not stop a benchmark
-        return os.environ.get("DERMOMAMBA_COMMIT", f"unknown ({exc})")
 
 
 def copy_gbs():

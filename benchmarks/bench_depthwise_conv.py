@@ -37,6 +37,7 @@ from dermomamba_kernels.depthwise_conv import (depthwise_conv2d, depthwise_conv2
                                                same_padding)
 from dermomamba_kernels.depthwise_conv import triton_kernels  # noqa: E402
 from dermomamba_kernels.depthwise_conv.triton_ops import grad_weight_op  # noqa: E402
+from bench_stamp import commit  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WARMUP_MS, REP_MS = 25, 100
@@ -75,14 +76,6 @@ def grid_rows():
 
 def median_ms(fn):
     return do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
-
-
-def commit():
-    try:
-        from common import git_commit
-        return git_commit()
-    except Exception as exc:  # the stamp must not stop a benchmark
-        return os.environ.get("DERMOMAMBA_COMMIT", f"unknown ({exc})")
 
 
 def make_inputs(row, dtype):

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dermomamba_kernels.layer_norm import gated_layer_norm  # noqa: E402
+from bench_stamp import commit, parse_shapes  # noqa: E402
 
 EPS = 1e-5
 BATCH_IMAGES = 48  # batch 16 x the shared VSSBlock's 3 calls
@@ -158,18 +159,6 @@ def backward_kernel_ms(y, z, w, b, dout, reps, programs_cap=None):
 
 def _ms(value):
     return "-" if value is None else f"{value:.4f}"
-
-
-def parse_shapes(text):
-    return tuple(tuple(int(v) for v in item.split("x")) for item in text.split(","))
-
-
-def commit():
-    try:
-        from common import git_commit
-        return git_commit()
-    except Exception as exc:  # the stamp must not stop a benchmark
-        return os.environ.get("DERMOMAMBA_COMMIT", f"unknown ({exc})")
 
 
 def main():

@@ -25,6 +25,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dermomamba_kernels.layer_norm import layer_norm  # noqa: E402
+from bench_stamp import commit, parse_shapes  # noqa: E402
 
 EPS = 1e-5
 # (rows, C) of DermoMamba's norms at batch 16, 192x256 (the shared VSSBlock's 3 calls: 48 images).
@@ -62,18 +63,6 @@ def forward_backward(fn, x, w, b, dy):
 
 def median_ms(fn):
     return do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
-
-
-def parse_shapes(text):
-    return tuple(tuple(int(v) for v in item.split("x")) for item in text.split(","))
-
-
-def commit():
-    try:
-        from common import git_commit
-        return git_commit()
-    except Exception as exc:  # the stamp must not stop a benchmark
-        return os.environ.get("DERMOMAMBA_COMMIT", f"unknown ({exc})")
 
 
 def main():
